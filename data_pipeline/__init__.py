@@ -1,0 +1,1 @@
+"""VideoRefer data: JSON validation, TFRecord conversion, Grain loaders, synthetic data."""

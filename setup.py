@@ -1,0 +1,41 @@
+"""vrefer-jax: VideoRefer region-level video LLM in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vrefer-jax",
+    version="0.1.0",
+    description="VideoRefer (spatial-temporal object understanding with a video LLM) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.13",
+    packages=find_packages(include=["vrefer_jax", "vrefer_jax.*", "data_pipeline", "data_pipeline.*"]),
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "grain>=0.2.18,<0.3",
+        "einops>=0.8,<0.9",
+        "gin-config>=0.5,<0.6",
+        "numpy>=2.0,<3",
+        "safetensors>=0.6,<1",
+        "tokenizers>=0.22,<1",
+        "sentencepiece>=0.2,<0.3",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={
+        # Test-only references. torch is the CPU build; timm is installed with --no-deps by
+        # .ci/run (its torchvision dependency has no CPU build for torch 2.13), hence pillow/pyyaml.
+        "dev": [
+            "pytest>=8,<10",
+            "torch==2.13.0",
+            "transformers>=4.46,<6",
+            "pillow>=10",
+            "pyyaml>=6",
+            "huggingface_hub>=0.24",
+        ],
+    },
+    entry_points={"console_scripts": []},
+)

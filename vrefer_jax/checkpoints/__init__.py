@@ -1,0 +1,1 @@
+"""Checkpoint key mapping and Hugging Face import/export."""

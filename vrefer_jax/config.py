@@ -1,0 +1,129 @@
+"""Model configuration: plain frozen dataclasses, bound from gin files (``configs/models/*.gin``).
+
+Field names follow the Hugging Face / official VideoRefer ``config.json`` where one exists, so
+that the checkpoint importer can fill them from a ``config.json`` directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax.numpy as jnp
+
+# Official placeholder ids (videorefer/constants.py).
+IGNORE_INDEX = -100
+IMAGE_TOKEN_INDEX = -200
+VIDEO_TOKEN_INDEX = -201
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP vision transformer (``SiglipVisionConfig``)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    image_size: int = 384
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    # `mm_vision_select_layer`: index into HF's `hidden_states` tuple (0 = embeddings,
+    # k = output of layer k-1); -2 = output of the second-to-last layer.
+    select_layer: int = -2
+
+    @property
+    def grid(self) -> int:
+        """Patches per side (27 for 384/14: the last 384 - 27*14 = 6 pixels are never seen)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_layers_run(self) -> int:
+        """How many encoder layers must run to produce `hidden_states[select_layer]`."""
+        n = self.num_hidden_layers
+        k = self.select_layer + n + 1 if self.select_layer < 0 else self.select_layer
+        if not 0 <= k <= n:
+            raise ValueError(f"select_layer={self.select_layer} out of range for {n} layers")
+        return k
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+    """Vision-to-LLM projector (`mm_projector_type` and the STC builder's fixed arguments)."""
+
+    projector_type: str = "stc_connector_v35"
+    depth: int = 4  # RegStage depth
+    mlp_depth: int = 2  # readout MLP depth
+    downsample: tuple[int, int, int] = (2, 2, 2)  # (t, h, w) of the Conv3d sampler
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ObjectEncoderConfig:
+    """Region encoder (`MaskExtractor`, `mm_region_encoder_type='pooling'`)."""
+
+    region_token_num: int = 4  # at most this many tokens per object after the temporal merge
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Qwen2 decoder (``Qwen2Config``)."""
+
+    vocab_size: int = 151647
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The whole VideoRefer model plus its numerics (dtypes, remat, attention kernel)."""
+
+    vision: VisionConfig = VisionConfig()
+    connector: ConnectorConfig = ConnectorConfig()
+    object_encoder: ObjectEncoderConfig = ObjectEncoderConfig()
+    text: TextConfig = TextConfig()
+    num_frames: int = 16  # an image is repeated to this many frames (official `config.num_frames`)
+    region_token_id: int = 151646
+    pad_token_id: int = 151643
+    # Numerics: parameters are stored in `param_dtype`, matmuls run in `dtype`.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    # Rematerialisation policy for the scanned decoder / vision layers (see layers.remat_policy).
+    remat_policy: str = "none"
+    # `jax.nn.dot_product_attention(implementation=...)`: None (XLA picks), "xla" or "cudnn".
+    attention_impl: str | None = None
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)

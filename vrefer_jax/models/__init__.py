@@ -1,0 +1,1 @@
+"""The Flax module tree: vision tower, connector, object encoder, decoder, composite model."""

@@ -1,0 +1,115 @@
+"""Shared building blocks: dense layers and norms with logical axis names, remat policies.
+
+Parameters are created in `param_dtype` (fp32 master weights) and cast to `dtype` for compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# PyTorch's nn.Linear default init is kaiming-uniform; for fresh (non-imported) weights we use a
+# truncated normal, as the official code's `initializer_range` does for the LLM.
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def dense(
+    features: int | Sequence[int],
+    axes: tuple[str, ...],
+    *,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    axis: int | Sequence[int] = -1,
+    name: str | None = None,
+    kernel_init=default_kernel_init,
+) -> nn.DenseGeneral:
+    """A `DenseGeneral` whose kernel carries logical names `axes` (input dims then output dims).
+
+    The bias carries the output names (`axes[n_in:]`).
+    """
+    n_in = 1 if isinstance(axis, int) else len(axis)
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[n_in:]),
+        name=name,
+    )
+
+
+def layer_norm(
+    eps: float, axis_name: str = "norm", *, dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32, name: str | None = None,
+) -> nn.LayerNorm:
+    """LayerNorm over the last axis (statistics in fp32), scale/bias named `axis_name`."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,  # E[(x-mean)^2], as PyTorch computes it
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm with the official cast order.
+
+    x: [..., D] in the activation dtype. The statistic is computed in fp32, the normalised value is
+    cast back to the activation dtype, then multiplied by the (cast) weight.
+    """
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        in_dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(in_dtype)
+        return scale.astype(in_dtype) * y
+
+
+def remat_policy(name: str):
+    """Named rematerialisation policies for scanned layers.
+
+    none     -> no remat (keep every activation)
+    full     -> save nothing, recompute the whole layer in the backward pass
+    dots     -> save matmul outputs without batch dims (recompute elementwise ops)
+    """
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }
+    if name == "none":
+        return None
+    if name not in policies:
+        raise ValueError(f"unknown remat_policy {name!r}; choose from none, {', '.join(policies)}")
+    return policies[name]
+
+
+def maybe_remat(module_cls, policy_name: str, static_argnums: tuple[int, ...] = ()):
+    """Wrap a layer class in `nn.remat` when a policy is configured."""
+    policy = remat_policy(policy_name)
+    if policy is None:
+        return module_cls
+    return nn.remat(module_cls, policy=policy, prevent_cse=False, static_argnums=static_argnums)
