@@ -1,4 +1,4 @@
-"""Test set-up: fp32 matmuls, CPU only, and an import-only torchvision stand-in for timm."""
+"""Test set-up: CPU with 8 fake devices, fp32 matmuls, an import-only torchvision stand-in for timm."""
 
 import enum
 import importlib.machinery
@@ -8,6 +8,10 @@ import sys
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight fake CPU devices for the sharding tests (must be set before jax is imported); single-device
+# code keeps running on device 0.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
 

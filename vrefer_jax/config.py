@@ -127,3 +127,10 @@ class ModelConfig:
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+
+def model_config_from_gin(files=(), bindings=()) -> ModelConfig:
+    """Parse gin files/bindings (e.g. `configs/models/tiny.gin`) and build the `ModelConfig`."""
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(list(files), list(bindings))
+    return ModelConfig()

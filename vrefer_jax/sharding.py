@@ -7,13 +7,17 @@ constraints are no-ops, so the model runs unchanged on one device.
 
 Parameter axes
   vocab, embed, mlp, heads, kv_heads, head_dim, layers            Qwen2 decoder
-  vit_embed, vit_mlp, vit_heads, vit_head_dim, vit_patch, vit_pos  SigLIP tower
-  conv_in, conv_out, conv_spatial, se_reduce                       STC connector convs
+  vit_embed, vit_mlp, vit_heads, vit_head_dim, vit_pos,            SigLIP tower
+  vit_patch_h, vit_patch_w, vit_channels
+  conv_in, conv_out, conv_spatial[_1, _2], se_reduce               STC connector convs
   norm                                                             norm scales/biases
 Activation axes
   activation_batch, activation_length, activation_embed, activation_heads, activation_kv_heads,
   activation_mlp, activation_vocab, activation_frames, activation_patches, activation_vit_embed,
-  activation_objects
+  activation_objects, activation_head_dim
+
+A logical name may appear only once per array (Flax rejects repeats), hence the numbered spatial
+kernel names.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("activation_kv_heads", "tensor"),
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
+    ("activation_head_dim", None),
     # decoder parameters: FSDP over `embed`, tensor parallel over heads / mlp / vocab
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -51,11 +56,15 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vit_mlp", "tensor"),
     ("vit_heads", "tensor"),
     ("vit_head_dim", None),
-    ("vit_patch", None),
+    ("vit_patch_h", None),
+    ("vit_patch_w", None),
+    ("vit_channels", None),
     ("vit_pos", None),
     ("conv_in", "fsdp"),
     ("conv_out", "tensor"),
     ("conv_spatial", None),
+    ("conv_spatial_1", None),
+    ("conv_spatial_2", None),
     ("se_reduce", None),
     ("norm", None),
 )

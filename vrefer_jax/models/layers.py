@@ -19,6 +19,43 @@ Dtype = Any
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
+class DenseGeneral(nn.Module):
+    """x @ kernel over the `axis` dims of x, with a kernel created at its full shape
+    (`in dims + features`) so that its logical names fit it even under a mesh (Flax's DenseGeneral
+    creates a flat 2-D kernel and reshapes it, which breaks multi-dim logical constraints).
+
+    x [..., *in] -> [..., *features]; kernel names `axes` = in names + feature names; the bias
+    carries the feature names.
+    """
+
+    features: int | Sequence[int]
+    axes: tuple[str, ...]
+    axis: int | Sequence[int] = -1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        axis = tuple(a % x.ndim for a in axis)
+        if len(self.axes) != len(axis) + len(features):
+            raise ValueError(f"{self.name}: {len(self.axes)} logical names for a "
+                             f"{len(axis) + len(features)}-D kernel")
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                            tuple(x.shape[a] for a in axis) + features, self.param_dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                ((axis, tuple(range(len(axis)))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                   self.axes[len(axis):]),
+                              features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 def dense(
     features: int | Sequence[int],
     axes: tuple[str, ...],
@@ -29,22 +66,10 @@ def dense(
     axis: int | Sequence[int] = -1,
     name: str | None = None,
     kernel_init=default_kernel_init,
-) -> nn.DenseGeneral:
-    """A `DenseGeneral` whose kernel carries logical names `axes` (input dims then output dims).
-
-    The bias carries the output names (`axes[n_in:]`).
-    """
-    n_in = 1 if isinstance(axis, int) else len(axis)
-    return nn.DenseGeneral(
-        features=features,
-        axis=axis,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[n_in:]),
-        name=name,
-    )
+) -> DenseGeneral:
+    """A `DenseGeneral` whose kernel carries logical names `axes` (input dims then output dims)."""
+    return DenseGeneral(features=features, axes=tuple(axes), axis=axis, use_bias=use_bias, dtype=dtype,
+                        param_dtype=param_dtype, kernel_init=kernel_init, name=name)
 
 
 def layer_norm(

@@ -1,0 +1,180 @@
+"""timm 1.0.3 `RegStage` (RegNet-Y bottleneck blocks) in NHWC, as the STC connector builds it.
+
+`RegStage(depth, in_chs, out_chs, stride=1, dilation=1, act_layer=nn.SiLU, norm_layer=LayerNorm2d)`
+with the `Bottleneck` defaults: bottle_ratio 1, group_size 1 (so the 3x3 conv is depthwise),
+se_ratio 0.25, a conv1x1 shortcut only where the channel count changes. timm turns `LayerNorm2d`
+into `LayerNormAct2d`, whose eps is 1e-5 (not LayerNorm2d's 1e-6).
+
+One block, x [N, H, W, C_in] -> [N, H, W, C]:
+  y = silu(LN(conv1x1(x)))                     conv1
+  y = silu(LN(depthwise3x3(y)))                conv2, padding 1
+  y = y * sigmoid(fc2(silu(fc1(mean_hw(y)))))  se, rd = round(C_in * 0.25) (block INPUT channels)
+  y = LN(conv1x1(y))                           conv3, no activation
+  out = silu(y + (LN(conv1x1(x)) if C_in != C else x))   downsample shortcut
+
+Parameter tree mirrors the timm names: `b1/conv1/conv/kernel` (HF `b1.conv1.conv.weight`),
+`b1/conv1/bn/{scale,bias}`, `b1/se/fc1/{kernel,bias}`, `b1/downsample/...`. Every conv, 1x1 ones
+included, is an `nn.Conv` so that the key map converts all of them with the `conv` layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vrefer_jax.checkpoints.key_map import KeyRule
+from vrefer_jax.models import layers
+from vrefer_jax.sharding import constrain
+
+Dtype = Any
+
+LN_EPS = 1e-5  # LayerNormAct2d's default; timm never forwards LayerNorm2d's 1e-6
+SE_RATIO = 0.25
+
+# PyTorch's default Conv/Linear weight init (kaiming_uniform, a=sqrt(5)) is U(+-1/sqrt(fan_in)),
+# i.e. variance scaling 1/3 on fan_in; the official connector is trained from that init.
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+# Activation names of a [N, H, W, C] feature map; the spatial dims stay replicated.
+MAP_AXES = ("activation_batch", None, None, "activation_embed")
+
+# Logical names of a conv kernel's spatial dims. Flax refuses a name repeated within one array,
+# so the 2nd/3rd dims get their own names (not in DEFAULT_RULES yet: unnamed rules replicate).
+SPATIAL_AXES = ("conv_spatial", "conv_spatial_1", "conv_spatial_2")
+
+
+def kernel_axes(ndim: int, in_axis: str | None, out_axis: str) -> tuple[str | None, ...]:
+    """Logical names of an `ndim`-D conv kernel [*k, I, O]."""
+    return SPATIAL_AXES[:ndim] + (in_axis, out_axis)
+
+
+def conv(
+    features: int, kernel: tuple[int, ...], axes: tuple[str | None, ...], *, bias_axis: str | None = None,
+    groups: int = 1, padding: Any = "VALID", strides: tuple[int, ...] | None = None,
+    dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, name: str | None = None,
+) -> nn.Conv:
+    """An `nn.Conv` whose kernel [*kernel, I/groups, O] carries logical `axes`; a bias (named
+    `bias_axis`) only when `bias_axis` is given."""
+    return nn.Conv(
+        features, kernel, strides=strides, padding=padding, feature_group_count=groups,
+        use_bias=bias_axis is not None, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(torch_default_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (bias_axis,)),
+        name=name,
+    )
+
+
+class ConvNormAct(nn.Module):
+    """timm `ConvNormAct`: conv (no bias) -> LayerNorm over channels (fp32 stats) -> optional SiLU.
+
+    x [N, H, W, C_in] -> [N, H, W, features]. `depthwise` makes the conv a per-channel 3x3-style
+    filter (feature_group_count = features, kernel [k, k, 1, features]).
+    """
+
+    features: int
+    kernel_size: int = 1
+    depthwise: bool = False
+    apply_act: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        if self.depthwise and x.shape[-1] != self.features:
+            raise ValueError(f"depthwise conv needs in == out channels, got {x.shape[-1]} -> {self.features}")
+        # Depthwise: the per-group input dim has size 1, hence no logical name.
+        in_axis = None if self.depthwise else "conv_in"
+        x = conv(
+            self.features, (k, k), kernel_axes(2, in_axis, "conv_out"),
+            groups=self.features if self.depthwise else 1, padding=((k // 2, k // 2),) * 2,
+            dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
+        )(x)
+        x = layers.layer_norm(LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
+        return nn.silu(x) if self.apply_act else x
+
+
+class SqueezeExcite(nn.Module):
+    """timm `SEModule` (bias, SiLU, sigmoid gate, no norm). x [N, H, W, C] -> same shape."""
+
+    rd_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+        s = conv(self.rd_channels, (1, 1), kernel_axes(2, "conv_in", "se_reduce"),
+                 bias_axis="se_reduce", name="fc1", **kw)(s)
+        s = nn.silu(s)
+        s = conv(x.shape[-1], (1, 1), kernel_axes(2, "se_reduce", "conv_out"),
+                 bias_axis="conv_out", name="fc2", **kw)(s)
+        return x * jax.nn.sigmoid(s)
+
+
+class Bottleneck(nn.Module):
+    """timm RegNet `Bottleneck` (stride 1, dilation 1). x [N, H, W, C_in] -> [N, H, W, features]."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c, c_in = self.features, x.shape[-1]
+        y = ConvNormAct(c, 1, name="conv1", **kw)(x)
+        y = ConvNormAct(c, 3, depthwise=True, name="conv2", **kw)(y)
+        y = SqueezeExcite(se_channels(c_in), name="se", **kw)(y)
+        y = ConvNormAct(c, 1, apply_act=False, name="conv3", **kw)(y)
+        shortcut = ConvNormAct(c, 1, apply_act=False, name="downsample", **kw)(x) if c_in != c else x
+        return nn.silu(y + shortcut)
+
+
+class RegStage(nn.Module):
+    """`depth` bottleneck blocks `b1..b{depth}`; x [N, H, W, C_in] -> [N, H, W, features].
+
+    Activations are constrained to `MAP_AXES` (activation_batch, -, -, activation_embed) after
+    every block. depth 0 is the identity (the official `nn.Identity()` stage).
+    """
+
+    depth: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.depth):  # 4 distinct blocks (b1 differs in shape): no scan
+            x = Bottleneck(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name=f"b{i + 1}")(x)
+            x = constrain(x, MAP_AXES)
+        return x
+
+
+def se_channels(block_in_chs: int) -> int:
+    """SE reduction width: timm's `int(round(in_chs * se_ratio))` (Python rounding, half to even)."""
+    return int(round(block_in_chs * SE_RATIO))
+
+
+def hf_rules(depth: int, in_chs: int, out_chs: int) -> list[KeyRule]:
+    """Key map of one stage, relative to the stage (`b1.conv1.conv.weight` <-> b1/conv1/conv/kernel)."""
+    rules: list[KeyRule] = []
+    for i in range(1, depth + 1):
+        b = f"b{i}"
+        convs = ["conv1", "conv2", "conv3"] + (["downsample"] if i == 1 and in_chs != out_chs else [])
+        for c in convs:
+            rules += [
+                KeyRule(f"{b}.{c}.conv.weight", (b, c, "conv", "kernel"), "conv"),
+                KeyRule(f"{b}.{c}.bn.weight", (b, c, "bn", "scale"), "vector"),
+                KeyRule(f"{b}.{c}.bn.bias", (b, c, "bn", "bias"), "vector"),
+            ]
+        for fc in ("fc1", "fc2"):
+            rules += [
+                KeyRule(f"{b}.se.{fc}.weight", (b, "se", fc, "kernel"), "conv"),
+                KeyRule(f"{b}.se.{fc}.bias", (b, "se", fc, "bias"), "vector"),
+            ]
+    return rules

@@ -1,0 +1,153 @@
+"""The multimodal splice: text ids + video tokens + object tokens -> one static-length LLM input.
+
+Official behaviour (`prepare_inputs_labels_for_multimodal`): the `<video>`/`<image>` placeholder is
+replaced by all video tokens, the k-th `<region>` id of a sample by the tokens of its k-th object
+(1..region_token_num of them, a data-dependent count), inserted rows get label -100, real tokens come
+first and padding last, positions run 0..L'-1.
+
+Here the expansion happens on the device with static shapes: every input position gets a size
+(1 for text, `Nv` for the placeholder, `counts[k]` for the k-th region, 0 for padding); a cumulative
+sum gives each input position its output span, and every output slot finds its source position with
+a binary search. Output slots past the expanded length are padding (segment 0). Packed rows (several
+segment ids in one row) keep their segments and restart positions per segment.
+
+Host-side checks that make the on-device gather safe live in `check_batch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vrefer_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX
+
+_TEXT, _VISUAL, _REGION = 0, 1, 2
+
+
+def _splice_row(text_emb, ids, labels, segments, video, objects, counts, region_id: int, out_len: int):
+    """One row. text_emb [L,E], ids/labels/segments [L], video [Nv,E], objects [K,R,E], counts [K]."""
+    L = ids.shape[0]
+    nv, r = video.shape[0], objects.shape[1]
+    is_visual = (ids == IMAGE_TOKEN_INDEX) | (ids == VIDEO_TOKEN_INDEX)
+    is_region = ids == region_id
+    kind = jnp.where(is_visual, _VISUAL, jnp.where(is_region, _REGION, _TEXT))
+    obj_idx = jnp.clip(jnp.cumsum(is_region) - 1, 0, objects.shape[0] - 1)
+    size = jnp.where(kind == _VISUAL, nv, jnp.where(kind == _REGION, counts[obj_idx], 1))
+    size = jnp.where(segments > 0, size, 0)
+    ends = jnp.cumsum(size)
+    starts = ends - size
+
+    slot = jnp.arange(out_len)
+    src = jnp.clip(jnp.searchsorted(ends, slot, side="right"), 0, L - 1)
+    offset = slot - starts[src]
+    filled = slot < ends[-1]
+    src_kind = kind[src]
+
+    emb_text = text_emb[src]
+    emb_video = video[jnp.clip(offset, 0, nv - 1)]
+    emb_obj = objects[obj_idx[src], jnp.clip(offset, 0, r - 1)]
+    emb = jnp.where((src_kind == _VISUAL)[:, None], emb_video.astype(emb_text.dtype), emb_text)
+    emb = jnp.where((src_kind == _REGION)[:, None], emb_obj.astype(emb_text.dtype), emb)
+    emb = jnp.where(filled[:, None], emb, 0)  # padding rows are zeros, as the official right-padding
+
+    out_labels = jnp.where(filled & (src_kind == _TEXT), labels[src], IGNORE_INDEX)
+    out_segments = jnp.where(filled, segments[src], 0)
+    # Positions restart at each segment: the first input index of the source token's segment.
+    idx = jnp.arange(L)
+    seg_start = jax.lax.cummax(jnp.where(jnp.concatenate([jnp.ones(1, bool), segments[1:] != segments[:-1]]), idx, 0))
+    positions = jnp.where(filled, slot - starts[seg_start[src]], 0)
+    return emb, out_labels, out_segments, positions.astype(jnp.int32), ends[-1]
+
+
+def splice(
+    text_emb: jax.Array,
+    input_ids: jax.Array,
+    labels: jax.Array,
+    segment_ids: jax.Array,
+    video_tokens: jax.Array,
+    object_tokens: jax.Array,
+    object_counts: jax.Array,
+    *,
+    region_token_id: int,
+    out_len: int,
+):
+    """Expand placeholders into the LLM input.
+
+    Args:
+      text_emb: [B, L, E] embeddings of `input_ids` (placeholder rows are ignored).
+      input_ids, labels: [B, L] int32; placeholders -200/-201 and `region_token_id`.
+      segment_ids: [B, L] int32, 0 = padding (padding only at the end of a row).
+      video_tokens: [B, Nv, E] connector output.
+      object_tokens: [B, K, R, E] object-encoder output; object_counts [B, K] int32 (<= R).
+      out_len: static output length.
+
+    Returns:
+      inputs_embeds [B, out_len, E], labels [B, out_len] (-100 on inserted rows and padding),
+      segment_ids [B, out_len] (0 = padding), positions [B, out_len], lengths [B] (expanded length
+      before clipping to out_len; > out_len means tokens were cut, which `check_batch` prevents).
+    """
+    fn = jax.vmap(lambda *a: _splice_row(*a, region_id=region_token_id, out_len=out_len))
+    return fn(text_emb, input_ids, labels, segment_ids, video_tokens, object_tokens, object_counts)
+
+
+# ----------------------------------------------------------------------------- host-side checks
+
+
+class BatchError(ValueError):
+    """A sample whose text and objects do not fit together; the message names the sample."""
+
+
+def check_batch(
+    input_ids: np.ndarray,
+    segment_ids: np.ndarray,
+    object_frames: np.ndarray,
+    object_valid: np.ndarray,
+    *,
+    region_token_id: int,
+    num_video_tokens: int,
+    region_token_num: int,
+    out_len: int,
+    num_region_frames: int,
+    sample_ids: Sequence[str] | None = None,
+) -> None:
+    """Validate a batch before it reaches the device; raise `BatchError` naming the sample.
+
+    Checked per row: one visual placeholder at most; every `<region>` after it; as many `<region>`
+    ids as valid objects (the k-th `<region>` binds to the k-th object, so a mismatch would silently
+    shift every later object); each valid object has >= 1 frame, frame indices a valid prefix inside
+    the region frames; and the worst-case expanded length fits `out_len`.
+    """
+    input_ids, segment_ids = np.asarray(input_ids), np.asarray(segment_ids)
+    object_frames, object_valid = np.asarray(object_frames), np.asarray(object_valid)
+    for b in range(input_ids.shape[0]):
+        name = sample_ids[b] if sample_ids is not None else f"#{b}"
+        real = segment_ids[b] > 0
+        ids = input_ids[b][real]
+        if real.any() and not real[: real.sum()].all():
+            raise BatchError(f"sample {name}: padding must come after the real tokens (segment_ids)")
+        visual = np.flatnonzero((ids == IMAGE_TOKEN_INDEX) | (ids == VIDEO_TOKEN_INDEX))
+        regions = np.flatnonzero(ids == region_token_id)
+        n_obj = int(object_valid[b].sum())
+        if not object_valid[b][:n_obj].all():
+            raise BatchError(f"sample {name}: object slots must be filled from the first (object_valid)")
+        if len(visual) > 1:
+            raise BatchError(f"sample {name}: {len(visual)} <video>/<image> placeholders; one per sample is supported")
+        if len(regions) != n_obj:
+            raise BatchError(f"sample {name}: {len(regions)} <region> tokens in the text but {n_obj} objects with masks")
+        if len(regions) and (not len(visual) or regions[0] < visual[0]):
+            raise BatchError(f"sample {name}: every <region> must come after the <video>/<image> placeholder")
+        worst = len(ids) - len(visual) - len(regions) + (num_video_tokens if len(visual) else 0)
+        for k in range(n_obj):
+            fr = object_frames[b, k]
+            n = int((fr >= 0).sum())
+            if n == 0:
+                raise BatchError(f"sample {name}: object {k} has no annotated frame (object_frames)")
+            if not (fr[:n] >= 0).all() or (fr[:n] >= num_region_frames).any():
+                raise BatchError(f"sample {name}: object {k} frame indices {fr[:n].tolist()} are not a valid "
+                                 f"prefix inside {num_region_frames} region frames (object_frames)")
+            worst += min(n, region_token_num)
+        if worst > out_len:
+            raise BatchError(f"sample {name}: expanded length up to {worst} exceeds the static length {out_len}")

@@ -1,0 +1,204 @@
+"""VideoRefer: SigLIP tower + STC connector + object encoder + Qwen2 decoder.
+
+Batch contract (static shapes; built by the data pipeline, checked by `splice.check_batch`):
+
+  input_ids       [B, L] int32   text ids; -201/-200 where <video>/<image> stands, one
+                                 `region_token_id` per referred object; right padding
+  labels          [B, L] int32   -100 where not supervised
+  segment_ids     [B, L] int32   0 = padding; 1 (or 1, 2, ... for packed rows) = real
+  frames          [B, T, S, S, 3] float  SigLIP-normalised sampled frames (an image repeated T times)
+  region_frames   [B, F, S, S, 3] float  the annotated frames (union over the sample's objects)
+  object_frames   [B, K, M] int32        object k's frames in its own order, indices into F; -1 pad
+  object_masks    [B, K, M, h, w] bool   its masks; resized to the vision grid on the device if
+                                         (h, w) is not the grid already
+  object_valid    [B, K] bool            which object slots are real
+
+Parameter tree (mirrors the official checkpoint, see `hf_rules`):
+  vision_tower/…  mm_projector/…  region_encoder/…  llm/{embed_tokens,layers,norm}  lm_head
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vrefer_jax.checkpoints.key_map import KeyRule, prefixed
+from vrefer_jax.config import IGNORE_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
+from vrefer_jax.models import connector as connector_lib
+from vrefer_jax.models import object_encoder as object_encoder_lib
+from vrefer_jax.models import qwen2, siglip
+from vrefer_jax.models.layers import dense
+from vrefer_jax.models.splice import check_batch, splice
+from vrefer_jax.sharding import constrain
+
+BATCH_KEYS = ("input_ids", "labels", "segment_ids", "frames", "region_frames",
+              "object_frames", "object_masks", "object_valid")
+
+
+class VideoRefer(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        kw: dict[str, Any] = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
+        self.vision_tower = siglip.SiglipVisionTower(
+            c.vision, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
+        self.mm_projector = connector_lib.Connector(
+            c.connector, in_features=c.vision.hidden_size, out_features=c.text.hidden_size, **kw)
+        self.region_encoder = object_encoder_lib.ObjectEncoder(
+            c.object_encoder, vis_dim=c.vision.hidden_size, out_dim=c.text.hidden_size,
+            grid=c.vision.grid, **kw)
+        self.llm = qwen2.Qwen2Model(
+            c.text, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
+        self.lm_head = dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
+
+    # ------------------------------------------------------------------ encoders
+
+    def encode_visual(self, frames: jax.Array, region_frames: jax.Array):
+        """One SigLIP pass over sampled and annotated frames.
+
+        frames [B, T, S, S, 3], region_frames [B, F, S, S, 3] ->
+        (features [B, T, P, C_vis], region features [B, F, P, C_vis]).
+        The tower is frozen in every official stage: no gradient flows into it.
+        """
+        B, T = frames.shape[:2]
+        F = region_frames.shape[1]
+        x = jnp.concatenate([frames, region_frames], axis=1).reshape((B * (T + F),) + frames.shape[2:])
+        x = constrain(x.astype(self.cfg.compute_dtype), ("activation_frames", None, None, None))
+        feats = self.vision_tower(x)
+        feats = jax.lax.stop_gradient(feats).reshape((B, T + F) + feats.shape[1:])
+        return feats[:, :T], feats[:, T:]
+
+    def encode_video(self, frame_feats: jax.Array) -> jax.Array:
+        """[B, T, P, C_vis] -> video tokens [B, Nv, E]."""
+        return constrain(self.mm_projector(frame_feats), ("activation_batch", "activation_length", "activation_embed"))
+
+    def encode_objects(self, region_feats, object_frames, object_masks, object_valid):
+        """-> object tokens [B, K, R, E] and per-object token counts [B, K] (<= R, data-dependent)."""
+        return self.region_encoder(region_feats, object_frames, object_masks, object_valid)
+
+    # ------------------------------------------------------------------ LLM input
+
+    def embed_inputs(self, batch: dict[str, jax.Array], out_len: int):
+        """Run both encoders and splice. Returns a dict with inputs_embeds [B, out_len, E], labels,
+        segment_ids, positions [B, out_len], lengths [B] and object_counts [B, K]."""
+        feats, region_feats = self.encode_visual(batch["frames"], batch["region_frames"])
+        video = self.encode_video(feats)
+        obj_tokens, counts = self.encode_objects(
+            region_feats, batch["object_frames"], batch["object_masks"], batch["object_valid"])
+        ids = batch["input_ids"]
+        labels = batch.get("labels")
+        if labels is None:
+            labels = jnp.full_like(ids, IGNORE_INDEX)
+        text_emb = self.llm.embed(ids)
+        emb, labels, segs, pos, lengths = splice(
+            text_emb, ids, labels, batch["segment_ids"], video, obj_tokens, counts,
+            region_token_id=self.cfg.region_token_id, out_len=out_len)
+        emb = constrain(emb, ("activation_batch", "activation_length", "activation_embed"))
+        return dict(inputs_embeds=emb, labels=labels, segment_ids=segs, positions=pos,
+                    lengths=lengths, object_counts=counts)
+
+    # ------------------------------------------------------------------ decoder
+
+    def decode(self, inputs_embeds, positions, segment_ids, cache=None):
+        """Decoder over embeddings -> (hidden [B, T, E] after the final norm, cache)."""
+        return self.llm(inputs_embeds, positions, segment_ids, cache)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[B, T, E] -> fp32 logits [B, T, V]."""
+        out = self.lm_head(hidden).astype(jnp.float32)
+        return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:
+        return self.llm.embed(ids)
+
+    def __call__(self, batch: dict[str, jax.Array], out_len: int, return_hidden: bool = False):
+        """Teacher-forced forward. Returns (logits [B, out_len, V] fp32 — or the final hidden states
+        when `return_hidden` — and the `embed_inputs` dict with the expanded labels/segments)."""
+        inputs = self.embed_inputs(batch, out_len)
+        hidden, _ = self.decode(inputs["inputs_embeds"], inputs["positions"], inputs["segment_ids"])
+        return (hidden if return_hidden else self.logits(hidden)), inputs
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def num_video_tokens(cfg: ModelConfig, num_frames: int | None = None) -> int:
+    return connector_lib.num_video_tokens(cfg.connector, num_frames or cfg.num_frames, cfg.vision.grid)
+
+
+def validate(cfg: ModelConfig, batch: dict[str, Any], out_len: int, sample_ids=None) -> None:
+    """Host-side check of a batch against the model (raises `splice.BatchError` naming the sample)."""
+    check_batch(
+        batch["input_ids"], batch["segment_ids"], batch["object_frames"], batch["object_valid"],
+        region_token_id=cfg.region_token_id,
+        num_video_tokens=num_video_tokens(cfg, batch["frames"].shape[1]),
+        region_token_num=cfg.object_encoder.region_token_num,
+        out_len=out_len, num_region_frames=batch["region_frames"].shape[1], sample_ids=sample_ids)
+
+
+def dummy_batch(cfg: ModelConfig, batch_size: int = 1, seq_len: int = 16, num_frames: int | None = None,
+                num_region_frames: int = 1, max_objects: int = 1, max_object_frames: int = 1,
+                mask_size: int | None = None, abstract: bool = False) -> dict[str, Any]:
+    """An all-valid-shapes batch (one <video>, no objects) for init, eval_shape and benchmarks."""
+    T = num_frames or cfg.num_frames
+    S, g = cfg.vision.image_size, mask_size or cfg.vision.grid
+    B, K, M = batch_size, max_objects, max_object_frames
+    shapes = dict(
+        input_ids=((B, seq_len), np.int32), labels=((B, seq_len), np.int32),
+        segment_ids=((B, seq_len), np.int32), frames=((B, T, S, S, 3), np.float32),
+        region_frames=((B, num_region_frames, S, S, 3), np.float32),
+        object_frames=((B, K, M), np.int32), object_masks=((B, K, M, g, g), np.bool_),
+        object_valid=((B, K), np.bool_))
+    if abstract:
+        return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
+    batch = {k: np.zeros(s, d) for k, (s, d) in shapes.items()}
+    batch["input_ids"][:, 0] = VIDEO_TOKEN_INDEX
+    batch["segment_ids"][:] = 1
+    batch["labels"][:] = IGNORE_INDEX
+    batch["object_frames"][:] = -1
+    return batch
+
+
+def abstract_params(cfg: ModelConfig, boxed: bool = False):
+    """Parameter shapes (no allocation) via `jax.eval_shape` of `init` on a small dummy batch."""
+    model = VideoRefer(cfg)
+    batch = dummy_batch(cfg, abstract=True)
+    shapes = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, out_len=16), batch)["params"]
+    return shapes if boxed else nn.meta.unbox(shapes)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array):
+    """Random fp32 (param_dtype) parameters, unboxed."""
+    model = VideoRefer(cfg)
+    return nn.meta.unbox(model.init(rng, dummy_batch(cfg), out_len=16)["params"])
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+# ----------------------------------------------------------------------------- key map
+
+
+def hf_rules(cfg: ModelConfig) -> list[KeyRule]:
+    """Flax tree <-> official `VideoReferQwen2ForCausalLM` checkpoint names."""
+    c = cfg
+    return [
+        *prefixed(siglip.hf_rules(c.vision), "model.vision_tower.vision_tower.", ("vision_tower",)),
+        *prefixed(connector_lib.hf_rules(c.connector, c.vision.hidden_size, c.text.hidden_size),
+                  "model.mm_projector.", ("mm_projector",)),
+        *prefixed(object_encoder_lib.hf_rules(c.object_encoder, c.vision.hidden_size, c.text.hidden_size),
+                  "model.region_encoder.", ("region_encoder",)),
+        *prefixed(qwen2.hf_rules(c.text), "model.", ("llm",)),
+        KeyRule("lm_head.weight", ("lm_head", "kernel"), "linear"),
+    ]
+
+
+def hf_ignore_patterns(cfg: ModelConfig) -> list[str]:
+    """Checkpoint tensors we do not build (vision layers past the selected one, post-LN, head)."""
+    return ["model\\.vision_tower\\.vision_tower\\." + p for p in siglip.hf_ignore_patterns(cfg.vision)]
