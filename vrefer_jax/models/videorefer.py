@@ -31,7 +31,6 @@ from vrefer_jax.config import IGNORE_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
 from vrefer_jax.models import connector as connector_lib
 from vrefer_jax.models import object_encoder as object_encoder_lib
 from vrefer_jax.models import qwen2, siglip
-from vrefer_jax.models.layers import dense
 from vrefer_jax.models.splice import check_batch, splice
 from vrefer_jax.sharding import constrain
 
@@ -54,7 +53,7 @@ class VideoRefer(nn.Module):
             grid=c.vision.grid, **kw)
         self.llm = qwen2.Qwen2Model(
             c.text, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
-        self.lm_head = dense(c.text.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
+        self.lm_head = qwen2.LMHead(c.text, **kw)
 
     # ------------------------------------------------------------------ encoders
 
@@ -110,8 +109,7 @@ class VideoRefer(nn.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, E] -> fp32 logits [B, T, V]."""
-        out = self.lm_head(hidden).astype(jnp.float32)
-        return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
+        return self.lm_head(hidden)
 
     def embed_tokens(self, ids: jax.Array) -> jax.Array:
         return self.llm.embed(ids)
@@ -195,7 +193,7 @@ def hf_rules(cfg: ModelConfig) -> list[KeyRule]:
         *prefixed(object_encoder_lib.hf_rules(c.object_encoder, c.vision.hidden_size, c.text.hidden_size),
                   "model.region_encoder.", ("region_encoder",)),
         *prefixed(qwen2.hf_rules(c.text), "model.", ("llm",)),
-        KeyRule("lm_head.weight", ("lm_head", "kernel"), "linear"),
+        *qwen2.lm_head_rules(),
     ]
 
 
