@@ -24,6 +24,11 @@ setup(
         "tokenizers>=0.22,<1",
         "sentencepiece>=0.2,<0.3",
         "tqdm>=4.66,<5",
+        "av>=14,<19",
+        "pycocotools>=2.0.8,<3",
+        "google-crc32c>=1.5,<2",
+        "protobuf>=5.26,<8",
+        "pillow>=10,<14",
     ],
     extras_require={
         # Test-only references. torch is the CPU build; timm is installed with --no-deps by
@@ -32,10 +37,13 @@ setup(
             "pytest>=8,<10",
             "torch==2.13.0",
             "transformers>=4.46,<6",
-            "pillow>=10",
+            "tfrecord>=1.14,<2",
             "pyyaml>=6",
             "huggingface_hub>=0.24",
         ],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "vrefer-convert = vrefer_jax.checkpoints.cli:main",
+        "vrefer-data = data_pipeline.cli:main",
+    ]},
 )

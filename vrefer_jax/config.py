@@ -133,4 +133,7 @@ def model_config_from_gin(files=(), bindings=()) -> ModelConfig:
     """Parse gin files/bindings (e.g. `configs/models/tiny.gin`) and build the `ModelConfig`."""
     gin.clear_config()
     gin.parse_config_files_and_bindings(list(files), list(bindings))
-    return ModelConfig()
+    try:
+        return ModelConfig()
+    finally:  # don't leave bindings behind: later bare `VisionConfig()` calls must get defaults
+        gin.clear_config()

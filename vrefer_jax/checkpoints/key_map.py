@@ -164,8 +164,8 @@ def hf_to_flax(
         target = tuple(get_path(flax_shapes, rule.flax).shape)
         names = [rule.hf.format(i=i) for i in range(target[0])] if rule.stacked else [rule.hf]
         slice_shape = target[1:] if rule.stacked else target
-        parts = []
-        for name in names:
+        arr = None  # filled slice by slice: a stacked leaf is held once, not twice
+        for i, name in enumerate(names):
             try:
                 x = np.asarray(_to_numpy(getter(name)))
             except KeyError:
@@ -174,9 +174,15 @@ def hf_to_flax(
                 x = to_flax_layout(rule, x, slice_shape)
             except ValueError as e:
                 raise KeyMappingError(f"wrong shape for tensor {name!r}: {e}") from None
-            parts.append(x if dtype is None else x.astype(dtype))
+            if dtype is not None:
+                x = x.astype(dtype)
+            if not rule.stacked:
+                arr = x
+            else:
+                if arr is None:
+                    arr = np.empty(target, x.dtype)
+                arr[i] = x
             used.add(name)
-        arr = np.stack(parts) if rule.stacked else parts[0]
         set_path(out, rule.flax, place(rule.flax, arr) if place else arr)
     if available is not None:
         pats = [re.compile(p) for p in ignore]

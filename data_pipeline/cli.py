@@ -1,0 +1,134 @@
+"""`vrefer-data` command line (also `python -m data_pipeline.cli`).
+
+    vrefer-data convert  --json data.json --media-root DIR --out DIR --num-shards N
+                         [--shard-range a:b] [--workers W] [--num-frames 16] [--image-size 384]
+                         [--format train|bench-q|bench-d] [--bench-mode single|multi] ...
+    vrefer-data validate --json data.json [--format ...]      schema checks only (no media), counts by reason
+    vrefer-data inspect  --records DIR [--index i ...]          record count and a summary of records
+
+`convert` prints the merged report's totals and exits 0 when it finished its shard range (skipped
+samples are not failures; they are in `<out>/<prefix>.report.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from collections import Counter
+
+from data_pipeline import bench_formats, convert, records, schema
+
+
+def _parser_for(fmt: str, bench_mode: str, allow_text_only: bool):
+    if fmt == "train":
+        return functools.partial(schema.parse_sample, allow_text_only=allow_text_only)
+    return functools.partial(bench_formats.PARSERS[fmt], mode=bench_mode)
+
+
+def _shard_range(text: str | None, num_shards: int) -> tuple[int, int]:
+    if not text:
+        return 0, num_shards
+    a, _, b = text.partition(":")
+    return int(a or 0), int(b or num_shards)
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", required=True, help="sample list (.json list or .jsonl)")
+    p.add_argument("--format", default="train", choices=["train", *bench_formats.PARSERS],
+                   help="training JSON (VideoRefer-700K style) or a benchmark file")
+    p.add_argument("--bench-mode", default="single", choices=bench_formats.MODES,
+                   help="benchmarks: masks at frame_idx only (single) or all annotated frames (multi)")
+    p.add_argument("--allow-text-only", action="store_true", help="accept samples without video/image")
+
+
+def cmd_convert(args) -> int:
+    cfg = convert.ConvertConfig(
+        num_frames=args.num_frames, image_size=args.image_size, aspect=args.aspect,
+        image_format=args.image_format, jpeg_quality=args.jpeg_quality, output_format=args.output_format,
+        allow_text_only=args.allow_text_only, decode_threads=args.decode_threads)
+    entries = convert.load_entries(args.json)
+    prefix = args.prefix or os.path.splitext(os.path.basename(args.json))[0]
+    report = convert.convert(
+        entries, args.out, media_root=args.media_root, num_shards=args.num_shards,
+        shard_range=_shard_range(args.shard_range, args.num_shards), workers=args.workers, config=cfg,
+        parse=_parser_for(args.format, args.bench_mode, args.allow_text_only),
+        source=os.path.basename(args.json), prefix=prefix, progress=not args.no_progress)
+    summary = {k: report[k] for k in ("written", "num_skipped", "skipped", "shards_done", "shards_missing", "run")}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    entries = convert.load_entries(args.json)
+    parse = _parser_for(args.format, args.bench_mode, args.allow_text_only)
+    counts, examples = Counter(), {}
+    for i, raw in enumerate(entries):
+        try:
+            parse(raw, i)
+        except schema.SampleError as e:
+            counts[e.reason] += 1
+            examples.setdefault(e.reason, str(e))
+    print(json.dumps({"samples": len(entries), "valid": len(entries) - sum(counts.values()),
+                      "invalid": dict(sorted(counts.items())), "first_of_each": examples}, indent=1))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    reader = records.RecordReader(args.records)
+    print(repr(reader))
+    for i in args.index or []:
+        r = reader[i]
+        print(json.dumps({
+            "id": r.sample_id, "source": r.source, "index": r.index, "modality": r.modality, "media": r.media,
+            "orig_size": r.orig_size, "num_source_frames": r.num_source_frames, "frame_indices": r.frame_indices,
+            "region_frame_indices": r.region_frame_indices,
+            "objects": [{"frames": o.frames, "region_index": o.region_index, "null": o.null} for o in r.objects],
+            "conversations": r.conversations, "extra": r.extra,
+            "bytes": {"frames": sum(map(len, r.frames)), "region_frames": sum(map(len, r.region_frames))},
+        }, indent=1, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vrefer-data", description="VideoRefer data conversion and checks")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="JSON + media -> record shards")
+    _add_source_args(p)
+    p.add_argument("--media-root", required=True, help="folder the samples' video/image paths are relative to")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--prefix", default=None, help="shard name prefix (default: the JSON file's stem)")
+    p.add_argument("--num-shards", type=int, required=True)
+    p.add_argument("--shard-range", default=None, help="a:b, shards a..b-1 of --num-shards (default all)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (0 = in this process)")
+    p.add_argument("--num-frames", type=int, default=16, help="frames sampled per video ('v1' rule)")
+    p.add_argument("--image-size", type=int, default=384, help="stored frame side (0 = original resolution)")
+    p.add_argument("--aspect", default="square", choices=["square", "pad"])
+    p.add_argument("--image-format", default="jpeg", choices=["jpeg", "png"])
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--output-format", default="tfrecord", choices=["tfrecord", "array_record"])
+    p.add_argument("--decode-threads", type=int, default=1, help="FFmpeg threads per video decode")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("validate", help="schema checks only (no media access)")
+    _add_source_args(p)
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("inspect", help="summarise converted records")
+    p.add_argument("--records", required=True, help="folder, glob or file of shards")
+    p.add_argument("--index", type=int, nargs="*", help="global record indices to print")
+    p.set_defaults(fn=cmd_inspect)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""JSON + media -> record shards: multiprocess, sharded by sample range, resumable, with a skip report.
+
+Layout of the output folder for `prefix` P and N shards:
+
+    P.manifest.json                      source, sample count, shard count, conversion config
+    P-00003-of-00016.tfrecord            records of shard 3 (contiguous sample range)
+    P-00003-of-00016.index               its offset index (TFRecord output only)
+    P-00003-of-00016.report.json         what shard 3 wrote and skipped (reason, id, field, message)
+    P.report.json                        merged report over every finished shard in the folder
+
+Shard s holds samples [s*n//N, (s+1)*n//N) of the source list, in order; a conversion can be split
+across machines by shard ranges. A shard is written under `<name>.tmp` names and renamed when
+complete (index and report first, the records last); on restart, shards whose three files exist
+are skipped and stale temporary files are overwritten. Output is deterministic: the same inputs
+and config give byte-identical shards. The manifest guards against resuming with a different
+source or config.
+
+Every unusable sample is skipped, counted by reason (`schema.REASONS`) and listed; nothing is
+replaced by another sample.
+
+Worker processes are started with 'spawn' (safe when JAX is imported), so a script that calls
+`convert(..., workers>0)` needs the usual `if __name__ == "__main__":` guard; the CLI has it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import multiprocessing
+import os
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from data_pipeline import masks as masks_lib
+from data_pipeline import records as records_lib
+from data_pipeline import schema
+from data_pipeline import video as video_lib
+
+ParseFn = Callable[[Any, int], schema.Sample]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+    """What goes into each record.
+
+    num_frames: frames sampled with the official 'v1' rule (16 for training, 8 for the released
+      benchmark scripts); at most 32 (official MAX_FRAMES).
+    image_size: side S of the stored frames, resized exactly as SiglipImageProcessor does (PIL
+      bicubic, after centring on a grey square canvas in 'pad' mode); 0 stores the decoded frames
+      untouched (then the loader pads and resizes).
+    image_format: 'jpeg' (4:4:4, `jpeg_quality`) or 'png' (lossless, larger).
+    output_format: 'tfrecord' (with offset indexes) or 'array_record'.
+    """
+
+    num_frames: int = 16
+    image_size: int = 384
+    aspect: str = "square"
+    image_format: str = "jpeg"
+    jpeg_quality: int = 95
+    output_format: str = "tfrecord"
+    allow_text_only: bool = False
+    decode_threads: int = 1
+
+    def __post_init__(self):
+        if not 1 <= self.num_frames <= video_lib.MAX_FRAMES:
+            raise ValueError(f"num_frames must be in [1, {video_lib.MAX_FRAMES}], got {self.num_frames}")
+        if self.image_size < 0:
+            raise ValueError(f"image_size must be >= 0, got {self.image_size}")
+        if self.aspect not in ("square", "pad"):
+            raise ValueError(f"aspect must be 'square' or 'pad', got {self.aspect!r}")
+        if self.image_format not in ("jpeg", "png"):
+            raise ValueError(f"image_format must be 'jpeg' or 'png', got {self.image_format!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.output_format not in ("tfrecord", "array_record"):
+            raise ValueError(f"output_format must be 'tfrecord' or 'array_record', got {self.output_format!r}")
+
+    @property
+    def extension(self) -> str:
+        return records_lib.TFRECORD_EXT if self.output_format == "tfrecord" else records_lib.ARRAY_RECORD_EXT
+
+
+# ----------------------------------------------------------------------------- one sample
+
+
+def build_record(sample: schema.Sample, media_root: str, cfg: ConvertConfig, source: str = "") -> records_lib.Record:
+    """Decode, check and encode one validated sample. Raises `schema.SampleError`."""
+    sid = sample.sample_id
+    path = os.path.join(media_root, sample.media) if sample.media else ""
+    all_frames, ann_indices = sample.region_layout()
+    try:
+        if sample.modality == "video":
+            reader = video_lib.open_video(path, cfg.decode_threads)
+            n = reader.num_frames
+            if n == 0:
+                raise schema.SampleError("unreadable_media", sid, "video", f"{path}: no frames")
+            for k, obj in enumerate(sample.objects):
+                for key, f in zip(obj.keys, obj.frames):
+                    if f >= n:
+                        raise schema.SampleError("frame_index_out_of_range", sid, f"annotation[{k}][{key!r}]",
+                                                 f"frame {f} but {sample.media} has {n} frames")
+            sampled = video_lib.sample_indices_v1(n, cfg.num_frames)
+            decoded = reader.get(set(sampled) | set(all_frames))
+        elif sample.modality == "image":
+            n, sampled = 1, [0]
+            decoded = {0: video_lib.read_image(path)}
+        else:
+            n, sampled, decoded = 0, [], {}
+    except video_lib.MediaError as e:
+        raise schema.SampleError(e.reason, sid, sample.modality, e.message) from None
+
+    objects = []
+    for k, (obj, region_index) in enumerate(zip(sample.objects, ann_indices)):
+        rles, sizes, nulls = [], [], []
+        for key, f, seg in zip(obj.keys, obj.frames, obj.segmentations):
+            fh, fw = decoded[f].shape[:2]
+            # Polygons take the sample's height/width (official `annToMask(seg, h, w)`), or the
+            # frame's size when the sample has none; null masks take the frame's size.
+            ph, pw = (sample.height, sample.width) if sample.height and seg.kind == "polygon" else (fh, fw)
+            mh, mw = masks_lib.segmentation_size(seg, ph, pw)
+            if (mh, mw) != (fh, fw):
+                raise schema.SampleError("mask_size_mismatch", sid, f"annotation[{k}][{key!r}].segmentation",
+                                         f"mask is {mh}x{mw} but frame {f} is {fh}x{fw}")
+            counts, size = masks_lib.to_compressed(seg, mh, mw)
+            rles.append(counts)
+            sizes.append(size)
+            nulls.append(seg.kind == "null")
+        objects.append(records_lib.ObjectMasks(obj.frames, tuple(region_index), tuple(sizes), tuple(rles),
+                                               tuple(nulls)))
+
+    encoded: dict[int, bytes] = {}
+
+    def enc(i: int) -> bytes:  # each distinct frame is resized and encoded once
+        if i not in encoded:
+            img = video_lib.resize_frame(decoded[i], cfg.image_size, cfg.aspect)
+            encoded[i] = video_lib.encode_image(img, cfg.image_format, cfg.jpeg_quality)
+        return encoded[i]
+
+    orig = tuple(decoded[sampled[0]].shape[:2]) if sampled else (0, 0)
+    return records_lib.Record(
+        sample_id=sid, source=source, index=sample.index, modality=sample.modality, media=sample.media or "",
+        conversations=tuple(sample.conversations), extra=dict(sample.extra), orig_size=orig,
+        num_source_frames=n, stored_size=cfg.image_size, aspect=cfg.aspect, image_format=cfg.image_format,
+        frame_indices=tuple(sampled), frames=tuple(enc(i) for i in sampled),
+        region_frame_indices=tuple(all_frames), region_frames=tuple(enc(i) for i in all_frames),
+        objects=tuple(objects))
+
+
+# ----------------------------------------------------------------------------- workers
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(parse: ParseFn, media_root: str, cfg: ConvertConfig, source: str) -> None:
+    _WORKER.update(parse=parse, media_root=media_root, cfg=cfg, source=source)
+
+
+def _process(task: tuple[int, Any]) -> tuple[str, Any]:
+    """(index, raw entry) -> ("ok", serialized record) | ("skip", skip dict). Never raises."""
+    index, raw = task
+    sid = f"#{index}"
+    try:
+        sample = _WORKER["parse"](raw, index)
+        sid = sample.sample_id
+        rec = build_record(sample, _WORKER["media_root"], _WORKER["cfg"], _WORKER["source"])
+        return "ok", rec.to_bytes()
+    except schema.SampleError as e:
+        return "skip", dict(index=index, **e.to_dict())
+    except Exception as e:  # noqa: BLE001 - one odd file must not stop a 700K-sample run; it is reported
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        msg = f"{type(e).__name__}: {e} (at {os.path.basename(where.filename)}:{where.lineno})"
+        return "skip", dict(index=index, id=sid, reason="unexpected_error", field="<sample>", message=msg)
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def shard_bounds(num_samples: int, num_shards: int, shard: int) -> tuple[int, int]:
+    return shard * num_samples // num_shards, (shard + 1) * num_samples // num_shards
+
+
+def shard_name(prefix: str, shard: int, num_shards: int) -> str:
+    return f"{prefix}-{shard:05d}-of-{num_shards:05d}"
+
+
+def _shard_files(out_dir: str, prefix: str, shard: int, num_shards: int, cfg: ConvertConfig) -> dict[str, str]:
+    base = os.path.join(out_dir, shard_name(prefix, shard, num_shards))
+    files = {"records": base + cfg.extension, "report": base + ".report.json"}
+    if cfg.output_format == "tfrecord":
+        files["index"] = base + records_lib.INDEX_EXT
+    return files
+
+
+def shard_done(out_dir: str, prefix: str, shard: int, num_shards: int, cfg: ConvertConfig) -> bool:
+    return all(os.path.exists(p) for p in _shard_files(out_dir, prefix, shard, num_shards, cfg).values())
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"  # unique: machines converting other shard ranges may share the folder
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _ShardWriter:
+    """Writes one shard under temporary names; `finish()` renames it into place."""
+
+    def __init__(self, out_dir: str, prefix: str, shard: int, num_shards: int, bounds: tuple[int, int],
+                 cfg: ConvertConfig):
+        self.files = _shard_files(out_dir, prefix, shard, num_shards, cfg)
+        self.shard, self.num_shards, self.bounds = shard, num_shards, bounds
+        writer_cls = records_lib.TFRecordWriter if cfg.output_format == "tfrecord" else records_lib.ArrayRecordWriter
+        idx = self.files.get("index")
+        self.writer = writer_cls(self.files["records"] + ".tmp", idx + ".tmp" if idx else None)
+        self.skips: list[dict] = []
+
+    def add(self, result: tuple[str, Any]) -> None:
+        kind, payload = result
+        if kind == "ok":
+            self.writer.write(payload)
+        else:
+            self.skips.append(payload)
+
+    def finish(self) -> dict:
+        self.writer.close()
+        report = {
+            "shard": self.shard, "num_shards": self.num_shards, "samples": list(self.bounds),
+            "written": len(self.writer), "skipped": dict(sorted(Counter(s["reason"] for s in self.skips).items())),
+            "skips": self.skips,
+        }
+        if "index" in self.files:
+            os.replace(self.files["index"] + ".tmp", self.files["index"])
+        _write_json(self.files["report"], report)
+        os.replace(self.files["records"] + ".tmp", self.files["records"])  # last: marks the shard complete
+        return report
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def load_entries(path: str) -> list:
+    """A JSON list (or JSON Lines file) of samples."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()]
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+    return data
+
+
+def _check_manifest(path: str, manifest: dict) -> None:
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != manifest:
+            diff = {k: (old.get(k), manifest.get(k)) for k in set(old) | set(manifest) if old.get(k) != manifest.get(k)}
+            raise ValueError(f"{path} was written for a different conversion (old, new): {diff}; "
+                             "use another --out or --prefix")
+    else:
+        _write_json(path, manifest)
+
+
+def convert(
+    entries: Sequence[Any],
+    out_dir: str,
+    *,
+    media_root: str,
+    num_shards: int,
+    shard_range: tuple[int, int] | None = None,
+    workers: int = 0,
+    config: ConvertConfig = ConvertConfig(),
+    parse: ParseFn | None = None,
+    source: str = "",
+    prefix: str = "data",
+    progress: bool = True,
+    start_method: str = "spawn",
+    chunksize: int = 1,
+) -> dict:
+    """Convert `entries` (parsed by `parse`, default `schema.parse_sample`) into shards
+    `shard_range = (a, b)` (b exclusive; default all) of `num_shards`. `workers=0` runs in this
+    process. Returns the merged report (also written to `<out_dir>/<prefix>.report.json`)."""
+    from tqdm import tqdm
+
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    a, b = shard_range or (0, num_shards)
+    if not 0 <= a < b <= num_shards:
+        raise ValueError(f"shard range {a}:{b} not within 0:{num_shards}")
+    parse = parse or functools.partial(schema.parse_sample, allow_text_only=config.allow_text_only)
+    os.makedirs(out_dir, exist_ok=True)
+    n = len(entries)
+    func = getattr(parse, "func", parse)
+    parse_name = f"{func.__module__}.{func.__qualname__}{sorted(getattr(parse, 'keywords', {}).items())}"
+    _check_manifest(os.path.join(out_dir, f"{prefix}.manifest.json"), {
+        "source": source, "num_samples": n, "num_shards": num_shards, "parse": parse_name,
+        "config": dataclasses.asdict(config)})
+
+    pending = [s for s in range(a, b) if not shard_done(out_dir, prefix, s, num_shards, config)]
+    total = sum(hi - lo for lo, hi in (shard_bounds(n, num_shards, s) for s in pending))
+
+    def tasks() -> Iterator[tuple[int, Any]]:
+        for s in pending:
+            lo, hi = shard_bounds(n, num_shards, s)
+            for i in range(lo, hi):
+                yield i, entries[i]
+
+    init_args = (parse, media_root, config, source)
+    pool = None
+    if workers > 0:
+        pool = multiprocessing.get_context(start_method).Pool(workers, _init_worker, init_args)
+        results = pool.imap(_process, tasks(), chunksize=chunksize)
+    else:
+        _init_worker(*init_args)
+        results = map(_process, tasks())
+
+    t0 = time.perf_counter()
+    done = skipped = 0
+    bar = tqdm(total=total, unit="sample", desc=f"{prefix} shards {a}:{b}", disable=not progress, smoothing=0.05)
+    try:
+        for s in pending:
+            lo, hi = shard_bounds(n, num_shards, s)
+            w = _ShardWriter(out_dir, prefix, s, num_shards, (lo, hi), config)
+            for _ in range(hi - lo):
+                res = next(results)
+                w.add(res)
+                done += 1
+                skipped += res[0] == "skip"
+                bar.update(1)
+                bar.set_postfix(skipped=skipped, refresh=False)
+            w.finish()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    elapsed = time.perf_counter() - t0
+    report = merge_reports(out_dir, prefix, num_shards, config)
+    report["run"] = {"shards": [a, b], "converted_shards": pending, "samples": done, "seconds": round(elapsed, 3),
+                     "samples_per_second": round(done / elapsed, 3) if elapsed > 0 else None, "workers": workers}
+    _write_json(os.path.join(out_dir, f"{prefix}.report.json"), report)
+    return report
+
+
+def merge_reports(out_dir: str, prefix: str, num_shards: int, cfg: ConvertConfig) -> dict:
+    """Totals over every finished shard of `prefix` in `out_dir`."""
+    written, counts, skips, done, missing = 0, Counter(), [], [], []
+    for s in range(num_shards):
+        if not shard_done(out_dir, prefix, s, num_shards, cfg):
+            missing.append(s)
+            continue
+        with open(_shard_files(out_dir, prefix, s, num_shards, cfg)["report"]) as f:
+            r = json.load(f)
+        done.append(s)
+        written += r["written"]
+        counts.update(r["skipped"])
+        skips.extend(r["skips"])
+    return {"written": written, "skipped": dict(sorted(counts.items())), "num_skipped": sum(counts.values()),
+            "shards_done": len(done), "shards_missing": missing,
+            "skips": sorted(skips, key=lambda x: x["index"])}

@@ -1,0 +1,319 @@
+"""data_pipeline.convert / cli / bench_formats end to end: records, skip report, resume, throughput."""
+
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline import cli, convert, masks, records, schema, video as V
+
+SHARED_VIDEOS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "videos")
+DOG, PEOPLE = "videos/dog_h264_1280x720.mp4", "videos/people_mpeg4_1280x720.mp4"
+
+
+def _need_real():
+    if not os.path.isdir(SHARED_VIDEOS):
+        pytest.skip(f"real test videos not found at {os.path.abspath(SHARED_VIDEOS)} (../shared/data/videos)")
+
+
+def _box(h, w, y0, x0, y1, x1):
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def _rle(m):
+    return {"size": list(m.shape), "counts": masks.encode_mask(m).decode()}
+
+
+def _runs(m):
+    flat = m.flatten(order="F").astype(np.int8)
+    change = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    return ([0] + runs) if flat[0] else runs
+
+
+def _conv(question, answer="ok", tag="<video>"):
+    return [{"from": "human", "value": f"{tag}\n{question}"}, {"from": "gpt", "value": answer}]
+
+
+def _make_media(root):
+    """A frame folder (DAVIS layout), a small mp4, an image, a corrupt file; links to the real videos."""
+    clip = root / "DAVIS" / "JPEGImages" / "480p" / "clip"
+    clip.mkdir(parents=True)
+    rs = np.random.RandomState(0)
+    for i in range(12):
+        img = np.clip(rs.rand(48, 64, 3) * 60 + 16 * i, 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(clip / f"{i:05d}.png")
+    with av.open(str(root / "synthetic.mp4"), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(40):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 6 * i, np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    Image.fromarray((rs.rand(30, 50, 3) * 255).astype(np.uint8)).save(root / "img.png")
+    (root / "broken.mp4").write_bytes(b"\x00not a video" * 50)
+    if os.path.isdir(SHARED_VIDEOS):
+        os.symlink(os.path.abspath(SHARED_VIDEOS), root / "videos")
+    return "DAVIS/JPEGImages/480p/clip"
+
+
+def _synthetic_entries(clip):
+    m_clip = _box(48, 64, 5, 10, 30, 40)
+    m_img = _box(30, 50, 2, 3, 20, 25)
+    return [
+        {"id": "folder", "video": clip, "conversations": _conv("What is <region>?"),
+         "annotation": [{"11": {"segmentation": _rle(m_clip)},
+                         "2": {"segmentation": {"size": [48, 64], "counts": _runs(m_clip)}}}]},
+        {"id": "image", "image": "img.png", "conversations": _conv("Describe <region>.", tag="<image>"),
+         "annotation": [{"0": {"segmentation": [[3, 2, 25, 2, 25, 20, 3, 20]]}}]},
+        {"id": "plain", "video": "synthetic.mp4", "conversations": _conv("What happens?")},
+        {"id": "size", "video": "synthetic.mp4", "conversations": _conv("<region>?"),
+         "annotation": [{"3": {"segmentation": _rle(_box(40, 64, 0, 0, 5, 5))}}]},
+        {"id": "missing", "video": "nope.mp4", "conversations": _conv("hi")},
+        {"id": "broken", "video": "broken.mp4", "conversations": _conv("hi")},
+        {"id": "range", "video": clip, "conversations": _conv("<region>?"),
+         "annotation": [{"12": {"segmentation": None}}]},
+    ], {"folder": m_clip, "image": m_img}
+
+
+def _files(out):
+    """Every output file except the merged report (which records run timings)."""
+    return {os.path.basename(p): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(out, "*")))
+            if "-of-" in os.path.basename(p) or not p.endswith(".report.json")}
+
+
+def test_convert_synthetic_media_exact(tmp_path):
+    clip = _make_media(tmp_path)
+    entries, ref = _synthetic_entries(clip)
+    cfg = convert.ConvertConfig(num_frames=8, image_size=32, image_format="png")
+    out = str(tmp_path / "out")
+    report = convert.convert(entries, out, media_root=str(tmp_path), num_shards=2, workers=0, config=cfg,
+                             source="syn.json", progress=False)
+    assert report["written"] == 3
+    assert report["skipped"] == {"frame_index_out_of_range": 1, "mask_size_mismatch": 1, "media_not_found": 1,
+                                 "unreadable_media": 1}
+    by_id = {s["id"]: s for s in report["skips"]}
+    assert by_id["size"]["field"] == "annotation[0]['3'].segmentation" and "40x64" in by_id["size"]["message"]
+    assert by_id["range"]["field"] == "annotation[0]['12']" and by_id["range"]["index"] == 6
+    reader = records.RecordReader(out)
+    recs = {r.sample_id: r for r in (reader[i] for i in range(len(reader)))}
+    assert sorted(recs) == ["folder", "image", "plain"]
+
+    f = recs["folder"]
+    src = V.open_video(str(tmp_path / clip))
+    assert f.frame_indices == tuple(V.sample_indices_v1(12, 8)) and f.num_source_frames == 12
+    frames = src.get(set(f.frame_indices) | {2, 11})
+    np.testing.assert_array_equal(f.decode_frames(), np.stack([V.resize_frame(frames[i], 32) for i in f.frame_indices]))
+    assert f.region_frame_indices == (2, 11)  # ascending union
+    np.testing.assert_array_equal(f.decode_region_frames()[1], V.resize_frame(frames[11], 32))
+    (obj,) = f.objects
+    assert obj.frames == (11, 2) and obj.region_index == (1, 0) and obj.null == (False, False)
+    np.testing.assert_array_equal(obj.decode(), np.stack([ref["folder"]] * 2))
+    assert f.conversations == tuple(entries[0]["conversations"]) and f.orig_size == (48, 64)
+    assert f.source == "syn.json" and f.index == 0 and f.stored_size == 32
+
+    im = recs["image"]
+    assert im.modality == "image" and im.frame_indices == (0,) and im.region_frame_indices == (0,)
+    poly = entries[1]["annotation"][0]["0"]["segmentation"]
+    np.testing.assert_array_equal(im.objects[0].decode()[0], masks.decode_segmentation(poly, 30, 50))
+    p = recs["plain"]
+    assert p.objects == () and p.region_frames == () and len(p.frames) == 8 and p.num_source_frames == 40
+
+    # The same records as ArrayRecord shards.
+    ar_cfg = dataclasses.replace(cfg, output_format="array_record")
+    ar_out = str(tmp_path / "ar")
+    ar = convert.convert(entries, ar_out, media_root=str(tmp_path), num_shards=2, workers=0, config=ar_cfg,
+                         source="syn.json", progress=False)
+    assert ar["written"] == 3 and ar["skipped"] == report["skipped"]
+    assert len(glob.glob(os.path.join(ar_out, "*.array_record"))) == 2
+    assert not glob.glob(os.path.join(ar_out, "*.index"))
+    tf_raw, ar_raw = records.RecordReader(out, parse=False), records.RecordReader(ar_out, parse=False)
+    assert [ar_raw[i] for i in range(3)] == [tf_raw[i] for i in range(3)]
+
+
+def _exploding_parse(raw, index):
+    if raw.get("id") == "plain":
+        raise ZeroDivisionError("boom")
+    return schema.parse_sample(raw, index)
+
+
+def test_unexpected_errors_are_reported_not_raised(tmp_path):
+    clip = _make_media(tmp_path)
+    entries, _ = _synthetic_entries(clip)
+    report = convert.convert(entries[:3], str(tmp_path / "out"), media_root=str(tmp_path), num_shards=1,
+                             workers=0, parse=_exploding_parse, progress=False,
+                             config=convert.ConvertConfig(num_frames=2, image_size=8))
+    assert report["written"] == 2 and report["skipped"] == {"unexpected_error": 1}
+    (skip,) = report["skips"]
+    assert skip["index"] == 2 and skip["message"].startswith("ZeroDivisionError: boom")
+
+
+def test_convert_real_videos_report_and_resume(tmp_path):
+    _need_real()
+    clip = _make_media(tmp_path)
+    syn, _ = _synthetic_entries(clip)
+    H, W = 720, 1280
+    a, b = _box(H, W, 100, 200, 400, 600), _box(H, W, 300, 700, 650, 1000)
+    poly = [[700.0, 300.0, 1000.0, 300.0, 1000.0, 650.0, 700.0, 650.0]]
+    entries = [
+        {"id": "dog", "video": DOG, "conversations": _conv("Compare <region> with <region>."),
+         "annotation": [{"75": {"segmentation": _rle(a)}, "10": {"segmentation": _rle(a)}},
+                        {"75": {"segmentation": poly}, "140": {"segmentation": None}}]},
+        {"id": "people", "video": PEOPLE, "height": H, "width": W, "conversations": _conv("Who is <region>?"),
+         "annotation": [{"200": {"segmentation": {"size": [H, W], "counts": _runs(b)}}, "3": {"segmentation": poly}}]},
+        {"id": "mismatch", "video": DOG, "conversations": _conv("Who is <region>?"), "annotation": []},
+        {"id": "late", "video": PEOPLE, "conversations": _conv("<region>?"),
+         "annotation": [{"300": {"segmentation": None}}]},
+        {"id": "empty", "video": DOG, "conversations": _conv("<region>?"),
+         "annotation": [{"1": {"segmentation": {"size": [H, W], "counts": ""}}}]},
+    ] + syn
+    cfg = convert.ConvertConfig(num_frames=8, image_size=64)
+    out = str(tmp_path / "out")
+    report = convert.convert(entries, out, media_root=str(tmp_path), num_shards=4, workers=2, config=cfg,
+                             source="mix.json", progress=False)
+    assert report["written"] == 5 and report["shards_done"] == 4
+    assert report["skipped"] == {"empty_rle": 1, "frame_index_out_of_range": 2, "mask_size_mismatch": 1,
+                                 "media_not_found": 1, "region_mask_mismatch": 1, "unreadable_media": 1}
+    # sorted by sample index, each naming its reason and field
+    assert [(s["index"], s["id"]) for s in report["skips"]] == [
+        (2, "mismatch"), (3, "late"), (4, "empty"), (8, "size"), (9, "missing"), (10, "broken"), (11, "range")]
+    assert report["skips"][1]["field"] == "annotation[0]['300']" and "224 frames" in report["skips"][1]["message"]
+    saved = json.load(open(os.path.join(out, "data.report.json")))
+    assert saved["written"] == 5 and saved["num_skipped"] == 7
+
+    reader = records.RecordReader(out)
+    recs = {r.sample_id: r for r in (reader[i] for i in range(len(reader)))}
+    dog = recs["dog"]
+    assert dog.frame_indices == tuple(V.sample_indices_v1(150, 8)) and dog.orig_size == (H, W)
+    assert dog.region_frame_indices == (10, 75, 140)
+    o1, o2 = dog.objects
+    assert o1.frames == (75, 10) and o1.region_index == (1, 0)
+    assert o2.frames == (75, 140) and o2.region_index == (1, 2) and o2.null == (False, True)
+    np.testing.assert_array_equal(o1.decode(), np.stack([a, a]))
+    dm = o2.decode()
+    assert dm[0].sum() > 0 and not dm[1].any() and dm.shape == (2, H, W)
+    people = recs["people"]
+    np.testing.assert_array_equal(people.objects[0].decode()[0], b)
+    src = V.open_video(os.path.join(SHARED_VIDEOS, os.path.basename(PEOPLE))).get([people.frame_indices[3]])
+    ours = V.decode_image(people.frames[3]).astype(int)
+    ref = V.resize_frame(src[people.frame_indices[3]], 64).astype(int)
+    print(f"\nJPEG q95 stored frame vs exact resize: max |diff| {np.abs(ours - ref).max()}, "
+          f"mean {np.abs(ours - ref).mean():.3f} (uint8 levels)")
+    assert np.abs(ours - ref).mean() < 4.0  # 64x64 thumbnails are all detail; at 384 the mean is ~1.3
+
+    # Resume: a finished shard deleted, another never finished (stale temp files only).
+    before = _files(out)
+    names = sorted(n for n in before if n.endswith(".tfrecord"))
+    os.remove(os.path.join(out, names[1]))
+    open(os.path.join(out, names[1] + ".tmp"), "wb").write(b"stale")
+    base3 = names[3][: -len(".tfrecord")]
+    for ext in (".tfrecord", ".index", ".report.json"):
+        os.remove(os.path.join(out, base3 + ext))
+    open(os.path.join(out, names[3] + ".tmp"), "wb").write(b"partial shard")
+    open(os.path.join(out, base3 + ".index.tmp"), "w").write("0 1\n")
+    again = convert.convert(entries, out, media_root=str(tmp_path), num_shards=4, workers=2, config=cfg,
+                            source="mix.json", progress=False)
+    assert again["run"]["converted_shards"] == [1, 3]
+    assert again["written"] == 5 and again["skipped"] == report["skipped"]
+    assert _files(out) == before  # byte-identical shards, indexes and shard reports; no temp files left
+    with pytest.raises(ValueError, match="different conversion"):
+        convert.convert(entries, out, media_root=str(tmp_path), num_shards=4, workers=0,
+                        config=convert.ConvertConfig(num_frames=16, image_size=64), source="mix.json", progress=False)
+
+
+def test_killed_conversion_resumes_identically(tmp_path):
+    """SIGKILL the CLI mid-run (after its first shard), resume, compare with an uninterrupted run."""
+    _need_real()
+    _make_media(tmp_path)
+    rle = _rle(_box(720, 1280, 10, 10, 200, 300))
+    entries = [{"id": f"k{i}", "video": DOG, "conversations": _conv("<region>?"),
+                "annotation": [{str(20 * i + 3): {"segmentation": rle}}]} for i in range(4)]
+    js = tmp_path / "kill.json"
+    js.write_text(json.dumps(entries))
+    args = ["convert", "--json", str(js), "--media-root", str(tmp_path), "--num-shards", "4", "--workers", "0",
+            "--num-frames", "4", "--image-size", "32", "--no-progress"]
+    out = tmp_path / "killed"
+    root = os.path.join(os.path.dirname(__file__), "..")
+    proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.cli", *args, "--out", str(out)], cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "kill-00000-of-00004.tfrecord"
+    deadline = time.time() + 60
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert first.exists() and not (out / "kill-00003-of-00004.tfrecord").exists(), "killed too late to test"
+    assert cli.main([*args, "--out", str(out)]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "ref")]) == 0
+    assert _files(str(out)) == _files(str(tmp_path / "ref"))
+    assert not glob.glob(str(out / "*.tmp*"))
+
+
+def test_throughput_real_videos(tmp_path):
+    _need_real()
+    _make_media(tmp_path)
+    H, W = 720, 1280
+    entries = []
+    for i in range(8):
+        objs = [{str(f): {"segmentation": _rle(_box(H, W, 50 * k, 80 * k, 50 * k + 200, 80 * k + 300))}
+                 for f in (5 + k, 60 + k, 120 + k)} for k in range(3)]
+        entries.append({"id": f"t{i}", "video": (DOG, PEOPLE)[i % 2], "annotation": objs,
+                        "conversations": _conv("Relate <region>, <region> and <region>.")})
+    report = convert.convert(entries, str(tmp_path / "out"), media_root=str(tmp_path), num_shards=2, workers=2,
+                             config=convert.ConvertConfig(num_frames=16, image_size=384), progress=False)
+    run = report["run"]
+    size = sum(os.path.getsize(p) for p in glob.glob(str(tmp_path / "out" / "*.tfrecord")))
+    print(f"\nconversion throughput (real 1280x720 videos, 16 frames + 6 region frames at 384, 3 objects, "
+          f"2 workers incl. start-up): {run['samples_per_second']:.2f} samples/s; {size / 8 / 1e6:.2f} MB/record")
+    assert report["written"] == 8
+
+
+def test_cli_shard_ranges_validate_inspect_and_bench(tmp_path, capsys):
+    clip = _make_media(tmp_path)
+    entries, _ = _synthetic_entries(clip)
+    js = tmp_path / "syn.json"
+    js.write_text(json.dumps(entries))
+    common = ["--json", str(js), "--media-root", str(tmp_path), "--num-shards", "3", "--workers", "0",
+              "--num-frames", "4", "--image-size", "16", "--no-progress"]
+    assert cli.main(["convert", *common, "--out", str(tmp_path / "a"), "--shard-range", "1:3"]) == 0
+    assert cli.main(["convert", *common, "--out", str(tmp_path / "a"), "--shard-range", "0:1"]) == 0
+    assert cli.main(["convert", *common, "--out", str(tmp_path / "b")]) == 0
+    assert _files(str(tmp_path / "a")) == _files(str(tmp_path / "b"))  # split runs == one run
+    assert len(glob.glob(str(tmp_path / "a" / "syn-0000?-of-00003.tfrecord"))) == 3
+    capsys.readouterr()
+    assert cli.main(["validate", "--json", str(js)]) == 0
+    v = json.loads(capsys.readouterr().out)
+    assert v["samples"] == 7 and v["valid"] == 7  # media-dependent problems are found by convert only
+    assert cli.main(["inspect", "--records", str(tmp_path / "a"), "--index", "0"]) == 0
+    assert '"id": "folder"' in capsys.readouterr().out
+
+    m = _box(48, 64, 5, 10, 30, 40)
+    bench = [{"video": clip, "Question": "What is <object1><region>?", "type": "Basic Questions",
+              "options": ["(A) x", "(B) y"], "Answer": "(A) x", "frame_idx": 4,
+              "annotation": [{str(f): {"segmentation": _rle(m)} for f in (0, 4, 8)}]},
+             {"video": clip, "Question": "<object2><region>?", "type": "Basic Questions",
+              "options": ["(A) x"], "Answer": "(A) x", "frame_idx": 5,
+              "annotation": [{"4": {"segmentation": _rle(m)}}]}]
+    bj = tmp_path / "bench_q.json"
+    bj.write_text(json.dumps(bench))
+    for mode, frames in (("single", [(4,)]), ("multi", [(0, 4, 8), (4,)])):
+        out = tmp_path / f"bench_{mode}"
+        assert cli.main(["convert", "--json", str(bj), "--media-root", str(tmp_path), "--out", str(out),
+                         "--num-shards", "1", "--workers", "0", "--num-frames", "8", "--image-size", "16",
+                         "--format", "bench-q", "--bench-mode", mode, "--no-progress"]) == 0
+        r = records.RecordReader(str(out))
+        assert [rec.objects[0].frames for rec in (r[i] for i in range(len(r)))] == frames
+        assert r[0].extra["answer"] == "(A) x" and r[0].extra["mode"] == mode
+        rep = json.load(open(out / "bench_q.report.json"))
+        assert rep["skipped"] == ({"missing_segmentation": 1} if mode == "single" else {})

@@ -1,0 +1,321 @@
+"""Import official VideoRefer checkpoints (and their SigLIP tower) into the Flax parameter tree.
+
+Streaming: tensors are read one at a time (`st_io.SafetensorsReader`), cast to the target dtype,
+changed to the Flax layout by `key_map.hf_to_flax`, and each finished leaf is placed straight into
+its target sharding (`jax.make_array_from_callback`; `jax.device_put` without shardings), waiting
+for the copy before the next leaf. Scanned layer stacks are filled slice by slice into one
+preallocated host buffer, so besides the placed parameters the host holds at most one leaf plus the
+tensor being read (and its layout-changed copy) at a time. Measured (benchmarks/import_checkpoint.py):
+about 2 x the largest leaf above the parameters' own bytes at peak on a CPU backend.
+
+Tolerated name variants: with or without the leading `model.` (VideoRefer / Qwen2 checkpoints) and
+with or without `vision_model.` (SigLIP folders: Google's full `SiglipModel` files carry it,
+transformers 5's `SiglipVisionModel.save_pretrained` does not). A tensor stored under both spellings
+is an error, as are missing, unexpected and wrongly shaped tensors (`KeyMappingError`, naming it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from vrefer_jax.checkpoints import hf_config, key_map
+from vrefer_jax.checkpoints.key_map import KeyMappingError, KeyRule
+from vrefer_jax.checkpoints.st_io import SafetensorsReader
+from vrefer_jax.config import ModelConfig
+from vrefer_jax.models import siglip, videorefer
+
+# Buffers some exports persist; never parameters.
+BUFFER_PATTERNS = (r".*rotary_emb\.inv_freq", r".*embeddings\.position_ids")
+# A full SigLIP (image + text) checkpoint: everything but the vision model is unused.
+SIGLIP_UNUSED = (r"text_model\..*", r"logit_scale", r"logit_bias")
+
+Getter = Callable[[str], np.ndarray]
+
+
+# ----------------------------------------------------------------------------- shapes, shardings
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_params(cfg: ModelConfig, boxed: bool = False):
+    """`videorefer.abstract_params`, cached per config (tracing the model init takes a while).
+    Callers must not mutate the returned tree."""
+    return videorefer.abstract_params(cfg, boxed=boxed)
+
+
+def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules=None):
+    """Per-leaf `NamedSharding`s from the parameters' logical axis names and the rules table."""
+    from vrefer_jax.sharding import logical_axis_rules
+
+    specs = nn.get_partition_spec(abstract_params(cfg, boxed=True))
+    return nn.logical_to_mesh_sharding(specs, mesh, rules if rules is not None else logical_axis_rules())
+
+
+def sharding_at(shardings, path: Sequence[str]):
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return shardings
+    return key_map.get_path(shardings, tuple(path))
+
+
+def place_leaf(arr: np.ndarray, sharding=None) -> jax.Array:
+    """Host array -> device array in `sharding`; each device shard is copied from `arr` directly.
+
+    Blocks until the transfer is done: a pending asynchronous copy keeps `arr` alive, and letting
+    several pile up would hold several leaves on the host at once."""
+    if sharding is None:
+        out = jax.device_put(arr)
+    else:
+        out = jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+    return out.block_until_ready()
+
+
+# ----------------------------------------------------------------------------- tensor sources
+
+
+def expected_names(rules: Iterable[KeyRule], shapes: Mapping) -> list[str]:
+    """Every HF tensor name the rules read (stacked rules expanded over the layer axis)."""
+    out = []
+    for r in rules:
+        n = key_map.get_path(shapes, r.flax).shape[0] if r.stacked else None
+        out += [r.hf.format(i=i) for i in range(n)] if r.stacked else [r.hf]
+    return out
+
+
+def canonical_names(stored: Iterable[str], expected: Iterable[str], ignore: Sequence[str],
+                    prefix: str) -> dict[str, str]:
+    """Map each stored name to the spelling the rules use (adding or dropping `prefix`).
+
+    Returns canonical name -> stored name. Names that match nothing are kept as they are (and
+    reported as unexpected later unless ignored).
+    """
+    expected = set(expected)
+    pats = [re.compile(p) for p in ignore]
+    out: dict[str, str] = {}
+    for k in stored:
+        cands = [k, prefix + k] + ([k[len(prefix):]] if k.startswith(prefix) else [])
+        c = next((c for c in cands if c in expected), None)
+        if c is None:
+            c = next((c for c in cands if any(p.fullmatch(c) for p in pats)), k)
+        if c in out:
+            raise KeyMappingError(f"tensors {out[c]!r} and {k!r} are both stored for {c!r}")
+        out[c] = k
+    return out
+
+
+@dataclasses.dataclass
+class TensorSource:
+    """A checkpoint's tensors under the rules' names. `get(name, rows=None)` reads one tensor."""
+
+    reader: Any  # SafetensorsReader or a Mapping name -> array
+    names: dict[str, str]  # canonical -> stored
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)  # canonical -> canonical
+
+    @property
+    def available(self) -> list[str]:
+        return list(self.names)
+
+    def stored_name(self, name: str) -> str:
+        return self.names[self.aliases.get(name, name)]  # KeyError -> "missing"
+
+    def get(self, name: str, rows: int | None = None) -> np.ndarray:
+        stored = self.stored_name(name)
+        if isinstance(self.reader, SafetensorsReader):
+            return self.reader.get(stored, rows)
+        x = key_map.torch_state_to_numpy({stored: self.reader[stored]})[stored]
+        return x if rows is None else x[:rows]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        stored = self.stored_name(name)
+        if isinstance(self.reader, SafetensorsReader):
+            return self.reader.shape(stored)
+        return tuple(self.reader[stored].shape)
+
+
+def open_source(path, rules, shapes, *, ignore=(), prefix="model.") -> TensorSource:
+    """A `TensorSource` over a safetensors folder or file, names canonicalised for `rules`."""
+    reader = SafetensorsReader(path)
+    return TensorSource(reader, canonical_names(reader.keys(), expected_names(rules, shapes), ignore, prefix))
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def convert(
+    get: Getter,
+    rules: list[KeyRule],
+    shapes: Mapping,
+    *,
+    available: Iterable[str] | None = None,
+    ignore: Sequence[str] = (),
+    dtype: Any = np.float32,
+    shardings=None,
+) -> dict:
+    """`key_map.hf_to_flax` with streaming placement.
+
+    Stacked rules are handed to `hf_to_flax` one layer at a time (each layer is a pseudo-leaf
+    `path + ("[i]",)`), and the `place` hook writes every slice into the leaf's preallocated host
+    buffer; the full leaf is placed on the devices when its last slice arrives. `shapes` must be
+    covered exactly by `rules` (checked). `shardings`: a tree like `shapes` of `jax.sharding.Sharding`,
+    one sharding for everything, or None (default device).
+    """
+    key_map.check_rules_cover(rules, shapes)
+    dtype = np.dtype(dtype)
+    flat_rules: list[KeyRule] = []
+    flat_shapes: dict = {}
+    n_layers: dict[tuple, int] = {}
+    for r in rules:
+        shape = tuple(key_map.get_path(shapes, r.flax).shape)
+        if not r.stacked:
+            flat_rules.append(r)
+            key_map.set_path(flat_shapes, r.flax, jax.ShapeDtypeStruct(shape, dtype))
+            continue
+        n_layers[r.flax] = shape[0]
+        for i in range(shape[0]):
+            p = r.flax + (f"[{i}]",)
+            flat_rules.append(dataclasses.replace(r, hf=r.hf.format(i=i), flax=p))
+            key_map.set_path(flat_shapes, p, jax.ShapeDtypeStruct(shape[1:], dtype))
+
+    out: dict = {}
+    buffers: dict[tuple, list] = {}  # leaf path -> [buffer, slices filled]
+
+    def place(path, arr):
+        if path[-1].startswith("[") and path[:-1] in n_layers:
+            leaf, i = path[:-1], int(path[-1][1:-1])
+            if leaf not in buffers:
+                buffers[leaf] = [np.empty((n_layers[leaf],) + arr.shape, dtype), 0]
+            buf = buffers[leaf]
+            buf[0][i] = arr
+            buf[1] += 1
+            if buf[1] == n_layers[leaf]:
+                key_map.set_path(out, leaf, place_leaf(buffers.pop(leaf)[0], sharding_at(shardings, leaf)))
+        else:
+            key_map.set_path(out, path, place_leaf(np.ascontiguousarray(arr), sharding_at(shardings, path)))
+        return None
+
+    def cast_get(name):
+        return np.asarray(get(name)).astype(dtype, copy=False)
+
+    key_map.hf_to_flax(cast_get, flat_rules, flat_shapes, available=available, ignore=ignore, place=place)
+    return out
+
+
+def split_rules(rules: list[KeyRule], shapes: Mapping, top: Sequence[str]):
+    """The rules and shapes of the given top-level sub-trees."""
+    return [r for r in rules if r.flax[0] in top], {k: v for k, v in shapes.items() if k in top}
+
+
+def sub_shardings(shardings, keys: Sequence[str]):
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return shardings
+    return {k: shardings[k] for k in keys}
+
+
+# ----------------------------------------------------------------------------- SigLIP tower
+
+
+def siglip_folder_of(hf_cfg: dict, vision_tower_folder: str | None) -> str | None:
+    """The SigLIP folder the official loader would use: the argument, else `mm_vision_tower`
+    when it is a local folder."""
+    if vision_tower_folder is not None:
+        if not os.path.isdir(vision_tower_folder):
+            raise FileNotFoundError(f"vision_tower_folder {vision_tower_folder!r} is not a folder")
+        return vision_tower_folder
+    name = hf_cfg.get("mm_vision_tower", hf_cfg.get("vision_tower"))
+    return name if isinstance(name, str) and os.path.isdir(name) else None
+
+
+def load_siglip_tower(folder: str, cfg: ModelConfig, *, dtype=np.float32, shardings=None) -> dict:
+    """The `vision_tower` sub-tree from a SigLIP folder (`SiglipModel` or `SiglipVisionModel`
+    safetensors; text tower, `logit_scale`/`logit_bias`, layers past the selected one, post-LN
+    and head ignored)."""
+    shapes = abstract_params(cfg)["vision_tower"]
+    rules = siglip.hf_rules(cfg.vision)
+    ignore = [*siglip.hf_ignore_patterns(cfg.vision), *SIGLIP_UNUSED, *BUFFER_PATTERNS]
+    src = open_source(folder, rules, shapes, ignore=ignore, prefix="vision_model.")
+    return convert(src.get, rules, shapes, available=src.available, ignore=ignore, dtype=dtype,
+                   shardings=shardings)
+
+
+# ----------------------------------------------------------------------------- VideoRefer
+
+
+def tokenizer_ids(folder: str) -> dict:
+    """`region_token_id` / `pad_token_id` from the tokenizer files in `folder` (empty if none)."""
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "vocab.json")):
+        return {}
+    from vrefer_jax.text.tokenizer import HFTokenizer
+
+    tok = HFTokenizer.from_file(folder, extra_special_tokens=())
+    out = {"pad_token_id": tok.pad_id}
+    if (rid := tok.token_to_id("<region>")) is not None:
+        out["region_token_id"] = rid
+    return out
+
+
+def import_videorefer(
+    folder: str,
+    cfg: ModelConfig | None = None,
+    *,
+    vision_tower_folder: str | None = None,
+    use_stored_vision_tower: bool = False,
+    dtype: Any = None,
+    shardings=None,
+) -> tuple[ModelConfig, dict]:
+    """Load an official VideoRefer checkpoint folder.
+
+    Args:
+      folder: `config.json` (`model_type: videorefer_qwen2`) + `model.safetensors.index.json` and
+        shards, or one `model.safetensors`.
+      cfg: the model config; default: read from `config.json` (+ the SigLIP folder's config, the
+        tokenizer files for the `<region>` / pad ids). A given `cfg` is used as is (a shape that
+        does not fit the checkpoint raises).
+      vision_tower_folder: the SigLIP folder. Default: `mm_vision_tower` if it is a local folder.
+        As in the official loader, the tower comes from there and the stored copy
+        (`model.vision_tower.vision_tower.*`) is ignored.
+      use_stored_vision_tower: take the tower from the stored copy instead.
+      dtype: parameter dtype on the devices (default `cfg.param_dtype`).
+      shardings: a tree of `jax.sharding.Sharding` like the params (see `param_shardings`), one
+        sharding for all leaves, or None (default device).
+
+    Returns (cfg, params) with params an unboxed tree of `jax.Array`s.
+    """
+    hf = hf_config.find_config(folder)
+    if hf.get("model_type") not in (hf_config.MODEL_TYPE, "videorefer"):
+        raise ValueError(f"{folder}: model_type {hf.get('model_type')!r} is not a VideoRefer checkpoint")
+    siglip_dir = siglip_folder_of(hf, vision_tower_folder)  # also the tower's sizes when available
+    if not use_stored_vision_tower:
+        if siglip_dir is None:
+            raise FileNotFoundError(
+                f"the official loader reads the vision tower from mm_vision_tower="
+                f"{hf.get('mm_vision_tower')!r}, which is not a local folder: pass vision_tower_folder= "
+                "(a SigLIP checkpoint folder) or use_stored_vision_tower=True")
+    if cfg is None:
+        vision = None
+        if siglip_dir is not None:
+            vision = hf_config.vision_config_from_hf(hf_config.find_config(siglip_dir))
+        cfg = hf_config.model_config_from_hf(hf, vision=vision, **tokenizer_ids(folder))
+    dtype = np.dtype(dtype if dtype is not None else cfg.param_dtype)
+    shapes = abstract_params(cfg)
+    rules = videorefer.hf_rules(cfg)
+
+    top = [k for k in shapes if use_stored_vision_tower or k != "vision_tower"]
+    main_rules, main_shapes = split_rules(rules, shapes, top)
+    ignore = list(BUFFER_PATTERNS) + (videorefer.hf_ignore_patterns(cfg) if use_stored_vision_tower
+                                      else [r"model\.vision_tower\..*"])
+    src = open_source(folder, main_rules, main_shapes, ignore=ignore, prefix="model.")
+    if hf.get("tie_word_embeddings") and "lm_head.weight" not in src.names:
+        src.aliases["lm_head.weight"] = "model.embed_tokens.weight"
+    params = convert(src.get, main_rules, main_shapes, available=src.available, ignore=ignore,
+                     dtype=dtype, shardings=sub_shardings(shardings, top))
+    if not use_stored_vision_tower:
+        params["vision_tower"] = load_siglip_tower(
+            siglip_dir, cfg, dtype=dtype, shardings=sharding_at(shardings, ("vision_tower",)))
+    return cfg, params
