@@ -122,10 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records", required=True, help="folder, glob or file of shards")
     p.add_argument("--index", type=int, nargs="*", help="global record indices to print")
     p.set_defaults(fn=cmd_inspect)
+
+    sub.add_parser("synthetic", add_help=False,
+                   help="generate the synthetic referring-video task (see `synthetic --help`)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["synthetic"]:  # its own parser (data_pipeline/synthetic.py)
+        from data_pipeline import synthetic
+
+        return synthetic.main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,610 @@
+"""Synthetic referring-video data: moving shapes, exact masks, Bench-Q-style questions, captions, a tokenizer.
+
+    python -m data_pipeline.synthetic --out DIR [--train-videos 256] [--eval-videos 64] [--seed 0]
+
+Each video shows 2-4 objects (circle / square / triangle, distinct colours, three sizes) moving in a
+straight line over a textured grey background. Objects are painted in list order, so later ones
+hide earlier ones; an object's mask on a frame is exactly its visible pixels (no anti-aliasing, so
+with PNG frames the pixels of an object's colour are its mask).
+
+Output folder:
+
+    videos/{train,eval}/<vid>/00000.png ...     frame folders (DAVIS layout; or <vid>.mp4 with PyAV)
+    train.json        training samples, official VideoRefer format (QA in the Bench-Q prompt + captions)
+    bench_q.json      held-out questions, official Bench-Q format (video, Question, options, Answer,
+                      type, frame_idx, annotation)
+    bench_d.json      held-out descriptions, Bench-D format (video, caption, frame_idx, annotation)
+                      plus `attributes` {colour, shape, motion} for `score_description`
+    tracks.json       ground truth per video (config, objects, per-frame centres)
+    tokenizer.json, tokenizer_config.json   byte-level BPE trained on the text above
+
+Every video's randomness comes from `SeedSequence([seed, split, index])`: the same seed gives the
+same bytes, and train / eval videos never share a stream. Masks are COCO compressed RLE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from data_pipeline import masks as masks_lib
+from data_pipeline.bench_formats import BENCH_D_PROMPT, bench_q_prompt
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 70, 235),
+    "yellow": (240, 220, 20), "purple": (150, 40, 190), "white": (250, 250, 250),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.07, "medium": 0.10, "large": 0.14}  # radius as a fraction of the frame side
+DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+QUESTION_TYPES = ("Basic Questions", "Sequential Questions", "Relationship Questions",
+                  "Reasoning Questions", "Future Predictions")
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<region>")
+SPLITS = {"train": 0, "eval": 1}
+LETTERS = "ABCDEFGH"
+MIN_VISIBLE = 6  # pixels an object needs on a frame for that frame to be annotated
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """Video and dataset knobs. `mask_frames`: frames annotated per object in training samples
+    (1 = single-frame mode at `frame_idx`); evaluation entries always carry every visible frame."""
+
+    num_frames: int = 16
+    size: int = 64
+    min_objects: int = 2
+    max_objects: int = 4
+    media: str = "png"  # png | jpg | mp4
+    mask_frames: int = 4
+
+    def __post_init__(self):
+        if not 2 <= self.num_frames <= 32:
+            raise ValueError(f"num_frames must be in [2, 32], got {self.num_frames}")
+        if not 32 <= self.size <= 128:
+            raise ValueError(f"size must be in [32, 128], got {self.size}")
+        if not 2 <= self.min_objects <= self.max_objects <= 4:
+            raise ValueError("need 2 <= min_objects <= max_objects <= 4")
+        if self.media not in ("png", "jpg", "mp4"):
+            raise ValueError(f"media must be png, jpg or mp4, got {self.media!r}")
+        if not 1 <= self.mask_frames <= self.num_frames:
+            raise ValueError("mask_frames must be in [1, num_frames]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Track:
+    """One object: attributes and its centre on every frame (x right, y down, pixels)."""
+
+    colour: str
+    shape: str
+    size: str
+    radius: float
+    direction: str
+    speed: float  # pixels per frame along `direction`
+    centres: np.ndarray  # [T, 2] float (x, y)
+
+    def to_json(self) -> dict:
+        return {"colour": self.colour, "shape": self.shape, "size": self.size, "radius": self.radius,
+                "direction": self.direction, "speed": self.speed,
+                "centres": np.round(self.centres, 3).tolist()}
+
+
+@dataclasses.dataclass
+class Video:
+    vid: str
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    masks: np.ndarray  # [N, T, H, W] bool, visible pixels
+    tracks: list[Track]
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    """[size, size] bool: pixel centres inside the shape of 'radius' r centred at (cx, cy)."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    dx, dy = x - cx, y - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        h = 0.85 * r  # about the circle's area
+        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
+    if shape == "triangle":  # upward, apex at top; base 2r wide at cy + r
+        t = (dy + r) / (2 * r)  # 0 at apex, 1 at base
+        return (t >= 0) & (t <= 1) & (np.abs(dx) <= t * 1.15 * r)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Grey noise plus stripes in [40, 170] (never an object colour)."""
+    y, x = np.mgrid[0:size, 0:size]
+    theta, period = rng.uniform(0, np.pi), rng.uniform(6, 16)
+    stripes = 25 * np.sin(2 * np.pi * (x * np.cos(theta) + y * np.sin(theta)) / period)
+    g = rng.uniform(80, 130) + stripes + rng.normal(0, 8, (size, size))
+    return np.repeat(np.clip(g, 40, 170).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def _sample_tracks(rng: np.random.Generator, cfg: SynthConfig) -> list[Track]:
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    colours = rng.choice(list(COLOURS), n, replace=False)
+    dirs = rng.permutation(list(DIRECTIONS))  # distinct directions where possible
+    tracks = []
+    S, T = cfg.size, cfg.num_frames
+    for k in range(n):
+        size = str(rng.choice(list(SIZES)))
+        r = SIZES[size] * S
+        direction = str(dirs[k % 4])
+        d = np.array(DIRECTIONS[direction])
+        lo, hi = r + 1, S - r - 1
+        # Travel between 15% and 70% of the free span, so speeds differ and objects stay in view.
+        span = rng.uniform(0.15, 0.7) * (hi - lo)
+        speed = span / (T - 1)
+        drift = rng.uniform(-0.15, 0.15) * speed  # small sideways drift: the direction stays clear
+        v = d * speed + np.array([d[1], d[0]]) * drift
+        start_lo = np.maximum(lo, lo - v * (T - 1))
+        start_hi = np.minimum(hi, hi - v * (T - 1))
+        start = rng.uniform(start_lo, start_hi)
+        centres = start[None] + v[None] * np.arange(T)[:, None]
+        tracks.append(Track(str(colours[k]), str(rng.choice(SHAPES)), size, float(r), direction,
+                            float(speed), centres))
+    return tracks
+
+
+def render(tracks: Sequence[Track], rng: np.random.Generator, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Frames [T, S, S, 3] uint8 and visible masks [N, T, S, S] bool (later objects on top)."""
+    S, T = cfg.size, cfg.num_frames
+    bg = _background(rng, S)
+    frames = np.repeat(bg[None], T, axis=0)
+    full = np.stack([[shape_mask(tr.shape, *tr.centres[t], tr.radius, S) for t in range(T)] for tr in tracks])
+    visible = full.copy()
+    for k in range(len(tracks)):
+        visible[k] &= ~full[k + 1:].any(axis=0)
+        frames[full[k]] = COLOURS[tracks[k].colour]
+    return frames, visible
+
+
+def make_video(seed: int, split: str, index: int, cfg: SynthConfig) -> Video:
+    """Video `index` of `split`: redrawn until every object is visible on at least half the frames
+    and on a shared frame (needed for single-frame questions)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split], index]))
+    while True:
+        tracks = _sample_tracks(rng, cfg)
+        frames, vis = render(tracks, rng, cfg)
+        seen = vis.sum(axis=(2, 3)) >= MIN_VISIBLE  # [N, T]
+        if seen.mean(axis=1).min() >= 0.5 and seen.all(axis=0).any():
+            return Video(f"{split}_{index:06d}", frames, vis, tracks)
+
+
+def write_media(video: Video, root: str, split: str, cfg: SynthConfig) -> str:
+    """Write the frames under `root`; returns the `video` path relative to `root`."""
+    if cfg.media == "mp4":
+        import av
+
+        rel = os.path.join("videos", split, video.vid + ".mp4")
+        os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+        with av.open(os.path.join(root, rel), "w") as c:
+            s = c.add_stream("libx264", rate=8)
+            s.width = s.height = cfg.size
+            s.pix_fmt = "yuv444p"
+            s.options = {"crf": "10"}
+            for f in video.frames:
+                for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+        return rel
+    rel = os.path.join("videos", split, video.vid)
+    d = os.path.join(root, rel)
+    os.makedirs(d, exist_ok=True)
+    ext = "png" if cfg.media == "png" else "jpg"
+    for t, f in enumerate(video.frames):
+        img = Image.fromarray(f)
+        if ext == "png":
+            img.save(os.path.join(d, f"{t:05d}.png"), compress_level=1)
+        else:
+            img.save(os.path.join(d, f"{t:05d}.jpg"), quality=95, subsampling=0)
+    return rel
+
+
+def _rle(mask: np.ndarray) -> dict:
+    return {"size": list(mask.shape), "counts": masks_lib.encode_mask(mask).decode("ascii")}
+
+
+def annotation(video: Video, objects: Sequence[int], frames: Sequence[int]) -> list[dict]:
+    """Official annotation list: per object, {str(frame): {"segmentation": RLE}} on the given
+    frames where the object is visible (at least one frame is kept)."""
+    out = []
+    for k in objects:
+        keep = [t for t in frames if video.masks[k, t].sum() >= MIN_VISIBLE] or list(frames[:1])
+        out.append({str(t): {"segmentation": _rle(video.masks[k, t])} for t in keep})
+    return out
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+
+def _pos_word(x: float, y: float, size: int) -> str:
+    col = ("left", "centre", "right")[min(int(3 * x / size), 2)]
+    row = ("top", "middle", "bottom")[min(int(3 * y / size), 2)]
+    return "centre" if (row, col) == ("middle", "centre") else (f"{row}-{col}" if row != "middle" and col != "centre"
+                                                                else (row if col == "centre" else col))
+
+
+def speed_word(track: Track, size: int) -> str:
+    return "fast" if track.speed * (len(track.centres) - 1) / size > 0.3 else "slow"  # share of the frame crossed
+
+
+def short_caption(tr: Track) -> str:
+    return f"A {tr.colour} {tr.shape} moving {tr.direction}."
+
+
+def detailed_caption(video: Video, k: int, size: int) -> str:
+    tr = video.tracks[k]
+    (x0, y0), (x1, y1) = tr.centres[0], tr.centres[-1]
+    text = (f"A {tr.size} {tr.colour} {tr.shape} that moves {tr.direction} at a {speed_word(tr, size)} pace, "
+            f"from the {_pos_word(x0, y0, size)} of the frame to the {_pos_word(x1, y1, size)}.")
+    frac = video.masks[k].sum(axis=(1, 2)) / np.maximum(
+        1, np.stack([shape_mask(tr.shape, *c, tr.radius, size) for c in tr.centres]).sum(axis=(1, 2)))
+    if frac.min() < 0.9:
+        text += " It is partly hidden behind another object at times."
+    return text
+
+
+def attributes(tr: Track) -> dict:
+    return {"colour": tr.colour, "shape": tr.shape, "motion": tr.direction}
+
+
+# ----------------------------------------------------------------------------- questions
+
+
+def _tags(n: int) -> list[str]:
+    return [f"<object{i}><region>" for i in range(n)]
+
+
+def _mc(rng: np.random.Generator, correct: str, distractors: Sequence[str], n: int) -> tuple[list[str], str]:
+    opts = [correct] + list(rng.permutation(list(distractors))[: n - 1])
+    opts = [opts[i] for i in rng.permutation(len(opts))]
+    labelled = [f"({LETTERS[i]}) {o}" for i, o in enumerate(opts)]
+    return labelled, labelled[opts.index(correct)]
+
+
+def _q_basic(video, rng, S):
+    k = int(rng.integers(len(video.tracks)))
+    tr = video.tracks[k]
+    if rng.random() < 0.5:
+        others = [c for c in COLOURS if c != tr.colour]
+        in_video = [t.colour for t in video.tracks if t.colour != tr.colour]  # distractors from the scene first
+        rest = [c for c in others if c not in in_video]
+        dis = in_video + list(rng.permutation(rest))
+        opts, ans = _mc(rng, tr.colour.capitalize(), [d.capitalize() for d in dis[:3]], 4)
+        q = f"What colour is {_tags(1)[0]}?"
+    else:
+        opts, ans = _mc(rng, tr.shape.capitalize(), [s.capitalize() for s in SHAPES if s != tr.shape], 3)
+        q = f"What shape is {_tags(1)[0]}?"
+    return q, opts, ans, [k]
+
+
+def _q_sequential(video, rng, S):
+    k = int(rng.integers(len(video.tracks)))
+    tr = video.tracks[k]
+    words = {d: f"It moves {d}" for d in DIRECTIONS}
+    opts, ans = _mc(rng, words[tr.direction], [w for d, w in words.items() if d != tr.direction], 4)
+    return f"In which direction does {_tags(1)[0]} move during the video?", opts, ans, [k]
+
+
+def _relation(a: Track, b: Track, S: int) -> str | None:
+    """Where a is relative to b on every frame, on the axis of their mean separation; None when
+    the separation falls under 15% of the frame on some frame."""
+    d = a.centres - b.centres  # [T, 2]
+    axis = int(np.argmax(np.abs(d.mean(axis=0))))
+    sep = d[:, axis]
+    if not (np.all(sep > 0.15 * S) or np.all(sep < -0.15 * S)):
+        return None
+    if axis == 0:
+        return "To the right of it" if sep[0] > 0 else "To the left of it"
+    return "Below it" if sep[0] > 0 else "Above it"
+
+
+def _pairs(video, rng):
+    n = len(video.tracks)
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    return [pairs[i] for i in rng.permutation(len(pairs))]
+
+
+def _q_relationship(video, rng, S):
+    pairs = _pairs(video, rng)
+    if rng.random() < 0.5:
+        for a, b in pairs:
+            rel = _relation(video.tracks[a], video.tracks[b], S)
+            if rel is not None:
+                all_rel = ["To the left of it", "To the right of it", "Above it", "Below it"]
+                opts, ans = _mc(rng, rel, [r for r in all_rel if r != rel], 4)
+                t0, t1 = _tags(2)
+                return f"Where is {t0} relative to {t1} throughout the video?", opts, ans, [a, b]
+    for a, b in pairs:  # size: area ratio >= 1.5 between the two
+        ra, rb = video.tracks[a].radius, video.tracks[b].radius
+        if max(ra, rb) / min(ra, rb) >= 1.2:  # radius ratio 1.2 = area ratio 1.44 (same shape)
+            area = [shape_mask(video.tracks[k].shape, S / 2, S / 2, video.tracks[k].radius, S).sum() for k in (a, b)]
+            if max(area) / min(area) >= 1.4:
+                opts, ans = _mc(rng, "Larger" if area[0] > area[1] else "Smaller",
+                                ["Smaller" if area[0] > area[1] else "Larger"], 2)
+                t0, t1 = _tags(2)
+                return f"Compared with {t1}, is {t0} larger or smaller?", opts, ans, [a, b]
+    return None
+
+
+def _q_reasoning(video, rng, S):
+    for a, b in _pairs(video, rng):
+        sa, sb = video.tracks[a].speed, video.tracks[b].speed
+        if max(sa, sb) / min(sa, sb) >= 1.5:
+            opts, ans = _mc(rng, "<object0>" if sa > sb else "<object1>",
+                            ["<object1>" if sa > sb else "<object0>"], 2)
+            t0, t1 = _tags(2)
+            return f"Which of {t0} and {t1} moves faster?", opts, ans, [a, b]
+    return None
+
+
+QUARTERS = ("The top-left quarter", "The top-right quarter", "The bottom-left quarter", "The bottom-right quarter")
+
+
+def future_quarter(track: Track, size: int, horizon: float = 0.25) -> str | None:
+    """The quarter of the frame holding the centre `horizon` clip-lengths after the last frame if
+    it keeps its velocity (clipped to the frame); None within 8% of a midline. Depends on where the
+    object is as well as where it goes, so it is not the motion direction in disguise."""
+    T = len(track.centres)
+    v = (track.centres[-1] - track.centres[0]) / (T - 1)
+    p = np.clip(track.centres[-1] + v * horizon * T, 0, size)
+    if np.abs(p - size / 2).min() < 0.08 * size:
+        return None
+    return QUARTERS[2 * int(p[1] > size / 2) + int(p[0] > size / 2)]
+
+
+def _q_future(video, rng, S):
+    for k in rng.permutation(len(video.tracks)):
+        quarter = future_quarter(video.tracks[int(k)], S)
+        if quarter is not None:
+            opts, ans = _mc(rng, quarter, [q for q in QUARTERS if q != quarter], 4)
+            q = (f"If {_tags(1)[0]} keeps moving the same way, which part of the frame will it be in "
+                 "shortly after the video ends?")
+            return q, opts, ans, [int(k)]
+    return None
+
+
+QUESTION_MAKERS = dict(zip(QUESTION_TYPES, (_q_basic, _q_sequential, _q_relationship, _q_reasoning, _q_future)))
+
+
+def make_questions(video: Video, rng: np.random.Generator, size: int) -> list[dict]:
+    """At most one question per type: {type, Question, options, Answer, objects}."""
+    out = []
+    for qtype, fn in QUESTION_MAKERS.items():
+        res = fn(video, rng, size)
+        if res is not None:
+            q, opts, ans, objs = res
+            out.append({"type": qtype, "Question": q, "options": opts, "Answer": ans, "objects": objs})
+    return out
+
+
+def _shared_frame(video: Video, objs: Sequence[int], rng: np.random.Generator) -> int:
+    """A frame where every referred object is visible (the single-frame mask frame)."""
+    ok = np.flatnonzero((video.masks[list(objs)].sum(axis=(2, 3)) >= MIN_VISIBLE).all(axis=0))
+    return int(rng.choice(ok)) if len(ok) else 0
+
+
+def _mask_frames(video: Video, frame_idx: int, n: int) -> list[int]:
+    T = video.frames.shape[0]
+    if n == 1:
+        return [frame_idx]
+    return sorted({frame_idx, *np.linspace(0, T - 1, n).round().astype(int).tolist()})
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def train_samples(video: Video, rel: str, rng: np.random.Generator, cfg: SynthConfig) -> list[dict]:
+    """Training samples (official format): each question in the Bench-Q prompt, plus a short and a
+    detailed caption of one object."""
+    out = []
+    for i, q in enumerate(make_questions(video, rng, cfg.size)):
+        fi = _shared_frame(video, q["objects"], rng)
+        out.append({
+            "id": f"{video.vid}_q{i}", "video": rel,
+            "conversations": [{"from": "human", "value": "<video>\n" + bench_q_prompt(q["Question"], q["options"])},
+                              {"from": "gpt", "value": q["Answer"]}],
+            "annotation": annotation(video, q["objects"], _mask_frames(video, fi, cfg.mask_frames)),
+            "type": q["type"]})
+    for kind in ("short", "detailed"):
+        k = int(rng.integers(len(video.tracks)))
+        fi = _shared_frame(video, [k], rng)
+        if kind == "short":
+            prompt, cap = "What is [<region>]? Answer in a few words.", short_caption(video.tracks[k])
+        else:
+            prompt, cap = BENCH_D_PROMPT, detailed_caption(video, k, cfg.size)
+        out.append({
+            "id": f"{video.vid}_{kind}", "video": rel,
+            "conversations": [{"from": "human", "value": "<video>\n" + prompt}, {"from": "gpt", "value": cap}],
+            "annotation": annotation(video, [k], _mask_frames(video, fi, cfg.mask_frames)),
+            "type": f"{kind} caption"})
+    return out
+
+
+def eval_entries(video: Video, rel: str, rng: np.random.Generator, cfg: SynthConfig) -> tuple[list[dict], list[dict]]:
+    """Bench-Q entries (every question of the video) and one Bench-D entry; annotations on every
+    frame where the object is visible, `frame_idx` a frame where all referred objects are."""
+    T = cfg.num_frames
+    bq = []
+    for i, q in enumerate(make_questions(video, rng, cfg.size)):
+        fi = _shared_frame(video, q["objects"], rng)
+        bq.append({"id": f"{video.vid}_q{i}", "video": rel, "Question": q["Question"], "options": q["options"],
+                   "Answer": q["Answer"], "type": q["type"], "frame_idx": fi,
+                   "annotation": annotation(video, q["objects"], range(T))})
+    k = int(rng.integers(len(video.tracks)))
+    fi = _shared_frame(video, [k], rng)
+    bd = [{"id": f"{video.vid}_d", "video": rel, "caption": detailed_caption(video, k, cfg.size), "frame_idx": fi,
+           "annotation": annotation(video, [k], range(T)), "attributes": attributes(video.tracks[k])}]
+    return bq, bd
+
+
+# ----------------------------------------------------------------------------- description scoring
+
+_COLOUR_WORDS = {c: c for c in COLOURS} | {"violet": "purple", "color": None}
+_SHAPE_WORDS = {"circle": "circle", "disc": "circle", "disk": "circle", "ball": "circle", "round": "circle",
+                "square": "square", "box": "square", "rectangle": "square", "triangle": "triangle",
+                "triangular": "triangle"}
+_MOTION_WORDS = {"left": "left", "leftward": "left", "leftwards": "left", "right": "right", "rightward": "right",
+                 "rightwards": "right", "up": "up", "upward": "up", "upwards": "up", "down": "down",
+                 "downward": "down", "downwards": "down"}
+_MOTION_RE = re.compile(r"\b(?:mov|travel|head|go|drift|slid|glid|fl)\w*\s+(?:\w+\s+){0,3}?"
+                        r"(left|leftwards?|right|rightwards?|up|upwards?|down|downwards?)\b")
+
+
+def _found(text: str, table: Mapping[str, str | None]) -> set[str]:
+    return {table[w] for w in re.findall(r"[a-z]+", text) if table.get(w)}
+
+
+def score_description(pred_text: str, gt_attributes: Mapping[str, str]) -> dict[str, float]:
+    """Attribute matching of a description against {colour, shape, motion}.
+
+    Each attribute scores 1 when the prediction names the ground-truth value and no other value of
+    that attribute, else 0 (hedging over several colours does not pay). Motion is read from a
+    direction word within four words after a motion verb ("moves left", "moving towards the
+    right"), so position words ("top-left of the frame") do not count. `score` is the mean.
+    """
+    text = pred_text.lower()
+    found = {"colour": _found(text, _COLOUR_WORDS), "shape": _found(text, _SHAPE_WORDS),
+             "motion": {_MOTION_WORDS[m] for m in _MOTION_RE.findall(text)}}
+    out = {k: float(found[k] == {gt_attributes[k]}) for k in ("colour", "shape", "motion")}
+    out["score"] = sum(out.values()) / 3
+    return out
+
+
+def score_descriptions(preds: Sequence[str], entries: Sequence[Mapping]) -> dict[str, float]:
+    """Mean of `score_description` over Bench-D entries (with `attributes`)."""
+    rows = [score_description(p, e["attributes"]) for p, e in zip(preds, entries, strict=True)]
+    return {k: float(np.mean([r[k] for r in rows])) if rows else 0.0 for k in ("colour", "shape", "motion", "score")}
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def corpus_texts(train: Sequence[Mapping], bench_q: Sequence[Mapping] = (),
+                 bench_d: Sequence[Mapping] = ()) -> list[str]:
+    """Text the tokenizer is trained on: every conversation turn and eval prompt/answer, in ChatML."""
+    texts = []
+    for s in train:
+        for t in s["conversations"]:
+            role = "user" if t["from"] == "human" else "assistant"
+            texts.append(f"<|im_start|>{role}\n{t['value']}<|im_end|>\n")
+    for e in bench_q:
+        texts.append(bench_q_prompt(e["Question"], e["options"]) + " " + e["Answer"])
+    texts.extend(e["caption"] for e in bench_d)
+    texts.append("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    return texts
+
+
+def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int = 1024) -> str:
+    """Byte-level BPE (Qwen2-style pre-tokenizer) with `SPECIAL_TOKENS` as single ids; writes
+    `tokenizer.json` and `tokenizer_config.json` (eos `<|im_end|>`, pad `<|endoftext|>`)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from vrefer_jax.text.tokenizer import QWEN2_PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "tokenizer.json")
+    tok.save(path)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+                   "unk_token": None, "clean_up_tokenization_spaces": False,
+                   "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<region>"],
+                   "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=1)
+    return path
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _dump(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False)
+
+
+def generate(out_dir: str, *, seed: int = 0, train_videos: int = 256, eval_videos: int = 64,
+             cfg: SynthConfig = SynthConfig(), vocab_size: int = 1024, tokenizer: bool = True) -> dict:
+    """Write the whole dataset (see the module docstring); returns a summary with counts and timings."""
+    t0 = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    train, bench_q, bench_d, tracks = [], [], [], {}
+    for split, n in (("train", train_videos), ("eval", eval_videos)):
+        for i in range(n):
+            video = make_video(seed, split, i, cfg)
+            rel = write_media(video, out_dir, split, cfg)
+            tracks[video.vid] = {"video": rel, "objects": [t.to_json() for t in video.tracks]}
+            qrng = np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split], i, 1]))
+            if split == "train":
+                train.extend(train_samples(video, rel, qrng, cfg))
+            else:
+                q, d = eval_entries(video, rel, qrng, cfg)
+                bench_q.extend(q)
+                bench_d.extend(d)
+    t_gen = time.perf_counter() - t0
+    _dump(os.path.join(out_dir, "train.json"), train)
+    _dump(os.path.join(out_dir, "bench_q.json"), bench_q)
+    _dump(os.path.join(out_dir, "bench_d.json"), bench_d)
+    _dump(os.path.join(out_dir, "tracks.json"), {"seed": seed, "config": dataclasses.asdict(cfg), "videos": tracks})
+    t1 = time.perf_counter()
+    if tokenizer:
+        train_tokenizer(corpus_texts(train, bench_q, bench_d), out_dir, vocab_size)
+    summary = {
+        "out": out_dir, "train_videos": train_videos, "eval_videos": eval_videos, "train_samples": len(train),
+        "bench_q": len(bench_q), "bench_d": len(bench_d),
+        "bench_q_types": {t: sum(e["type"] == t for e in bench_q) for t in QUESTION_TYPES},
+        "seconds": {"videos_and_json": round(t_gen, 3), "tokenizer": round(time.perf_counter() - t1, 3)},
+        "videos_per_second": round((train_videos + eval_videos) / max(t_gen, 1e-9), 1)}
+    _dump(os.path.join(out_dir, "summary.json"), summary)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vrefer-data synthetic", description="synthetic moving-shapes referring data")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-videos", type=int, default=256)
+    ap.add_argument("--eval-videos", type=int, default=64)
+    ap.add_argument("--num-frames", type=int, default=16)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--min-objects", type=int, default=2)
+    ap.add_argument("--max-objects", type=int, default=4)
+    ap.add_argument("--media", default="png", choices=["png", "jpg", "mp4"])
+    ap.add_argument("--mask-frames", type=int, default=4, help="annotated frames per object in train samples")
+    ap.add_argument("--vocab-size", type=int, default=1024)
+    ap.add_argument("--no-tokenizer", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    cfg = SynthConfig(a.num_frames, a.size, a.min_objects, a.max_objects, a.media, a.mask_frames)
+    summary = generate(a.out, seed=a.seed, train_videos=a.train_videos, eval_videos=a.eval_videos, cfg=cfg,
+                       vocab_size=a.vocab_size, tokenizer=not a.no_tokenizer)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

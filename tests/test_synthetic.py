@@ -1,0 +1,235 @@
+"""data_pipeline.synthetic: determinism, exact masks, correct answers, official formats, tokenizer, scorer."""
+
+import functools
+import hashlib
+import json
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline import bench_formats, convert, masks, records, schema
+from data_pipeline import synthetic as syn
+
+CFG = syn.SynthConfig(num_frames=16, size=64, mask_frames=4)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("syn"))
+    t0 = time.perf_counter()
+    summary = syn.generate(out, seed=3, train_videos=24, eval_videos=12, cfg=CFG, vocab_size=600)
+    print(f"\ngenerated 36 videos in {time.perf_counter() - t0:.2f}s: {summary}")
+    load = lambda name: json.load(open(os.path.join(out, name)))
+    return out, load("train.json"), load("bench_q.json"), load("bench_d.json"), load("tracks.json")
+
+
+def _frames(root, rel):
+    d = os.path.join(root, rel)
+    return np.stack([np.asarray(Image.open(os.path.join(d, f))) for f in sorted(os.listdir(d))])
+
+
+def _objects_of(entry, tracks):
+    """Tracks of the entry's referred objects, matched by the colour under their masks."""
+    frames = _frames_cache(entry["_root"], entry["video"])
+    out = []
+    for obj in entry["annotation"]:
+        key = next(iter(obj))
+        m = masks.decode_segmentation(obj[key]["segmentation"], 64, 64)
+        rgb = tuple(frames[int(key)][m][0])
+        (name,) = [c for c, v in syn.COLOURS.items() if v == rgb]
+        (tr,) = [t for t in tracks["videos"][os.path.basename(entry["video"])]["objects"] if t["colour"] == name]
+        out.append(tr)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _frames_cache(root, rel):
+    return _frames(root, rel)
+
+
+def test_deterministic_by_seed_and_split():
+    a = syn.make_video(7, "train", 2, CFG)
+    b = syn.make_video(7, "train", 2, CFG)
+    c = syn.make_video(8, "train", 2, CFG)
+    d = syn.make_video(7, "eval", 2, CFG)
+    assert np.array_equal(a.frames, b.frames) and np.array_equal(a.masks, b.masks)
+    assert not np.array_equal(a.frames, c.frames) and not np.array_equal(a.frames, d.frames)
+    qa = syn.make_questions(a, np.random.default_rng(0), CFG.size)
+    qb = syn.make_questions(b, np.random.default_rng(0), CFG.size)
+    assert qa == qb
+
+
+def test_generate_is_byte_identical(tmp_path):
+    digests = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        syn.generate(str(out), seed=1, train_videos=3, eval_videos=2, cfg=CFG, vocab_size=400)
+        h = hashlib.sha256()
+        for dirpath, _, files in sorted(os.walk(out)):
+            for f in sorted(files):
+                if f == "summary.json":  # holds timings
+                    continue
+                h.update(os.path.relpath(os.path.join(dirpath, f), out).encode())
+                h.update(open(os.path.join(dirpath, f), "rb").read())
+        digests.append(h.hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_masks_are_the_visible_pixels():
+    for i in range(6):
+        v = syn.make_video(11, "train", i, syn.SynthConfig(num_frames=12, size=96, max_objects=4))
+        n = len(v.tracks)
+        assert 2 <= n <= 4 and len({t.colour for t in v.tracks}) == n
+        for k, tr in enumerate(v.tracks):
+            colour_pixels = (v.frames == np.array(syn.COLOURS[tr.colour], np.uint8)).all(-1)  # [T, H, W]
+            assert np.array_equal(colour_pixels, v.masks[k])
+            for t in range(0, 12, 5):  # visible = drawn minus whatever later objects cover
+                drawn = syn.shape_mask(tr.shape, *tr.centres[t], tr.radius, 96)
+                later = np.zeros_like(drawn)
+                for tr2 in v.tracks[k + 1:]:
+                    later |= syn.shape_mask(tr2.shape, *tr2.centres[t], tr2.radius, 96)
+                assert np.array_equal(v.masks[k, t], drawn & ~later)
+        assert not v.masks.any(0).all()  # some background left
+
+
+def test_rle_annotations_match_png_frames(data):
+    root, train, bq, _, _ = data
+    for e in train[:20] + bq[:10]:
+        frames = _frames_cache(root, e["video"])
+        for obj in e["annotation"]:
+            colours = set()
+            for key, ann in obj.items():
+                m = masks.decode_segmentation(ann["segmentation"], 64, 64)
+                assert m.sum() >= syn.MIN_VISIBLE
+                px = frames[int(key)][m]
+                assert (px == px[0]).all()  # one flat colour under the mask
+                colours.add(tuple(px[0]))
+                # and every pixel of that colour on the frame is in the mask
+                assert np.array_equal((frames[int(key)] == px[0]).all(-1), m)
+            assert len(colours) == 1
+
+
+def _letter(ans):
+    return re.match(r"\((\w)\)", ans).group(1)
+
+
+def _option(entry):
+    return {_letter(o): o[4:] for o in entry["options"]}[_letter(entry["Answer"])]
+
+
+def test_answers_match_ground_truth(data):
+    root, _, bq, _, tracks = data
+    seen = set()
+    for e in bq:
+        e = dict(e, _root=root)
+        objs = _objects_of(e, tracks)
+        ans, c = _option(e), [np.array(o["centres"]) for o in objs]
+        t = e["type"]
+        seen.add(t)
+        assert e["Question"].count("<region>") == len(e["annotation"]) == len(objs)
+        if t == "Basic Questions":
+            assert ans.lower() in (objs[0]["colour"], objs[0]["shape"])
+            assert ("colour" in e["Question"]) == (ans.lower() == objs[0]["colour"])
+        elif t == "Sequential Questions":
+            dx, dy = c[0][-1] - c[0][0]
+            want = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+            assert ans == f"It moves {want}"
+        elif t == "Relationship Questions":
+            if "larger" in e["Question"]:
+                assert (ans == "Larger") == (objs[0]["radius"] > objs[1]["radius"])
+            else:
+                d = c[0] - c[1]
+                want = {"To the left of it": d[:, 0] < 0, "To the right of it": d[:, 0] > 0,
+                        "Above it": d[:, 1] < 0, "Below it": d[:, 1] > 0}[ans]
+                assert want.all()
+        elif t == "Reasoning Questions":
+            sp = [np.linalg.norm(x[-1] - x[0]) for x in c]
+            assert ans == ("<object0>" if sp[0] > sp[1] else "<object1>")
+        else:
+            T = len(c[0])
+            p = np.clip(c[0][-1] + (c[0][-1] - c[0][0]) / (T - 1) * T / 4, 0, 64)
+            row, col = ("top" if p[1] < 32 else "bottom"), ("left" if p[0] < 32 else "right")
+            assert ans == f"The {row}-{col} quarter"
+        assert len(e["options"]) == len(set(e["options"])) >= 2
+    assert seen == set(syn.QUESTION_TYPES)
+
+
+def test_official_formats_parse_and_convert(data, tmp_path):
+    root, train, bq, bd, _ = data
+    for i, s in enumerate(train):
+        sample = schema.parse_sample(s, i)
+        n_regions = sum(t["value"].count("<region>") for t in s["conversations"])
+        assert n_regions == len(sample.objects) >= 1
+    for mode in bench_formats.MODES:
+        for i, e in enumerate(bq):
+            bench_formats.parse_bench_q(e, i, mode=mode)
+        for i, e in enumerate(bd):
+            bench_formats.parse_bench_d(e, i, mode=mode)
+    cfg = convert.ConvertConfig(num_frames=8, image_size=32, image_format="png")
+    rep = convert.convert(train[:6], str(tmp_path / "tr"), media_root=root, num_shards=2, config=cfg, progress=False)
+    assert rep["written"] == 6 and rep["num_skipped"] == 0, rep
+    parse = functools.partial(bench_formats.parse_bench_q, mode="single")
+    rep = convert.convert(bq[:5], str(tmp_path / "bq"), media_root=root, num_shards=1, config=cfg, parse=parse,
+                          progress=False)
+    assert rep["written"] == 5 and rep["num_skipped"] == 0, rep
+    r = records.RecordReader(str(tmp_path / "bq"))[0]
+    assert r.num_source_frames == CFG.num_frames and len(r.objects) == len(bq[0]["annotation"])
+
+
+def test_mp4_media_converts(tmp_path):
+    cfg = syn.SynthConfig(num_frames=12, size=64, media="mp4", mask_frames=1)
+    syn.generate(str(tmp_path), seed=2, train_videos=2, eval_videos=0, cfg=cfg, tokenizer=False)
+    train = json.load(open(tmp_path / "train.json"))
+    assert all(len(obj) == 1 for s in train for obj in s["annotation"])  # single-frame mode
+    rep = convert.convert(train, str(tmp_path / "rec"), media_root=str(tmp_path), num_shards=1,
+                          config=convert.ConvertConfig(num_frames=8, image_size=0), progress=False)
+    assert rep["num_skipped"] == 0 and rep["written"] == len(train)
+
+
+def test_tokenizer(data):
+    from vrefer_jax.text import HFTokenizer
+
+    root, train, _, _, _ = data
+    tok = HFTokenizer.from_file(root)
+    assert tok.eos_id == tok.token_to_id("<|im_end|>") and tok.pad_id == tok.token_to_id("<|endoftext|>")
+    text = train[0]["conversations"][0]["value"].split("\n", 1)[1]
+    ids = tok.encode(text)
+    assert ids.count(tok.region_id) == text.count("<region>") >= 1
+    for sp in syn.SPECIAL_TOKENS:
+        assert tok.encode(sp) == [tok.token_to_id(sp)]
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    ratio = len(ids) / len(text.encode())
+    print(f"vocab {tok.vocab_size}, {len(ids)} tokens for {len(text)} bytes ({ratio:.2f} tokens/byte)")
+    assert tok.vocab_size <= 600 and ratio < 0.35  # trained merges, not raw bytes
+
+
+def test_score_description(data):
+    _, _, _, bd, _ = data
+    for e in bd:
+        assert syn.score_description(e["caption"], e["attributes"])["score"] == 1.0, e["caption"]
+    gt = {"colour": "red", "shape": "circle", "motion": "left"}
+    assert syn.score_description("A red circle moving left.", gt)["score"] == 1.0
+    detailed = "A small red disc that moves towards the left, from the top-right."
+    assert syn.score_description(detailed, gt)["score"] == 1.0
+    wrong = syn.score_description("A blue circle moving left.", gt)
+    assert wrong["colour"] == 0.0 and wrong["score"] == pytest.approx(2 / 3)
+    assert syn.score_description("A red or blue circle moving left.", gt)["colour"] == 0.0
+    assert syn.score_description("A red circle moving right, near the left edge.", gt)["motion"] == 0.0
+    assert syn.score_description("", gt)["score"] == 0.0
+    agg = syn.score_descriptions([e["caption"] for e in bd], bd)
+    assert agg["score"] == 1.0
+
+
+def test_cli_and_config_errors(tmp_path, capsys):
+    assert syn.main(["--out", str(tmp_path), "--train-videos", "1", "--eval-videos", "1", "--no-tokenizer",
+                     "--num-frames", "32", "--size", "128"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_videos"] == 1
+    assert len(os.listdir(tmp_path / "videos" / "train" / "train_000000")) == 32
+    with pytest.raises(ValueError):
+        syn.SynthConfig(num_frames=33)
+    with pytest.raises(ValueError):
+        syn.SynthConfig(size=256)
