@@ -1,0 +1,305 @@
+"""data_pipeline.loader: contract batches, pixel/mask semantics, caps, shuffle/shard, resume, Orbax, mixtures."""
+
+import json
+import os
+
+import av
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+
+from data_pipeline import convert, loader, masks, records, video as V
+from vrefer_jax.config import IGNORE_INDEX, model_config_from_gin
+from vrefer_jax.models import videorefer
+from vrefer_jax.models.mask_ops import resize_masks_np
+from vrefer_jax.text import HFTokenizer, build_training_example
+
+flags.FLAGS.mark_as_parsed()
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from test_text import QWEN2_TEMPLATE, _train_qwen_like
+
+    d = tmp_path_factory.mktemp("tok")
+    _train_qwen_like().save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": QWEN2_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    return HFTokenizer.from_file(str(d))
+
+
+@pytest.fixture(scope="module")
+def mcfg(tok):
+    return model_config_from_gin([os.path.join(ROOT, "configs/models/tiny.gin")],
+                                 [f"ModelConfig.region_token_id = {tok.region_id}"])
+
+
+def _box(h, w, y0, x0, y1, x1):
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def _rle(m):
+    return {"size": list(m.shape), "counts": masks.encode_mask(m).decode()}
+
+
+def _conv(q, a="ok", tag="<video>"):
+    return [{"from": "human", "value": f"{tag}\n{q}"}, {"from": "gpt", "value": a}]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Converter output over a synthetic mp4, an image and a text-only sample (PNG: exact pixels)."""
+    root = tmp_path_factory.mktemp("media")
+    with av.open(str(root / "v.mp4"), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(20):
+            img = np.zeros((48, 64, 3), np.uint8)
+            img[..., 0], img[..., 1] = 10 * i, np.arange(64)[None] * 3
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    Image.fromarray((np.random.RandomState(0).rand(30, 50, 3) * 255).astype(np.uint8)).save(root / "img.png")
+    m1, m2, mi = _box(48, 64, 5, 10, 30, 40), _box(48, 64, 20, 30, 48, 64), _box(30, 50, 2, 3, 20, 25)
+    entries = [
+        {"id": "two", "video": "v.mp4", "conversations": _conv("Compare <region> and <region>.", "Same."),
+         "annotation": [{"7": {"segmentation": _rle(m1)}, "2": {"segmentation": _rle(m1)}},
+                        {"12": {"segmentation": _rle(m2)}}]},
+        {"id": "img", "image": "img.png", "conversations": _conv("What is <region>?", "A box.", "<image>"),
+         "annotation": [{"0": {"segmentation": _rle(mi)}}]},
+        {"id": "txt", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+        {"id": "three", "video": "v.mp4", "conversations": _conv("<region> <region> <region>?"),
+         "annotation": [{"1": {"segmentation": _rle(m1)}}, {"2": {"segmentation": _rle(m2)}},
+                        {"3": {"segmentation": _rle(m1)}}]},
+    ]
+    cfg = convert.ConvertConfig(num_frames=4, image_size=30, image_format="png", allow_text_only=True)
+    out = str(root / "out")
+    report = convert.convert(entries, out, media_root=str(root), num_shards=1, workers=0, config=cfg,
+                             source="t.json", progress=False)
+    assert report["written"] == 4, report
+    return out, {"two": (m1, m2), "img": mi}
+
+
+def _cfg(mcfg, **kw):
+    base = dict(batch_size=2, seq_len=64, max_region_frames=3, max_objects=3, max_object_frames=2,
+                shuffle=False, num_epochs=1, num_shards=1, shard_index=0)
+    base.update(kw)
+    return loader.LoaderConfig.for_model(mcfg, **base)
+
+
+def test_contract_pixels_masks_tokens(converted, tok, mcfg):
+    out, ref = converted
+    cfg = _cfg(mcfg)
+    it = loader.make_loader(out, cfg, tok)
+    batches = list(it)
+    assert len(batches) == 2
+    recs = {r.sample_id: r for r in records.RecordReader(out)}
+    by_id = {}
+    T, S, g = mcfg.num_frames, mcfg.vision.image_size, mcfg.vision.grid
+    for b in batches:
+        shapes = {k: (v.shape, v.dtype) for k, v in b.items() if k != "sample_ids"}
+        assert shapes == {
+            "input_ids": ((2, 64), np.int32), "labels": ((2, 64), np.int32), "segment_ids": ((2, 64), np.int32),
+            "frames": ((2, T, S, S, 3), np.float32), "region_frames": ((2, 3, S, S, 3), np.float32),
+            "object_frames": ((2, 3, 2), np.int32), "object_masks": ((2, 3, 2, g, g), np.bool_),
+            "object_valid": ((2, 3), np.bool_)}
+        out_len = 64 + videorefer.num_video_tokens(mcfg) + 3 * 4
+        videorefer.validate(mcfg, b, out_len, sample_ids=list(b["sample_ids"]))
+        for i, sid in enumerate(b["sample_ids"]):
+            by_id[str(sid)] = {k: v[i] for k, v in b.items()}
+    assert sorted(by_id) == ["img", "three", "two", "txt"]
+
+    # Pixels: identical to transformers' SiglipImageProcessor on the stored frames (exact).
+    from transformers import SiglipImageProcessor
+
+    proc = SiglipImageProcessor(do_resize=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    two = by_id["two"]
+    raw = recs["two"].decode_frames()
+    hf = proc(list(raw), return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+    err = np.abs(two["frames"] - hf).max()
+    print(f"\nframes vs SiglipImageProcessor: max abs {err:.3g}")
+    assert err == 0
+    np.testing.assert_array_equal(two["region_frames"][:3], loader.SIGLIP_LUT[recs["two"].decode_region_frames()])
+    # Masks: object k's masks in its key order, on the grid, `> 0` of the PyTorch-exact bilinear resize.
+    m1, m2 = ref["two"]
+    assert recs["two"].region_frame_indices == (2, 7, 12)
+    np.testing.assert_array_equal(two["object_frames"], [[1, 0], [2, -1], [-1, -1]])
+    np.testing.assert_array_equal(two["object_valid"], [True, True, False])
+    np.testing.assert_array_equal(two["object_masks"][0, 0], resize_masks_np(m1, g, g) > 0)
+    np.testing.assert_array_equal(two["object_masks"][1, 0], resize_masks_np(m2, g, g) > 0)
+    assert not two["object_masks"][1, 1].any() and not two["object_masks"][2].any()
+    # Tokens: build_training_example, right padded; segment ids mark real tokens.
+    ids, labels = build_training_example(tok, recs["two"].conversations, "<video>")
+    n = len(ids)
+    np.testing.assert_array_equal(two["input_ids"][:n], ids)
+    np.testing.assert_array_equal(two["labels"][:n], labels)
+    assert (two["input_ids"][n:] == mcfg.pad_token_id).all() and (two["labels"][n:] == IGNORE_INDEX).all()
+    assert two["segment_ids"][:n].all() and not two["segment_ids"][n:].any()
+    # Image: repeated T times, region frame = the image. Text only: zero frames, no objects.
+    im = by_id["img"]
+    assert all((im["frames"][t] == im["frames"][0]).all() for t in range(T))
+    np.testing.assert_array_equal(im["region_frames"][0], im["frames"][0])
+    np.testing.assert_array_equal(im["object_masks"][0, 0], resize_masks_np(ref["img"], g, g) > 0)
+    assert -200 in im["input_ids"]
+    tx = by_id["txt"]
+    assert not tx["frames"].any() and not tx["region_frames"].any() and not tx["object_valid"].any()
+    assert (tx["input_ids"] >= 0).all()
+
+
+def test_caps_error_and_skip(converted, tok, mcfg):
+    out, _ = converted
+    with pytest.raises(loader.CapExceededError, match=r"sample three: objects needs 3 but the cap is 2"):
+        list(loader.make_loader(out, _cfg(mcfg, max_objects=2), tok))
+    with pytest.raises(loader.CapExceededError, match=r"input_ids needs \d+ but the cap is 20"):
+        list(loader.make_loader(out, _cfg(mcfg, seq_len=20), tok))
+    it = loader.make_loader(out, _cfg(mcfg, batch_size=1, max_objects=2, max_object_frames=1,
+                                      overflow={"objects": "skip", "object_frames": "skip"}), tok)
+    got = [str(b["sample_ids"][0]) for b in it]
+    assert sorted(got) == ["img", "txt"]
+    # records in order two, img, txt, three: "three" comes after the last example, so it is only logged
+    assert it.skipped == {"input_ids": 0, "region_frames": 0, "objects": 0, "object_frames": 1}
+    with pytest.raises(ValueError, match="unknown caps"):
+        loader.LoaderConfig(batch_size=1, seq_len=8, overflow={"tokens": "skip"})
+
+
+# ----------------------------------------------------------------------------- many small records
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """Two record sets (37 and 11 samples) of tiny 8x8 videos with one object each, written directly."""
+    root = tmp_path_factory.mktemp("many")
+    frame = V.encode_image(np.full((8, 8, 3), 100, np.uint8), "png")
+    m = masks.encode_mask(_box(8, 8, 1, 1, 5, 5))
+    paths = []
+    for name, n, shards in (("a", 37, 3), ("b", 11, 1)):
+        d = root / name
+        d.mkdir()
+        for s in range(shards):
+            path = str(d / f"{name}-{s}.tfrecord")
+            with records.TFRecordWriter(path, records.index_path_for(path)) as w:
+                for i in range(s, n, shards):
+                    rec = records.Record(
+                        sample_id=f"{name}{i}", source=name, index=i, modality="video", media="x.mp4",
+                        conversations=tuple(_conv(f"What is <region> number {i}?", "It is.")), extra={},
+                        orig_size=(8, 8), num_source_frames=4, stored_size=8, aspect="square",
+                        image_format="png", frame_indices=(0, 1, 2, 3), frames=(frame,) * 4,
+                        region_frame_indices=(1,), region_frames=(frame,),
+                        objects=(records.ObjectMasks((1,), (0,), ((8, 8),), (m,), (False,)),))
+                    w.write(rec.to_bytes())
+        paths.append(str(d))
+    return paths
+
+
+def _ids(it, n=None):
+    """Sample ids of the next n batches (all remaining with n=None), consuming no more than n."""
+    out = []
+    while n is None or len(out) < n:
+        try:
+            b = next(it)
+        except StopIteration:
+            break
+        out.append([str(s) for s in b["sample_ids"]])
+    return out
+
+
+def _small(mcfg, **kw):
+    base = dict(batch_size=3, seq_len=64, image_size=8, grid=4, num_frames=4, max_region_frames=1,
+                max_objects=1, max_object_frames=1, seed=7, num_epochs=2, num_shards=1, shard_index=0)
+    base.update(kw)
+    return loader.LoaderConfig.for_model(mcfg, **base)
+
+
+def test_shuffle_shard_epochs(many, tok, mcfg):
+    a = many[0]
+    full = sum(_ids(loader.make_loader(a, _small(mcfg), tok)), [])
+    assert len(full) == 72  # 74 drawn, batch remainder dropped
+    first, second = full[:37], sum(_ids(loader.make_loader(a, _small(mcfg, drop_remainder=False), tok)), [])[37:]
+    assert sorted(first) == sorted(second) == sorted(f"a{i}" for i in range(37)) and first != second
+    assert full == sum(_ids(loader.make_loader(a, _small(mcfg), tok)), [])  # deterministic
+    assert full != sum(_ids(loader.make_loader(a, _small(mcfg, seed=8), tok)), [])
+    # Three processes: disjoint, together the global shuffled stream (74 -> 72 = equal lengths).
+    shards = [sum(_ids(loader.make_loader(a, _small(mcfg, batch_size=1, num_shards=3, shard_index=i), tok)), [])
+              for i in range(3)]
+    assert [len(s) for s in shards] == [24, 24, 24]
+    glob_ = sum(_ids(loader.make_loader(a, _small(mcfg, batch_size=1), tok)), [])
+    assert [x for k in range(24) for x in (shards[0][k], shards[1][k], shards[2][k])] == glob_[:72]
+
+
+def test_resume_exact_in_process_and_workers(many, tok, mcfg):
+    a = many[0]
+    for workers in (0, 2):
+        cfg = _small(mcfg, worker_count=workers)
+        ref = _ids(loader.make_loader(a, cfg, tok))
+        it = loader.make_loader(a, cfg, tok)
+        head = _ids(it, 5)
+        state = json.loads(json.dumps(it.get_state()))
+        it.close()
+        it2 = loader.make_loader(a, cfg, tok)
+        it2.set_state(state)
+        tail = _ids(it2)
+        it2.close()
+        assert head + tail == ref, workers
+        print(f"\nresume with {workers} workers: {len(head)} + {len(tail)} batches == {len(ref)}")
+
+
+def test_orbax_checkpoint_and_mixture(many, tok, mcfg, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    cfg = _small(mcfg, batch_size=4, num_epochs=None)
+    it = loader.make_loader(many, cfg, tok, weights=[0.75, 0.25])
+    head = _ids(it, 50)
+    flat = sum(head, [])
+    frac_b = sum(x.startswith("b") for x in flat) / len(flat)
+    print(f"\nmixture 0.75/0.25: fraction of b = {frac_b:.3f} over {len(flat)} samples")
+    assert abs(frac_b - 0.25) < 0.03
+    # every b sample seen before any repeats (b is shuffled per epoch, 11 samples)
+    bs = [x for x in flat if x.startswith("b")]
+    assert sorted(bs[:11]) == sorted(f"b{i}" for i in range(11))
+
+    mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+    mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    after = _ids(it, 6)
+    it2 = loader.make_loader(many, cfg, tok, weights=[0.75, 0.25])
+    mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it2)))
+    assert _ids(it2, 6) == after
+
+
+def test_fast_paths_are_exact():
+    x = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(loader.siglip_normalize(x), loader.SIGLIP_LUT)
+    rs = np.random.RandomState(0)
+    worst = 0
+    for h, w, g in [(720, 1280, 27), (48, 64, 4), (30, 50, 4), (27, 27, 27), (5, 9, 27), (481, 853, 27), (30, 30, 4)]:
+        m = rs.rand(6, h, w) > 0.999  # sparse single pixels: the hardest case for `> 0`
+        m[0] = False
+        m[1, h // 3: h // 3 + 2, w // 4: w // 4 + 3] = True
+        m[2] = rs.rand(h, w) > 0.5
+        ref = resize_masks_np(m, g, g) > 0
+        got = loader.grid_masks(m, g)
+        np.testing.assert_array_equal(got, ref, err_msg=f"{h}x{w}->{g}")
+        worst = max(worst, int((got != ref).sum()))
+    print(f"\ngrid_masks vs resize_masks_np > 0: {worst} differing cells")
+    sq = loader.pad_mask_to_square(np.ones((2, 5), bool))  # like expand2square: top = (5 - 2) // 2
+    np.testing.assert_array_equal(sq.sum(1), [0, 5, 5, 0, 0])
+    np.testing.assert_array_equal(loader.pad_mask_to_square(np.ones((5, 2), bool)).sum(0), [0, 5, 5, 0, 0])
+
+
+def test_to_global_on_mesh(converted, tok, mcfg):
+    import jax
+    from jax.sharding import Mesh
+
+    out, _ = converted
+    b = next(loader.make_loader(out, _cfg(mcfg, batch_size=4), tok))
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    g = loader.to_global(b, mesh)
+    assert g["frames"].shape == b["frames"].shape and len(g["frames"].sharding.device_set) == 4
+    np.testing.assert_array_equal(np.asarray(g["object_masks"]), b["object_masks"])
+    assert list(g["sample_ids"]) == list(b["sample_ids"])
