@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -306,40 +305,8 @@ def _shard(cfg: LoaderConfig) -> tuple[int, int]:
     return idx, count
 
 
-class ThreadSafeSource:
-    """A `RecordReader` per reading thread: Grain reads a source from several threads, and a reader's
-    cached file handles (seek + read) must not be shared between them."""
-
-    def __init__(self, reader: records_lib.RecordReader):
-        self.reader = reader
-        self._local = threading.local()
-
-    def _get(self) -> records_lib.RecordReader:
-        r = getattr(self._local, "reader", None)
-        if r is None:
-            r = self._local.reader = records_lib.RecordReader.__new__(records_lib.RecordReader)
-            r.__setstate__(self.reader.__getstate__())  # same index, no open handles
-        return r
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def __getitem__(self, i: int):
-        return self._get()[i]
-
-    def __getstate__(self):
-        return {"reader": self.reader}
-
-    def __setstate__(self, state):
-        self.reader = state["reader"]
-        self._local = threading.local()
-
-    def __repr__(self) -> str:
-        return f"ThreadSafeSource({self.reader!r})"
-
-
 def _component(reader, cfg: LoaderConfig, seed: int, shard: tuple[int, int]) -> grain.MapDataset:
-    ds = grain.MapDataset.source(ThreadSafeSource(reader))
+    ds = grain.MapDataset.source(reader)
     if cfg.shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(cfg.num_epochs)

@@ -35,6 +35,7 @@ import glob
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -390,8 +391,9 @@ class RecordReader:
     `parse=False`), by global index across shards in sorted shard order.
 
     TFRecord shards are read through their `.index` files (seek + read + CRC check); ArrayRecord
-    shards through array_record's reader. Picklable (file handles are reopened lazily in each
-    process), so it serves as a Grain random-access data source.
+    shards through array_record's reader. Thread-safe (each thread reads through its own lazily
+    opened handles: a shared handle's seek + read would interleave) and picklable (handles are
+    reopened in each process), so it serves as a Grain random-access data source.
     """
 
     def __init__(self, paths: str | Sequence[str], verify_crc: bool = True, parse: bool = True):
@@ -415,7 +417,15 @@ class RecordReader:
                 sizes.append(len(idx))
                 self._index.append(idx[:, 0].copy())
         self._starts = [0] + list(np.cumsum(sizes, dtype=np.int64).tolist())
-        self._handles: dict[int, Any] = {}
+        self._local = threading.local()
+
+    @property
+    def _handles(self) -> dict[int, Any]:
+        """This thread's open shard handles."""
+        h = getattr(self._local, "handles", None)
+        if h is None:
+            h = self._local.handles = {}
+        return h
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -448,17 +458,20 @@ class RecordReader:
         return Record.from_bytes(data) if self.parse else data
 
     def close(self) -> None:
-        for h in self._handles.values():
+        """Close the calling thread's handles (other threads' close with their thread)."""
+        handles = self._handles
+        for h in handles.values():
             h.close()
-        self._handles = {}
+        handles.clear()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        del state["_local"]
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._local = threading.local()
 
     def __del__(self):
         try:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_helpers import box as _box, conv as _conv, rle as _rle
 from data_pipeline import cli, convert, masks, records, schema, video as V
 
 SHARED_VIDEOS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "videos")
@@ -24,25 +25,11 @@ def _need_real():
         pytest.skip(f"real test videos not found at {os.path.abspath(SHARED_VIDEOS)} (../shared/data/videos)")
 
 
-def _box(h, w, y0, x0, y1, x1):
-    m = np.zeros((h, w), bool)
-    m[y0:y1, x0:x1] = True
-    return m
-
-
-def _rle(m):
-    return {"size": list(m.shape), "counts": masks.encode_mask(m).decode()}
-
-
 def _runs(m):
     flat = m.flatten(order="F").astype(np.int8)
     change = np.flatnonzero(np.diff(flat)) + 1
     runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
     return ([0] + runs) if flat[0] else runs
-
-
-def _conv(question, answer="ok", tag="<video>"):
-    return [{"from": "human", "value": f"{tag}\n{question}"}, {"from": "gpt", "value": answer}]
 
 
 def _make_media(root):

@@ -9,6 +9,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
+from data_helpers import box as _box, conv as _conv, rle as _rle
 from data_pipeline import convert, loader, masks, records, video as V
 from vrefer_jax.config import IGNORE_INDEX, model_config_from_gin
 from vrefer_jax.models import videorefer
@@ -34,20 +35,6 @@ def tok(tmp_path_factory):
 def mcfg(tok):
     return model_config_from_gin([os.path.join(ROOT, "configs/models/tiny.gin")],
                                  [f"ModelConfig.region_token_id = {tok.region_id}"])
-
-
-def _box(h, w, y0, x0, y1, x1):
-    m = np.zeros((h, w), bool)
-    m[y0:y1, x0:x1] = True
-    return m
-
-
-def _rle(m):
-    return {"size": list(m.shape), "counts": masks.encode_mask(m).decode()}
-
-
-def _conv(q, a="ok", tag="<video>"):
-    return [{"from": "human", "value": f"{tag}\n{q}"}, {"from": "gpt", "value": a}]
 
 
 @pytest.fixture(scope="module")

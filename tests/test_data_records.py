@@ -156,6 +156,18 @@ def test_random_access_across_shards(tmp_path):
     assert len(R.RecordReader(str(tmp_path / "*-00000-of-*.tfrecord"))) == 3  # a glob
 
 
+def test_concurrent_reads_from_threads(tmp_path):
+    """Grain reads a source from several threads: one shared reader must stay correct."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    recs, _ = _write_shards(tmp_path, [40, 40])
+    reader = R.RecordReader(str(tmp_path))
+    order = [int(i) for i in np.random.RandomState(1).randint(0, 80, size=2000)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(reader.__getitem__, order))
+    assert all(g == recs[i] for g, i in zip(got, order))
+
+
 def test_corruption_and_missing_index_are_errors(tmp_path):
     recs, paths = _write_shards(tmp_path, [3])
     blob = bytearray(open(paths[0], "rb").read())
