@@ -4,7 +4,7 @@ Streaming: tensors are read one at a time (`st_io.SafetensorsReader`), cast to t
 changed to the Flax layout by `key_map.hf_to_flax`, and each finished leaf is placed straight into
 its target sharding (`jax.make_array_from_callback`; `jax.device_put` without shardings), waiting
 for the copy before the next leaf. Scanned layer stacks are filled slice by slice into one
-preallocated host buffer, so besides the placed parameters the host holds at most one leaf plus the
+preallocated host buffer (by `key_map.hf_to_flax`), so besides the placed parameters the host holds at most one leaf plus the
 tensor being read (and its layout-changed copy) at a time. Measured (benchmarks/import_checkpoint.py):
 about 2 x the largest leaf above the parameters' own bytes at peak on a CPU backend.
 
@@ -158,53 +158,15 @@ def convert(
     dtype: Any = np.float32,
     shardings=None,
 ) -> dict:
-    """`key_map.hf_to_flax` with streaming placement.
-
-    Stacked rules are handed to `hf_to_flax` one layer at a time (each layer is a pseudo-leaf
-    `path + ("[i]",)`), and the `place` hook writes every slice into the leaf's preallocated host
-    buffer; the full leaf is placed on the devices when its last slice arrives. `shapes` must be
-    covered exactly by `rules` (checked). `shardings`: a tree like `shapes` of `jax.sharding.Sharding`,
-    one sharding for everything, or None (default device).
+    """`key_map.hf_to_flax` with streaming placement: each finished leaf (a stacked leaf is filled
+    in place by `hf_to_flax`, layer by layer) goes straight to its sharding. `shardings`: a tree like
+    `shapes` of `jax.sharding.Sharding`, one sharding for everything, or None (default device).
     """
-    key_map.check_rules_cover(rules, shapes)
-    dtype = np.dtype(dtype)
-    flat_rules: list[KeyRule] = []
-    flat_shapes: dict = {}
-    n_layers: dict[tuple, int] = {}
-    for r in rules:
-        shape = tuple(key_map.get_path(shapes, r.flax).shape)
-        if not r.stacked:
-            flat_rules.append(r)
-            key_map.set_path(flat_shapes, r.flax, jax.ShapeDtypeStruct(shape, dtype))
-            continue
-        n_layers[r.flax] = shape[0]
-        for i in range(shape[0]):
-            p = r.flax + (f"[{i}]",)
-            flat_rules.append(dataclasses.replace(r, hf=r.hf.format(i=i), flax=p))
-            key_map.set_path(flat_shapes, p, jax.ShapeDtypeStruct(shape[1:], dtype))
-
-    out: dict = {}
-    buffers: dict[tuple, list] = {}  # leaf path -> [buffer, slices filled]
-
     def place(path, arr):
-        if path[-1].startswith("[") and path[:-1] in n_layers:
-            leaf, i = path[:-1], int(path[-1][1:-1])
-            if leaf not in buffers:
-                buffers[leaf] = [np.empty((n_layers[leaf],) + arr.shape, dtype), 0]
-            buf = buffers[leaf]
-            buf[0][i] = arr
-            buf[1] += 1
-            if buf[1] == n_layers[leaf]:
-                key_map.set_path(out, leaf, place_leaf(buffers.pop(leaf)[0], sharding_at(shardings, leaf)))
-        else:
-            key_map.set_path(out, path, place_leaf(np.ascontiguousarray(arr), sharding_at(shardings, path)))
-        return None
+        return place_leaf(np.ascontiguousarray(arr), sharding_at(shardings, path))
 
-    def cast_get(name):
-        return np.asarray(get(name)).astype(dtype, copy=False)
-
-    key_map.hf_to_flax(cast_get, flat_rules, flat_shapes, available=available, ignore=ignore, place=place)
-    return out
+    return key_map.hf_to_flax(get, rules, shapes, available=available, ignore=ignore,
+                              dtype=np.dtype(dtype), place=place)
 
 
 def split_rules(rules: list[KeyRule], shapes: Mapping, top: Sequence[str]):
