@@ -4,16 +4,18 @@
 Pipeline per record set (one set, or several for a stage mixture):
 
     RecordReader -> MapDataset.source -> shuffle(seed) -> repeat(num_epochs) -> [shard::num_shards]
-    -> mix(weights) -> map(SampleTransform) -> to_iter_dataset -> drop & count skipped -> batch
+    -> mix(weights) -> map(SampleTransform) -> to_iter_dataset -> batch (dropping & counting skipped)
     -> mp_prefetch(worker_count)
 
 * Global shuffle: every process sees the same seeded permutation of the whole set (a new one each
   epoch) and takes every `num_shards`-th element of it, so processes read disjoint samples that
   together cover the set. A mixture shards each component before mixing, so every process keeps the
   mixture's proportions.
-* Caps (L, F, K, M) never truncate: a sample over a cap raises `CapExceededError` naming the sample
-  and the field ("error") or is dropped, counted by field and logged ("skip"). Counts travel with
-  the next yielded example, so skips after the last example of a finite stream are only logged.
+* Caps (L, F, K, M and, optionally, the expanded length) never truncate: a sample over a cap raises
+  `CapExceededError` naming the sample and the field ("error") or is dropped, counted by field and
+  logged ("skip"). Counts travel with the next batch; skips after the last batch of a finite stream
+  (or before its dropped remainder) come in a final counts-only batch that `LoaderIterator` absorbs,
+  so `LoaderIterator.skipped` is complete once the stream ends.
 * `LoaderIterator.get_state()/set_state()` resume exactly; it is a `grain.DatasetIterator`, so
   `grain.checkpoint.CheckpointSave/CheckpointRestore` store it in an Orbax checkpoint.
 """
@@ -30,13 +32,14 @@ import numpy as np
 
 from data_pipeline import records as records_lib
 from data_pipeline import video as video_lib
-from vrefer_jax.config import IGNORE_INDEX
+from vrefer_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from vrefer_jax.models.mask_ops import bilinear_weights
 from vrefer_jax.text.multimodal import build_training_example
 
 log = logging.getLogger(__name__)
 
-CAPS = ("input_ids", "region_frames", "objects", "object_frames")  # cap names = policy keys
+# cap names = policy keys; append new ones (the order indexes the skip-count vectors)
+CAPS = ("input_ids", "region_frames", "objects", "object_frames", "expanded_len")
 _MODAL_TOKEN = {"video": "<video>", "image": "<image>", "text": None}
 
 
@@ -96,7 +99,13 @@ class LoaderConfig:
     seq_len L (text tokens before expansion), num_frames T, image_size S, grid g (vision grid),
     max_region_frames F, max_objects K, max_object_frames M.
     overflow: "error" | "skip", or {cap name: policy} for the names in `CAPS`
-      ("input_ids", "region_frames", "objects", "object_frames"); missing names default to "error".
+      ("input_ids", "region_frames", "objects", "object_frames", "expanded_len"); missing names
+      default to "error".
+    max_expanded_len: None = off; else the cap "expanded_len" on the sequence after <video>/<image>
+      and <region> expansion (the model's static `out_len`), checked with the same upper bound as
+      `videorefer.validate`: len(ids) + P (num_video_tokens - 1) + sum_k min(region_tokens_per_object,
+      M_k) - R for P placeholders, R <region> tokens, M_k masks of object k. Needs num_video_tokens
+      (for T frames) and region_tokens_per_object (`region_token_num`); `for_model` fills both.
     shard_index / num_shards: None = this JAX process of all (`jax.process_index/count`).
     num_epochs: None repeats forever. worker_count 0 = in-process. Keep read_threads x worker_count
       near the CPU count: the transform is CPU-bound (JPEG decode, normalisation) and each example
@@ -124,6 +133,9 @@ class LoaderConfig:
     read_threads: int = 1  # threads per process running the per-sample transform
     read_buffer_size: int = 4  # examples prefetched by those threads
     drop_remainder: bool = True
+    max_expanded_len: int | None = None
+    num_video_tokens: int | None = None
+    region_tokens_per_object: int | None = None
 
     def policy(self, cap: str) -> str:
         p = self.overflow if isinstance(self.overflow, str) else self.overflow.get(cap, "error")
@@ -140,14 +152,23 @@ class LoaderConfig:
             self.policy(cap)
         if self.aspect not in ("square", "pad"):
             raise ValueError(f"aspect must be 'square' or 'pad', got {self.aspect!r}")
+        if self.max_expanded_len is not None and None in (self.num_video_tokens, self.region_tokens_per_object):
+            raise ValueError("max_expanded_len needs num_video_tokens and region_tokens_per_object "
+                             "(LoaderConfig.for_model fills them from the model config)")
 
     @classmethod
     def for_model(cls, model_cfg, **kw) -> LoaderConfig:
-        """Take T, S, g and the pad id from a `vrefer_jax.config.ModelConfig`."""
+        """Take T, S, g, the pad id, the video token count (for T) and region_token_num from a
+        `vrefer_jax.config.ModelConfig`."""
+        from vrefer_jax.models.connector import num_video_tokens  # lazy: the model code is not needed otherwise
+
         kw.setdefault("num_frames", model_cfg.num_frames)
         kw.setdefault("image_size", model_cfg.vision.image_size)
         kw.setdefault("grid", model_cfg.vision.grid)
         kw.setdefault("pad_token_id", model_cfg.pad_token_id)
+        kw.setdefault("num_video_tokens",
+                      num_video_tokens(model_cfg.connector, kw["num_frames"], model_cfg.vision.grid))
+        kw.setdefault("region_tokens_per_object", model_cfg.object_encoder.region_token_num)
         return cls(**kw)
 
 
@@ -195,6 +216,18 @@ class SampleTransform:
             m = pad_mask_to_square(m)
         return grid_masks(m, self.cfg.grid)
 
+    def expanded_len(self, ids: Sequence[int], rec: records_lib.Record) -> int:
+        """Upper bound of the sequence length after placeholder expansion (as `videorefer.validate`)."""
+        c = self.cfg
+        a = np.asarray(ids)
+        placeholders = int(((a == IMAGE_TOKEN_INDEX) | (a == VIDEO_TOKEN_INDEX)).sum())
+        try:
+            regions = int((a == self.tokenizer.region_id).sum())
+        except KeyError:  # a vocabulary without <region>: no region tokens
+            regions = 0
+        objects = sum(min(c.region_tokens_per_object, len(o.frames)) for o in rec.objects)
+        return len(ids) + placeholders * (c.num_video_tokens - 1) + objects - regions
+
     def __call__(self, rec: records_lib.Record) -> dict[str, Any]:
         c = self.cfg
         sid = rec.sample_id
@@ -208,8 +241,11 @@ class SampleTransform:
         ids, labels = build_training_example(self.tokenizer, rec.conversations, modal)
         K, F = len(rec.objects), len(rec.region_frames)
         M = max((len(o.frames) for o in rec.objects), default=0)
-        for cap, size, limit in (("input_ids", len(ids), c.seq_len), ("region_frames", F, c.max_region_frames),
-                                 ("objects", K, c.max_objects), ("object_frames", M, c.max_object_frames)):
+        caps = [("input_ids", len(ids), c.seq_len), ("region_frames", F, c.max_region_frames),
+                ("objects", K, c.max_objects), ("object_frames", M, c.max_object_frames)]
+        if c.max_expanded_len is not None:
+            caps.append(("expanded_len", self.expanded_len(ids, rec), c.max_expanded_len))
+        for cap, size, limit in caps:
             if size > limit:
                 if c.policy(cap) == "error":
                     raise CapExceededError(sid, cap, size, limit)
@@ -254,26 +290,43 @@ class SampleTransform:
 # ----------------------------------------------------------------------------- skip counting
 
 
-class _DropSkipped(grain.IterDataset):
-    """Drops skip markers; the next real example carries the counts of those dropped before it."""
+class _BatchCountingSkips(grain.IterDataset):
+    """Batches examples, dropping skip markers. Each batch carries `num_skipped`, the counts by cap of
+    the markers dropped while it was filled. At the end of a finite stream, markers met after the
+    last batch's examples (or before a dropped remainder) come as a counts-only batch
+    `{"num_skipped": ...}`, so no count is lost; `LoaderIterator` absorbs it. No state beyond the
+    parent's: between batches nothing is pending. (In Grain workers each runs on its slice, and
+    every worker ends with its own counts-only batch.)"""
 
-    def __init__(self, parent: grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool):
         super().__init__(parent)
+        self._batch_size, self._drop_remainder = batch_size, drop_remainder
 
     def __iter__(self):
-        return _DropSkippedIterator(self._parent.__iter__())
+        return _BatchCountingSkipsIterator(self._parent.__iter__(), self._batch_size, self._drop_remainder)
 
 
-class _DropSkippedIterator(grain.DatasetIterator):
+class _BatchCountingSkipsIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool):
+        super().__init__(parent)
+        self._batch_size, self._drop_remainder = batch_size, drop_remainder
+
     def __next__(self):
-        counts = np.zeros((len(CAPS),), np.int64)
-        while True:
-            x = next(self._parent)  # StopIteration ends the stream (trailing skips are dropped with it)
+        xs, counts = [], np.zeros((len(CAPS),), np.int64)
+        while len(xs) < self._batch_size:
+            try:
+                x = next(self._parent)
+            except StopIteration:
+                if xs and not self._drop_remainder:
+                    break
+                if counts.any():
+                    return {"num_skipped": counts}
+                raise
             if "_skip" in x:
                 counts[CAPS.index(x["_skip"])] += 1
-                continue
-            x["num_skipped"] = counts
-            return x
+            else:
+                xs.append(x)
+        return stack_examples(xs, counts)
 
     def get_state(self):
         return self._parent.get_state()
@@ -282,11 +335,11 @@ class _DropSkippedIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
-def stack_examples(xs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Examples -> batch; sample ids as a str array `sample_ids`, skip counts summed."""
-    out = {k: np.stack([x[k] for x in xs]) for k in xs[0] if k not in ("sample_id", "num_skipped")}
+def stack_examples(xs: Sequence[dict[str, Any]], num_skipped: np.ndarray | None = None) -> dict[str, Any]:
+    """Examples -> batch; sample ids as a str array `sample_ids`, skip counts by cap as `num_skipped`."""
+    out = {k: np.stack([x[k] for x in xs]) for k in xs[0] if k != "sample_id"}
     out["sample_ids"] = np.array([x["sample_id"] for x in xs])
-    out["num_skipped"] = np.sum([x["num_skipped"] for x in xs], axis=0)
+    out["num_skipped"] = np.zeros((len(CAPS),), np.int64) if num_skipped is None else num_skipped
     return out
 
 
@@ -327,6 +380,8 @@ def make_dataset(
     sources: one RecordReader (or a path/glob/dir), or a list of them for a mixture with `weights`
     (each component is shuffled with seed + its position and repeated per `cfg.num_epochs`; a
     mixture of finite components ends with its shortest one, so mixtures usually use num_epochs=None).
+    Batches carry `num_skipped` [len(CAPS)]; a finite stream may end with counts-only batches
+    `{"num_skipped": ...}` (one per worker at most), which `make_loader`'s iterator absorbs.
     """
     if isinstance(sources, (records_lib.RecordReader, str)):
         sources = [sources]
@@ -338,8 +393,7 @@ def make_dataset(
     ds = comps[0] if len(comps) == 1 else grain.MapDataset.mix(comps, weights)
     ds = ds.map(SampleTransform(cfg, tokenizer))
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size)
-    it = _DropSkipped(ds.to_iter_dataset(read)).batch(cfg.batch_size, drop_remainder=cfg.drop_remainder,
-                                                  batch_fn=stack_examples)
+    it = _BatchCountingSkips(ds.to_iter_dataset(read), cfg.batch_size, cfg.drop_remainder)
     if cfg.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
@@ -348,17 +402,20 @@ def make_dataset(
 
 class LoaderIterator(grain.DatasetIterator):
     """Yields contract batches (+ `sample_ids`); keeps skip totals by cap in `skipped` (also in the
-    state). A `grain.DatasetIterator`, so `grain.checkpoint.CheckpointSave(it)` works with Orbax."""
+    state; complete once a finite stream has raised StopIteration). A `grain.DatasetIterator`, so
+    `grain.checkpoint.CheckpointSave(it)` works with Orbax."""
 
     def __init__(self, parent: grain.DatasetIterator):
         super().__init__(parent)
         self.skipped = {c: 0 for c in CAPS}
 
     def __next__(self) -> dict[str, Any]:
-        batch = next(self._parent)
-        for cap, n in zip(CAPS, batch.pop("num_skipped").tolist()):
-            self.skipped[cap] += int(n)
-        return batch
+        while True:
+            batch = next(self._parent)
+            for cap, n in zip(CAPS, batch.pop("num_skipped").tolist()):
+                self.skipped[cap] += int(n)
+            if batch:  # else a counts-only batch: skips after the last examples of a worker's stream
+                return batch
 
     def get_state(self) -> dict[str, Any]:
         return {"pipeline": self._parent.get_state(), "skipped": dict(self.skipped)}

@@ -20,3 +20,45 @@ def rle(m):
 def conv(question, answer="ok", tag="<video>"):
     """One human/gpt turn in the official conversation format."""
     return [{"from": "human", "value": f"{tag}\n{question}"}, {"from": "gpt", "value": answer}]
+
+
+def save_tiny_tokenizer(d):
+    """Write the tests' small Qwen2-like tokenizer (with `<region>`) to folder `d`; returns `str(d)`
+    for `HFTokenizer.from_file` (also usable from a subprocess given the folder)."""
+    import json
+    import os
+
+    from test_text import QWEN2_TEMPLATE, _train_qwen_like
+
+    _train_qwen_like().save(os.path.join(d, "tokenizer.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": QWEN2_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, f)
+    return str(d)
+
+
+def tiny_record(sample_id, index=0, source="s", masks_per_object=(1,), question=None, size=8):
+    """A converted video record without media: 4 grey size x size PNG frames, one region frame, and an
+    object per entry of `masks_per_object` with that many box masks (all on the region frame)."""
+    from data_pipeline import records, video
+
+    frame = video.encode_image(np.full((size, size, 3), 100, np.uint8), "png")
+    m = masks.encode_mask(box(size, size, 1, 1, size - 3, size - 3))
+    objs = tuple(records.ObjectMasks((1,) * n, (0,) * n, ((size, size),) * n, (m,) * n, (False,) * n)
+                 for n in masks_per_object)
+    if question is None:
+        question = " ".join(["<region>"] * len(objs)) + f" number {index}?"
+    return records.Record(
+        sample_id=sample_id, source=source, index=index, modality="video", media="x.mp4",
+        conversations=tuple(conv(question, "It is.")), extra={}, orig_size=(size, size), num_source_frames=4,
+        stored_size=size, aspect="square", image_format="png", frame_indices=(0, 1, 2, 3), frames=(frame,) * 4,
+        region_frame_indices=(1,), region_frames=(frame,), objects=objs)
+
+
+def write_records(path, recs):
+    """Records -> one TFRecord shard `path` with its offset index."""
+    from data_pipeline import records
+
+    with records.TFRecordWriter(path, records.index_path_for(path)) as w:
+        for r in recs:
+            w.write(r.to_bytes())
+    return path

@@ -1,7 +1,11 @@
-"""data_pipeline.loader: contract batches, pixel/mask semantics, caps, shuffle/shard, resume, Orbax, mixtures."""
+"""data_pipeline.loader: contract batches, pixel/mask semantics, caps (incl. the expanded length and
+skips at the end of a stream), shuffle/shard, resume, Orbax, mixtures, convert -> loader end to end
+('pad' aspect, original-resolution records)."""
 
+import dataclasses
 import json
 import os
+import re
 
 import av
 import numpy as np
@@ -9,10 +13,10 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from data_helpers import box as _box, conv as _conv, rle as _rle
-from data_pipeline import convert, loader, masks, records, video as V
+from data_helpers import box as _box, conv as _conv, rle as _rle, save_tiny_tokenizer, tiny_record, write_records
+from data_pipeline import convert, loader, records, video as V
 from vrefer_jax.config import IGNORE_INDEX, model_config_from_gin
-from vrefer_jax.models import videorefer
+from vrefer_jax.models import splice, videorefer
 from vrefer_jax.models.mask_ops import resize_masks_np
 from vrefer_jax.text import HFTokenizer, build_training_example
 
@@ -22,13 +26,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from test_text import QWEN2_TEMPLATE, _train_qwen_like
-
-    d = tmp_path_factory.mktemp("tok")
-    _train_qwen_like().save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": QWEN2_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
-    return HFTokenizer.from_file(str(d))
+    return HFTokenizer.from_file(save_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +146,8 @@ def test_caps_error_and_skip(converted, tok, mcfg):
                                       overflow={"objects": "skip", "object_frames": "skip"}), tok)
     got = [str(b["sample_ids"][0]) for b in it]
     assert sorted(got) == ["img", "txt"]
-    # records in order two, img, txt, three: "three" comes after the last example, so it is only logged
-    assert it.skipped == {"input_ids": 0, "region_frames": 0, "objects": 0, "object_frames": 1}
+    # records in order two, img, txt, three: "three" comes after the last example and is counted too
+    assert it.skipped == {"input_ids": 0, "region_frames": 0, "objects": 1, "object_frames": 1, "expanded_len": 0}
     with pytest.raises(ValueError, match="unknown caps"):
         loader.LoaderConfig(batch_size=1, seq_len=8, overflow={"tokens": "skip"})
 
@@ -161,24 +159,14 @@ def test_caps_error_and_skip(converted, tok, mcfg):
 def many(tmp_path_factory):
     """Two record sets (37 and 11 samples) of tiny 8x8 videos with one object each, written directly."""
     root = tmp_path_factory.mktemp("many")
-    frame = V.encode_image(np.full((8, 8, 3), 100, np.uint8), "png")
-    m = masks.encode_mask(_box(8, 8, 1, 1, 5, 5))
     paths = []
     for name, n, shards in (("a", 37, 3), ("b", 11, 1)):
         d = root / name
         d.mkdir()
         for s in range(shards):
-            path = str(d / f"{name}-{s}.tfrecord")
-            with records.TFRecordWriter(path, records.index_path_for(path)) as w:
-                for i in range(s, n, shards):
-                    rec = records.Record(
-                        sample_id=f"{name}{i}", source=name, index=i, modality="video", media="x.mp4",
-                        conversations=tuple(_conv(f"What is <region> number {i}?", "It is.")), extra={},
-                        orig_size=(8, 8), num_source_frames=4, stored_size=8, aspect="square",
-                        image_format="png", frame_indices=(0, 1, 2, 3), frames=(frame,) * 4,
-                        region_frame_indices=(1,), region_frames=(frame,),
-                        objects=(records.ObjectMasks((1,), (0,), ((8, 8),), (m,), (False,)),))
-                    w.write(rec.to_bytes())
+            write_records(str(d / f"{name}-{s}.tfrecord"),
+                          [tiny_record(f"{name}{i}", i, name, question=f"What is <region> number {i}?")
+                           for i in range(s, n, shards)])
         paths.append(str(d))
     return paths
 
@@ -290,3 +278,180 @@ def test_to_global_on_mesh(converted, tok, mcfg):
     assert g["frames"].shape == b["frames"].shape and len(g["frames"].sharding.device_set) == 4
     np.testing.assert_array_equal(np.asarray(g["object_masks"]), b["object_masks"])
     assert list(g["sample_ids"]) == list(b["sample_ids"])
+
+
+# ----------------------------------------------------------------------------- caps: end of stream, expanded length
+
+
+@pytest.fixture(scope="module")
+def skippy(tmp_path_factory):
+    """Nine records in order; s2, s7, s8 have two objects, s5 one object with two masks."""
+    d = tmp_path_factory.mktemp("skippy")
+    spec = {2: (1, 1), 5: (2,), 7: (1, 1), 8: (1, 1)}
+    write_records(str(d / "k.tfrecord"), [tiny_record(f"s{i}", i, masks_per_object=spec.get(i, (1,)))
+                                          for i in range(9)])
+    return str(d)
+
+
+def test_skips_at_the_end_of_the_stream_are_counted(skippy, tok, mcfg):
+    cfg = _small(mcfg, batch_size=2, num_epochs=1, shuffle=False, overflow={"objects": "skip", "object_frames": "skip"})
+    want = dict(dict.fromkeys(loader.CAPS, 0), objects=3, object_frames=1)
+    # kept s0 s1 | s3 s4 | s6 (the dropped remainder); s2 skipped inside, s5 before s6, s7 s8 after it
+    it = loader.make_loader(skippy, cfg, tok)
+    assert _ids(it) == [["s0", "s1"], ["s3", "s4"]] and it.skipped == want
+    assert _ids(it) == [] and it.skipped == want  # exhausted: stays so, nothing counted twice
+    # The totals are in the state once the stream has ended ...
+    end = json.loads(json.dumps(it.get_state()))
+    assert end["skipped"] == want
+    it2 = loader.make_loader(skippy, cfg, tok)
+    it2.set_state(end)
+    assert _ids(it2) == [] and it2.skipped == want
+    # ... and a resume mid-stream neither loses nor repeats a count.
+    it3 = loader.make_loader(skippy, cfg, tok)
+    head = _ids(it3, 1)
+    mid = json.loads(json.dumps(it3.get_state()))
+    assert mid["skipped"] == dict.fromkeys(loader.CAPS, 0)
+    it4 = loader.make_loader(skippy, cfg, tok)
+    it4.set_state(mid)
+    assert head + _ids(it4) == [["s0", "s1"], ["s3", "s4"]] and it4.skipped == want
+    # Keeping the remainder: the last batch carries the skips before and after it.
+    it5 = loader.make_loader(skippy, dataclasses.replace(cfg, drop_remainder=False), tok)
+    assert _ids(it5) == [["s0", "s1"], ["s3", "s4"], ["s6"]] and it5.skipped == want
+    # Grain worker processes: each worker's stream ends with its own counts-only batch.
+    it6 = loader.make_loader(skippy, dataclasses.replace(cfg, worker_count=2), tok)
+    got = _ids(it6)
+    it6.close()
+    assert sorted(sum(got, [])) == ["s0", "s1", "s3", "s4"] and it6.skipped == want
+
+
+def _validate_worst(m, b) -> int:
+    """`videorefer.validate`'s worst-case expanded length of a one-sample batch (its error at out_len 0)."""
+    with pytest.raises(splice.BatchError, match=r"expanded length up to \d+") as e:
+        videorefer.validate(m, b, 0, sample_ids=list(b["sample_ids"]))
+    return int(re.search(r"up to (\d+)", str(e.value)).group(1))
+
+
+def test_expanded_len_cap(converted, tok, mcfg):
+    out, _ = converted
+    assert loader.CAPS == ("input_ids", "region_frames", "objects", "object_frames", "expanded_len")
+    with pytest.raises(ValueError, match="needs num_video_tokens and region_tokens_per_object"):
+        loader.LoaderConfig(batch_size=1, seq_len=8, max_expanded_len=100)
+    rec = {r.sample_id: r for r in records.RecordReader(out)}["two"]  # objects with 2 and 1 masks
+    ids, _ = build_training_example(tok, rec.conversations, "<video>")
+    m1 = model_config_from_gin([os.path.join(ROOT, "configs/models/tiny.gin")],
+                               [f"ModelConfig.region_token_id = {tok.region_id}",
+                                "ObjectEncoderConfig.region_token_num = 1"])
+    for m, rtn in ((mcfg, 4), (m1, 1)):
+        base = _cfg(m, batch_size=1)
+        nvt = videorefer.num_video_tokens(m)
+        assert (base.num_video_tokens, base.region_tokens_per_object, base.max_expanded_len) == (nvt, rtn, None)
+        assert _cfg(m, num_frames=2).num_video_tokens == videorefer.num_video_tokens(m, 2)
+        # The loader's bound is validate's, sample by sample (order: two, img, txt, three).
+        worst = {str(b["sample_ids"][0]): _validate_worst(m, b) for b in loader.make_loader(out, base, tok)}
+        assert list(worst) == ["two", "img", "txt", "three"]
+        assert worst["two"] == len(ids) - 1 + nvt + min(rtn, 2) + min(rtn, 1) - 2
+        print(f"\nregion_token_num {rtn}: expanded-length bounds {worst} ({nvt} video tokens)")
+        cap = worst["three"]  # "two" and "img" (longer texts, fewer objects) are over it
+        assert worst["txt"] < cap < min(worst["two"], worst["img"])
+        with pytest.raises(loader.CapExceededError,
+                           match=rf"sample two: expanded_len needs {worst['two']} but the cap is {cap}\b"):
+            list(loader.make_loader(out, dataclasses.replace(base, max_expanded_len=cap), tok))
+        skip = dataclasses.replace(base, max_expanded_len=cap, overflow={"expanded_len": "skip"})
+        it = loader.make_loader(out, skip, tok)
+        assert [str(b["sample_ids"][0]) for b in it] == ["txt", "three"]
+        assert it.skipped == dict(dict.fromkeys(loader.CAPS, 0), expanded_len=2)
+        at_bound = dataclasses.replace(base, max_expanded_len=max(worst.values()))  # the bound itself fits
+        assert len(list(loader.make_loader(out, at_bound, tok))) == 4
+
+
+# ----------------------------------------------------------------------------- convert -> loader, end to end
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A non-square 48x64 PNG frame folder (12 frames, dark smooth background) with a white box
+    exactly on the object's mask, and a function converting one sample of it with a ConvertConfig."""
+    root = tmp_path_factory.mktemp("wide")
+    (root / "clip").mkdir()
+    mask = _box(48, 64, 8, 16, 24, 40)
+    yy, xx = np.mgrid[:48, :64]
+    for i in range(12):
+        img = np.stack([(xx + 2 * i) % 64, yy, np.full_like(xx, 30)], -1).astype(np.uint8)
+        img[mask] = 255
+        Image.fromarray(img).save(root / "clip" / f"{i:05d}.png")
+    entries = [{"id": "wide", "video": "clip", "conversations": _conv("What is <region>?"),
+                "annotation": [{"3": {"segmentation": _rle(mask)}, "9": {"segmentation": _rle(mask)}}]}]
+
+    def conv(name, **kw):
+        out = str(root / name)
+        report = convert.convert(entries, out, media_root=str(root), num_shards=1, workers=0, progress=False,
+                                 config=convert.ConvertConfig(num_frames=4, **kw))
+        assert report["written"] == 1, report
+        return out
+
+    return root, mask, conv
+
+
+def _one(out, cfg, tok):
+    (b,) = list(loader.make_loader(out, cfg, tok))
+    return {k: v[0] for k, v in b.items()}
+
+
+def test_pad_aspect_end_to_end(wide, tok, mcfg):
+    root, mask, conv = wide
+    S, g = 32, 8
+    out = conv("pad32", image_size=S, aspect="pad", image_format="png")
+    x = _one(out, _cfg(mcfg, batch_size=1, image_size=S, grid=g, aspect="pad"), tok)
+    rec = records.RecordReader(out)[0]
+    assert rec.region_frame_indices == (3, 9) and rec.aspect == "pad"
+    # Masks: zero padded like the frames, then on the grid.
+    padded = loader.pad_mask_to_square(mask)
+    grid = loader.grid_masks(padded, g)
+    np.testing.assert_array_equal(grid, resize_masks_np(padded, g, g) > 0)
+    np.testing.assert_array_equal(x["object_masks"][0], np.stack([grid, grid]))
+    np.testing.assert_array_equal(x["object_frames"][0], [0, 1])
+    assert not np.array_equal(grid, loader.grid_masks(mask, g))  # the padding moves the object
+    # Frames: SigLIP values of expand2square + bicubic of the source frames (exact with PNG).
+    src = V.open_video(str(root / "clip")).get(rec.frame_indices + rec.region_frame_indices)
+    np.testing.assert_array_equal(x["frames"], loader.SIGLIP_LUT[np.stack(
+        [V.resize_frame(src[i], S, "pad") for i in rec.frame_indices])])
+    # Border: canvas rows 0:8 and 56:64 are the grey fill; output rows 0:2 and 30:32 see only them
+    # (bicubic support of a 2x downscale: +-4 source rows).
+    grey = np.float32((127 / 255 - 0.5) / 0.5)
+    assert abs(loader.SIGLIP_LUT[127] - grey) < 1e-7
+    region = x["region_frames"][:2]
+    for arr in (x["frames"], region):
+        assert (arr[:, :2] == loader.SIGLIP_LUT[127]).all() and (arr[:, -2:] == loader.SIGLIP_LUT[127]).all()
+        assert not (arr[:, 4:28] == loader.SIGLIP_LUT[127]).all(axis=-1).any()  # no grey in the content rows
+    # Frames and masks line up: the white object (> 0 after SigLIP, mean per grid cell) fills exactly
+    # the mask's grid cells in both region frames.
+    cells = region.reshape(2, g, S // g, g, S // g, 3).mean(axis=(2, 4, 5))
+    np.testing.assert_array_equal(cells > 0, np.stack([grid, grid]))
+    print(f"\npad aspect: object cells {int(grid.sum())}, min object-cell mean {cells[:, grid].min():.3f}, "
+          f"max other-cell mean {cells[:, ~grid].max():.3f}")
+
+
+def test_original_resolution_records_match_direct_conversion(wide, tok, mcfg):
+    _, _, conv = wide
+    S, g = 32, 8
+    for aspect in ("square", "pad"):
+        cfg = _cfg(mcfg, batch_size=1, image_size=S, grid=g, aspect=aspect)
+        direct = _one(conv(f"{aspect}{S}", image_size=S, aspect=aspect, image_format="png"), cfg, tok)
+        out0 = conv(f"{aspect}0", image_size=0, aspect=aspect, image_format="png")
+        rec0 = records.RecordReader(out0)[0]
+        assert rec0.stored_size == 0 and rec0.decode_frames().shape == (4, 48, 64, 3)
+        orig = _one(out0, cfg, tok)
+        assert sorted(orig) == sorted(direct)
+        for k in direct:  # PNG: the loader's resize of the stored original is the converter's, bit for bit
+            np.testing.assert_array_equal(orig[k], direct[k], err_msg=f"{aspect} {k}")
+    # JPEG: both are re-encoded, at different resolutions, so they only agree within a tolerance.
+    cfg = _cfg(mcfg, batch_size=1, image_size=S, grid=g, aspect="pad")
+    direct = _one(conv(f"jpeg{S}", image_size=S, aspect="pad"), cfg, tok)
+    orig = _one(conv("jpeg0", image_size=0, aspect="pad"), cfg, tok)
+    for k in ("frames", "region_frames"):
+        d = np.abs(orig[k] - direct[k])
+        print(f"\nJPEG q95, original-resolution vs direct S={S} ({k}): max abs {d.max():.4f}, mean {d.mean():.5f} "
+              f"(SigLIP units; 1 uint8 level = {2 / 255:.4f})")
+        assert d.mean() < 2 * 2 / 255 and d.max() < 16 * 2 / 255  # within 2 levels on average, 16 at worst
+    for k in ("input_ids", "labels", "segment_ids", "object_frames", "object_masks", "object_valid"):
+        np.testing.assert_array_equal(orig[k], direct[k])
