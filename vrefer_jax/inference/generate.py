@@ -1,0 +1,242 @@
+"""Jit-compiled autoregressive generation over a static KV cache.
+
+One program per (model config, generation config without seed, input shapes):
+
+  1. prefill: the prompt embeddings [B, P, E] (right padding, segment_ids 0 on pads) go through the
+     decoder once; the cache (`qwen2.KVCache`, P + N slots, slots = positions) keeps only real
+     tokens; each row's next-token logits come from its last real position (lengths - 1).
+  2. decode: a `lax.while_loop` emits one token per row per step until every row has produced an
+     EOS or N = max_new_tokens tokens; row b's t-th new token sits at position lengths[b] + t.
+     Finished rows emit `pad_token_id`.
+
+Two entry points share the loop:
+  * `generate_text`: a `qwen2.Qwen2ForCausalLM` parameter tree and token ids (the parity path).
+  * `generate_videorefer`: a `VideoRefer` parameter tree and a contract batch (no labels needed);
+    `embed_inputs` runs the vision tower, connector and object encoder once, then the same loop.
+
+The prompt is fed as embeddings, as the official `mm_infer` does, so the repetition penalty sees
+only the generated tokens. Compute runs in the model config's dtype; logits are fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from vrefer_jax.config import ModelConfig, TextConfig
+from vrefer_jax.inference.sampling import GenerationConfig, choose_tokens, process_logits
+from vrefer_jax.models import qwen2
+from vrefer_jax.models.videorefer import VideoRefer
+from vrefer_jax.sharding import constrain
+
+_CACHE_AXES = (None, "activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+INPUT_KEYS = ("input_ids", "segment_ids", "frames", "region_frames", "object_frames", "object_masks",
+              "object_valid")
+
+
+@flax.struct.dataclass
+class GenerationOutput:
+    """tokens [B, N] int32: new tokens, EOS included, `pad_token_id` after it.
+    lengths [B] int32: new tokens per row, EOS included (so tokens[b, :lengths[b]] is the output).
+    logprobs [B, N] fp32: log-softmax of the processed scores at the chosen token (0 after the end).
+    scores [B, N, V] fp32 or None: the processed logits of every step (HF `output_scores`: after the
+      repetition penalty and, when sampling, temperature / top-k / top-p; -inf where filtered);
+      rows past their end hold the scores of their pad steps, steps never run hold zeros.
+    """
+
+    tokens: jax.Array
+    lengths: jax.Array
+    logprobs: jax.Array
+    scores: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderFns:
+    """How the loop talks to a model (all pure, `params` first).
+
+    embed(params, ids [B, T]) -> [B, T, E];  decode(params, emb, positions, segment_ids, cache) ->
+    (hidden [B, T, E], cache);  logits(params, hidden [B, T, E]) -> fp32 [B, T, V].
+    """
+
+    embed: Callable
+    decode: Callable
+    logits: Callable
+
+
+def _constrain_cache(cache: qwen2.KVCache) -> qwen2.KVCache:
+    return qwen2.KVCache(k=constrain(cache.k, _CACHE_AXES), v=constrain(cache.v, _CACHE_AXES),
+                         valid=constrain(cache.valid, ("activation_batch", "activation_length")))
+
+
+def decode_loop(
+    fns: DecoderFns,
+    params: Any,
+    inputs_embeds: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    lengths: jax.Array,
+    text_cfg: TextConfig,
+    gen: GenerationConfig,
+    rng: jax.Array,
+    cache_dtype: Any,
+) -> GenerationOutput:
+    """Prefill + while-loop decode (traced inside a jitted caller).
+
+    inputs_embeds [B, P, E] (activation_batch, activation_length, activation_embed); positions,
+    segment_ids [B, P] (0 = padding, after the real tokens); lengths [B] >= 1 real tokens per row.
+    """
+    B, P = inputs_embeds.shape[:2]
+    N = gen.max_new_tokens
+    rows = jnp.arange(B)
+    lengths = lengths.astype(jnp.int32)
+    eos = jnp.asarray(gen.eos_token_ids, jnp.int32)
+
+    cache = _constrain_cache(qwen2.init_cache(text_cfg, B, P + N, cache_dtype))
+    hidden, cache = fns.decode(params, inputs_embeds, positions, segment_ids, cache)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
+    logits = fns.logits(params, last)[:, 0]
+    V = logits.shape[-1]
+
+    def select(t, logits, state):
+        """Choose token t of every row from `logits` [B, V]; update the buffers."""
+        s = process_logits(logits, state["seen"], gen)
+        tok = choose_tokens(s, gen, jax.random.fold_in(rng, t))
+        active = ~state["done"]
+        tok = jnp.where(active, tok, gen.pad_token_id)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(s, axis=-1), tok[:, None], axis=-1)[:, 0]
+        out = dict(state)
+        out["tokens"] = state["tokens"].at[:, t].set(tok)
+        out["logprobs"] = state["logprobs"].at[:, t].set(jnp.where(active, logp, 0.0))
+        out["seen"] = state["seen"].at[rows, tok].set(True)
+        out["lengths"] = state["lengths"] + active.astype(jnp.int32)
+        out["done"] = state["done"] | jnp.isin(tok, eos)
+        out["last"] = tok
+        if gen.return_scores:
+            out["scores"] = state["scores"].at[:, t].set(s)
+        return out
+
+    state = dict(
+        tokens=jnp.full((B, N), gen.pad_token_id, jnp.int32),
+        logprobs=jnp.zeros((B, N), jnp.float32),
+        seen=jnp.zeros((B, V), bool),
+        lengths=jnp.zeros((B,), jnp.int32),
+        done=jnp.zeros((B,), bool),
+        last=jnp.zeros((B,), jnp.int32),
+    )
+    if gen.return_scores:
+        state["scores"] = jnp.zeros((B, N, V), jnp.float32)
+    state = select(0, logits, state)
+
+    def cond(carry):
+        t, _, state = carry
+        return (t < N) & ~jnp.all(state["done"])
+
+    def body(carry):
+        t, cache, state = carry
+        emb = fns.embed(params, state["last"][:, None])
+        pos = (lengths + t - 1)[:, None]  # token t-1 sits at lengths + t - 1
+        hidden, cache = fns.decode(params, emb, pos, jnp.ones((B, 1), jnp.int32), cache)
+        logits = fns.logits(params, hidden)[:, 0]
+        return t + 1, _constrain_cache(cache), select(t, logits, state)
+
+    _, _, state = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, state))
+    return GenerationOutput(tokens=state["tokens"], lengths=state["lengths"], logprobs=state["logprobs"],
+                            scores=state.get("scores"))
+
+
+# ----------------------------------------------------------------------------- text path
+
+
+def _text_fns(cfg: TextConfig, dtype) -> DecoderFns:
+    model = qwen2.Qwen2ForCausalLM(cfg, dtype=dtype)
+
+    def apply(fn):
+        return lambda params, *a: model.apply({"params": params}, *a, method=fn)
+
+    return DecoderFns(embed=apply(lambda m, ids: m.model.embed(ids)),
+                      decode=apply(lambda m, *a: m.model(*a)),
+                      logits=apply(lambda m, h: m.lm_head(h)))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gen", "dtype"))
+def _generate_text(params, input_ids, lengths, rng, *, cfg: TextConfig, gen: GenerationConfig, dtype: str):
+    fns = _text_fns(cfg, jnp.dtype(dtype))
+    B, P = input_ids.shape
+    segs = (jnp.arange(P)[None, :] < lengths[:, None]).astype(jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    emb = fns.embed(params, input_ids)
+    return decode_loop(fns, params, emb, positions, segs, lengths, cfg, gen, rng, jnp.dtype(dtype))
+
+
+def generate_text(
+    cfg: TextConfig,
+    params: Mapping,
+    input_ids,
+    lengths,
+    gen: GenerationConfig,
+    rng: jax.Array | None = None,
+    dtype: str = "float32",
+) -> GenerationOutput:
+    """Generation with a `qwen2.Qwen2ForCausalLM` tree (`{model: ..., lm_head: ...}`).
+
+    input_ids [B, P] int (right padded), lengths [B] real prompt tokens per row (>= 1).
+    `rng` defaults to `jax.random.key(gen.seed)`.
+    """
+    rng = jax.random.key(gen.seed) if rng is None else rng
+    return _generate_text(params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(lengths, jnp.int32), rng,
+                          cfg=cfg, gen=gen.static, dtype=str(jnp.dtype(dtype)))
+
+
+# ----------------------------------------------------------------------------- multimodal path
+
+
+def _videorefer_fns(cfg: ModelConfig) -> tuple[VideoRefer, DecoderFns]:
+    model = VideoRefer(cfg)
+
+    def apply(method):
+        return lambda params, *a: model.apply({"params": params}, *a, method=method)
+
+    return model, DecoderFns(embed=apply(VideoRefer.embed_tokens), decode=apply(VideoRefer.decode),
+                             logits=apply(VideoRefer.logits))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gen", "out_len"))
+def _generate_videorefer(params, batch, rng, *, cfg: ModelConfig, gen: GenerationConfig, out_len: int):
+    model, fns = _videorefer_fns(cfg)
+    inputs = model.apply({"params": params}, batch, out_len, method=VideoRefer.embed_inputs)
+    lengths = jnp.minimum(inputs["lengths"], out_len)  # `validate` guarantees no clipping
+    return decode_loop(fns, params, inputs["inputs_embeds"], inputs["positions"], inputs["segment_ids"],
+                       lengths, cfg.text, gen, rng, cfg.compute_dtype)
+
+
+def generate_videorefer(
+    cfg: ModelConfig,
+    params: Mapping,
+    batch: Mapping[str, Any],
+    out_len: int,
+    gen: GenerationConfig,
+    rng: jax.Array | None = None,
+) -> GenerationOutput:
+    """Generation from a contract batch (see `models/videorefer.py`; `labels` not needed).
+
+    `out_len`: static length of the expanded prompt (text + video tokens + object tokens); check the
+    batch with `videorefer.validate(cfg, batch, out_len)` first (the predictor does).
+    """
+    rng = jax.random.key(gen.seed) if rng is None else rng
+    inputs = {k: batch[k] for k in INPUT_KEYS}
+    return _generate_videorefer(params, inputs, rng, cfg=cfg, gen=gen.static, out_len=int(out_len))
+
+
+def compiled_count() -> dict[str, int]:
+    """How many programs each entry point has compiled (for tests: one per bucket)."""
+    return {"text": _generate_text._cache_size(), "videorefer": _generate_videorefer._cache_size()}
+
+
+__all__ = ["GenerationOutput", "DecoderFns", "decode_loop", "generate_text", "generate_videorefer",
+           "compiled_count", "INPUT_KEYS"]

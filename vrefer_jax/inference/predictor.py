@@ -1,0 +1,292 @@
+"""`Predictor`: validated samples -> answers, the official `mm_infer` path with static shapes.
+
+Per sample (host): `convert.build_record` decodes the media exactly as the converter does (official
+'v1' frame sampling, SigLIP resize, masks at full resolution; frames kept lossless as PNG), the
+question is the sample's first human turn without its `<video>`/`<image>` tag, and the prompt is
+`build_inference_prompt` (the official chat prompt ending in `<|im_start|>assistant\\n`). Masks go
+to the vision grid as the training loader does (`grid_masks`, after `pad_mask_to_square` in 'pad'
+mode).
+
+Batches: samples are grouped by frame count (videos: `num_frames`; images: the model's
+`num_frames`, as officially) and cut into `batch_size` rows in input order; the last batch is
+filled with copies of its first row. Every dynamic size is rounded up to a bucket (powers of two:
+text ids >= 32, region frames / objects / frames per object >= 1, the expanded prompt = video
+tokens + a power of two >= 64 for the rest; floors configurable), so a benchmark compiles a handful of programs, not
+one per sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from data_pipeline import convert as convert_lib
+from data_pipeline import records as records_lib
+from data_pipeline import schema
+from data_pipeline import video as video_lib
+from data_pipeline.loader import grid_masks, pad_mask_to_square, siglip_normalize
+from vrefer_jax.config import IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
+from vrefer_jax.inference.generate import generate_videorefer
+from vrefer_jax.inference.sampling import GenerationConfig
+from vrefer_jax.models import videorefer
+from vrefer_jax.text.multimodal import build_inference_prompt
+from vrefer_jax.text.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+_TAGS = {"video": "<video>", "image": "<image>"}
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+# Smallest bucket per dynamic size: text ids, region frames, objects, frames per object, and the
+# expanded prompt beyond the video tokens.
+BUCKET_FLOORS = {"input_ids": 32, "region_frames": 1, "objects": 1, "object_frames": 1, "expanded": 64}
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()
+
+
+def question_of(sample: schema.Sample) -> str:
+    """The first human turn's text without the modal tag (a leading `<video>\\n` is the usual form;
+    a tag elsewhere is removed as the official `preprocess_multimodal` would move it)."""
+    turn = next((t for t in sample.conversations if schema.ROLES.get(t.get("from")) == "human"), None)
+    if turn is None:
+        raise schema.SampleError("bad_conversations", sample.sample_id, "conversations", "no human turn")
+    text = turn["value"]
+    tag = _TAGS.get(sample.modality)
+    if tag is None:
+        return text
+    if text.startswith(tag + "\n"):
+        return text[len(tag) + 1:]
+    return text.replace(tag, "").strip()
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One sample on the host, before batching (arrays unpadded)."""
+
+    sample_id: str
+    input_ids: list[int]
+    frames: np.ndarray  # [T, S, S, 3] float32
+    region_frames: np.ndarray  # [F, S, S, 3] float32
+    object_frames: list[list[int]]  # per object: indices into region_frames
+    object_masks: list[np.ndarray]  # per object: [M_k, g, g] bool
+
+
+class Predictor:
+    """A VideoRefer model, its tokenizer and the batching / bucketing around `generate_videorefer`.
+
+    Construct from memory (`Predictor(cfg, params, tokenizer)`) or a folder (`Predictor.load`).
+    num_frames: frames sampled per video (the released Bench scripts use 8, training 16; default
+      the model config's). aspect: 'square' (official eval) or 'pad'.
+    generation: the default `GenerationConfig` (default: `default_generation(...)`).
+    bucket_floors: smallest bucket per size (see `BUCKET_FLOORS`); raise them to share one program
+      between e.g. single- and multi-frame samples.
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Mapping, tokenizer: Tokenizer, *, num_frames: int | None = None,
+                 aspect: str = "square", generation: GenerationConfig | None = None,
+                 generation_config_dict: Mapping | None = None, bucket_floors: Mapping[str, int] | None = None):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        unknown = set(bucket_floors or {}) - set(BUCKET_FLOORS)
+        if unknown:
+            raise ValueError(f"unknown bucket_floors keys {sorted(unknown)}; expected {sorted(BUCKET_FLOORS)}")
+        self.bucket_floors = {**BUCKET_FLOORS, **(bucket_floors or {})}
+        self.params = jax.tree.map(jax.numpy.asarray, params)
+        self.num_frames = int(num_frames or cfg.num_frames)
+        self.aspect = aspect
+        self.generation = generation or default_generation(tokenizer, generation_config_dict)
+        if tokenizer.token_to_id("<region>") not in (None, cfg.region_token_id):
+            raise ValueError(f"tokenizer's <region> id {tokenizer.region_id} != model region_token_id "
+                             f"{cfg.region_token_id}")
+        self._convert = convert_lib.ConvertConfig(num_frames=self.num_frames, image_size=cfg.vision.image_size,
+                                                  aspect=aspect, image_format="png")
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, checkpoint: str, tokenizer: str | None = None, *, vision_tower: str | None = None,
+             use_stored_vision_tower: bool = False, dtype: str | None = None, **kw) -> Predictor:
+        """From an Orbax folder written by `vrefer-convert import` / `from-parts` (`params/` +
+        `model_config.json`) or an official HF folder (imported on the fly; `vision_tower` /
+        `use_stored_vision_tower` as in `vrefer-convert import`). `tokenizer` defaults to the
+        checkpoint's (`<ckpt>/hf` for Orbax folders). `dtype` sets the compute dtype.
+        `generation_config.json` is looked up in the checkpoint folder, then `<ckpt>/hf`."""
+        from vrefer_jax.checkpoints import cli as ckpt_cli
+        from vrefer_jax.checkpoints import hf_config
+
+        if os.path.isfile(os.path.join(checkpoint, ckpt_cli.MODEL_CONFIG)):
+            cfg, params = ckpt_cli.load_imported(checkpoint)
+            side = os.path.join(checkpoint, ckpt_cli.HF)
+        elif os.path.isfile(os.path.join(checkpoint, "config.json")):
+            from vrefer_jax.checkpoints.hf_import import import_videorefer
+
+            cfg, params = import_videorefer(checkpoint, vision_tower_folder=vision_tower,
+                                            use_stored_vision_tower=use_stored_vision_tower)
+            side = checkpoint
+        else:
+            raise FileNotFoundError(f"{checkpoint}: neither {ckpt_cli.MODEL_CONFIG} (Orbax import) nor config.json")
+        if dtype is not None:
+            cfg = cfg.replace(dtype=dtype)
+        if tokenizer is None:
+            tokenizer = next((d for d in (side, checkpoint) if any(
+                os.path.isfile(os.path.join(d, f)) for f in _TOKENIZER_FILES)), None)
+            if tokenizer is None:
+                raise FileNotFoundError(f"no tokenizer files in {checkpoint} or {side}: pass tokenizer=")
+        tok = load_tokenizer(tokenizer)
+        gen_dict = None
+        for d in (checkpoint, side):
+            p = os.path.join(d, "generation_config.json")
+            if os.path.isfile(p):
+                gen_dict = hf_config.read_json(p)
+                break
+        return cls(cfg, params, tok, generation_config_dict=gen_dict, **kw)
+
+    # ------------------------------------------------------------------ host side
+
+    def prepare(self, sample: schema.Sample, media_root: str) -> Prepared:
+        """Decode the media and tokenise the prompt of one sample (raises `schema.SampleError`)."""
+        rec = convert_lib.build_record(sample, media_root, self._convert)
+        modal = sample.modality if sample.modality in _TAGS else "text"
+        ids = build_inference_prompt(self.tokenizer, question_of(sample), modal)
+        S = self.cfg.vision.image_size
+        if rec.modality == "video":
+            frames = self._decode(rec.frames)
+        elif rec.modality == "image":  # the image repeated to the model's num_frames (official)
+            frames = np.repeat(self._decode(rec.frames[:1]), self.cfg.num_frames, axis=0)
+        else:
+            frames = np.zeros((self.cfg.num_frames, S, S, 3), np.float32)
+        region = self._decode(rec.region_frames) if rec.region_frames else np.zeros((0, S, S, 3), np.float32)
+        masks = [self._masks(o) for o in rec.objects]
+        return Prepared(sample.sample_id, ids, frames, region, [list(o.region_index) for o in rec.objects], masks)
+
+    def _decode(self, encoded: Sequence[bytes]) -> np.ndarray:
+        out = np.empty((len(encoded),) + (self.cfg.vision.image_size,) * 2 + (3,), np.float32)
+        for i, b in enumerate(encoded):
+            siglip_normalize(video_lib.decode_image(b), out[i])
+        return out
+
+    def _masks(self, obj: records_lib.ObjectMasks) -> np.ndarray:
+        m = obj.decode()
+        if self.aspect == "pad":
+            m = pad_mask_to_square(m)
+        return grid_masks(m, self.cfg.vision.grid)
+
+    def expanded_length(self, p: Prepared) -> int:
+        """Worst-case LLM input length of a prepared sample (as `splice.check_batch` counts it)."""
+        ids = np.asarray(p.input_ids)
+        n_visual = int(np.isin(ids, (IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX)).sum())
+        n_region = int((ids == self.cfg.region_token_id).sum())
+        R = self.cfg.object_encoder.region_token_num
+        nv = videorefer.num_video_tokens(self.cfg, p.frames.shape[0]) if n_visual else 0
+        return len(ids) - n_visual - n_region + nv + sum(min(len(f), R) for f in p.object_frames)
+
+    def make_batch(self, prepared: Sequence[Prepared], batch_size: int | None = None) -> tuple[dict, int]:
+        """Bucketed contract batch (no labels) and its static expanded length `out_len`.
+
+        Rows past `len(prepared)` (up to `batch_size`) repeat the first row."""
+        rows = list(prepared) + [prepared[0]] * max(0, (batch_size or len(prepared)) - len(prepared))
+        T = rows[0].frames.shape[0]
+        if any(r.frames.shape[0] != T for r in rows):
+            raise ValueError("all rows of a batch need the same frame count")
+        S, g, B = self.cfg.vision.image_size, self.cfg.vision.grid, len(rows)
+        fl = self.bucket_floors
+        L = next_pow2(max(len(r.input_ids) for r in rows), fl["input_ids"])
+        F = next_pow2(max(r.region_frames.shape[0] for r in rows), fl["region_frames"])
+        K = next_pow2(max(len(r.object_frames) for r in rows), fl["objects"])
+        M = next_pow2(max((len(f) for r in rows for f in r.object_frames), default=1), fl["object_frames"])
+        nv = videorefer.num_video_tokens(self.cfg, T)
+        out_len = nv + next_pow2(max(self.expanded_length(r) for r in rows) - nv, fl["expanded"])
+        batch = dict(
+            input_ids=np.full((B, L), self.cfg.pad_token_id, np.int32), segment_ids=np.zeros((B, L), np.int32),
+            frames=np.stack([r.frames for r in rows]), region_frames=np.zeros((B, F, S, S, 3), np.float32),
+            object_frames=np.full((B, K, M), -1, np.int32), object_masks=np.zeros((B, K, M, g, g), bool),
+            object_valid=np.zeros((B, K), bool))
+        for b, r in enumerate(rows):
+            n = len(r.input_ids)
+            batch["input_ids"][b, :n] = r.input_ids
+            batch["segment_ids"][b, :n] = 1
+            batch["region_frames"][b, : r.region_frames.shape[0]] = r.region_frames
+            for k, (fr, m) in enumerate(zip(r.object_frames, r.object_masks)):
+                batch["object_frames"][b, k, : len(fr)] = fr
+                batch["object_masks"][b, k, : len(fr)] = m
+                batch["object_valid"][b, k] = True
+        return batch, out_len
+
+    # ------------------------------------------------------------------ device side
+
+    def generate_batch(self, batch: Mapping[str, Any], out_len: int, gen: GenerationConfig | None = None,
+                       sample_ids: Sequence[str] | None = None, return_output: bool = False):
+        """A prebuilt contract batch -> decoded answers (one per row), checked first with
+        `videorefer.validate` (a `splice.BatchError` names the sample). With `return_output`, also
+        the raw `GenerationOutput` (host numpy arrays)."""
+        gen = gen or self.generation
+        videorefer.validate(self.cfg, batch, out_len, sample_ids=sample_ids)
+        out = generate_videorefer(self.cfg, self.params, batch, out_len, gen)
+        out = jax.tree.map(np.asarray, out)
+        texts = [self.decode(out.tokens[b, : out.lengths[b]]) for b in range(out.tokens.shape[0])]
+        return (texts, out) if return_output else texts
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+
+    def answer(self, samples: Sequence[schema.Sample], media_root: str, gen: GenerationConfig | None = None,
+               batch_size: int = 1) -> list[str]:
+        """Answers to the samples' first questions, in input order (raises `schema.SampleError` /
+        `splice.BatchError` naming the sample)."""
+        return self.answer_prepared([self.prepare(s, media_root) for s in samples], gen, batch_size)
+
+    def answer_prepared(self, prepared: Sequence[Prepared], gen: GenerationConfig | None = None,
+                        batch_size: int = 1) -> list[str]:
+        """`answer` after `prepare` (grouped by frame count, bucketed, in input order)."""
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prepared):
+            groups.setdefault(p.frames.shape[0], []).append(i)
+        answers: list[str] = [""] * len(prepared)
+        for idx in groups.values():
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start:start + batch_size]
+                batch, out_len = self.make_batch([prepared[i] for i in chunk], batch_size)
+                ids = [prepared[i].sample_id for i in chunk]
+                ids += [ids[0]] * (batch["input_ids"].shape[0] - len(ids))
+                texts = self.generate_batch(batch, out_len, gen, sample_ids=ids)
+                for i, t in zip(chunk, texts):
+                    answers[i] = t
+        return answers
+
+    def configure(self, num_frames: int | None = None, aspect: str | None = None) -> Predictor:
+        """Change the frame count / aspect mode in place (the parameters stay where they are)."""
+        self.num_frames = int(num_frames or self.num_frames)
+        self.aspect = aspect or self.aspect
+        self._convert = dataclasses.replace(self._convert, num_frames=self.num_frames, aspect=self.aspect)
+        return self
+
+def default_generation(tokenizer: Tokenizer, hf_generation_config: Mapping | None = None,
+                       **overrides) -> GenerationConfig:
+    """Official `mm_infer` decoding: the checkpoint's `generation_config.json` merged with
+    `do_sample=False, max_new_tokens=2048` (so its repetition_penalty, 1.05 for VideoRefer-7B, stays
+    active), stopping on its eos ids plus the tokenizer's eos (`<|im_end|>`, the official keyword
+    criterion). Without a file: Qwen2-Instruct's values (what VideoRefer-7B ships), eos from the
+    tokenizer."""
+    from vrefer_jax.checkpoints import hf_config
+
+    ids = hf_config.special_token_ids(tokenizer)
+    if hf_generation_config is None:
+        log.warning("no generation_config.json: using Qwen2-Instruct's (repetition_penalty %s)",
+                    hf_config.QWEN2_SAMPLING["repetition_penalty"])
+        hf_generation_config = hf_config.generation_config(eos_token_id=ids["eos_token_id"],
+                                                           pad_token_id=ids["pad_token_id"])
+    kw = dict(do_sample=False, max_new_tokens=2048)
+    kw.update(overrides)
+    gen = GenerationConfig.from_hf_dict(dict(hf_generation_config), **kw)
+    eos = tuple(dict.fromkeys(gen.eos_token_ids + (tokenizer.eos_id,)))
+    return gen.replace(eos_token_ids=eos)
+
+
+__all__ = ["Predictor", "Prepared", "default_generation", "question_of", "next_pow2"]
