@@ -1,0 +1,270 @@
+"""General video MCQA: readers for the MVBench / VideoMME / Perception Test layouts, the official
+prompts and answer parsing, scoring, runs through the shared runner and the CLI."""
+
+import json
+import os
+import re
+
+
+from data_pipeline import schema
+from vrefer_jax.evaluation import cli, mcqa, runner
+
+SUFFIX = "Answer with the option's letter from the given choices directly and only give the best option."
+
+
+class FakePredictor:
+    def __init__(self, answers, reject=()):
+        self.answers, self.seen, self.reject = answers, [], set(reject)
+
+    def answer(self, samples, media_root, gen=None, batch_size=1):
+        for s in samples:
+            assert isinstance(s, schema.Sample) and not s.objects and s.modality == "video"
+            if s.sample_id in self.reject:
+                raise schema.SampleError("unreadable_media", s.sample_id, "video", "cannot decode")
+            assert os.path.exists(os.path.join(media_root, s.media)), s.media
+        self.seen += [s.sample_id for s in samples]
+        return [self.answers.get(s.sample_id, "A") for s in samples]
+
+
+# ----------------------------------------------------------------------------- official references (from reading)
+
+
+def ref_mvbench(output, letters, options):
+    output = output.replace("answer", "").replace("Answer", "")
+    hits = re.findall(f"[\\(,\\ ]*[{letters[0]}-{letters[-1]}][\\),\\ ]*", output)
+    try:
+        if len(hits) == 0:
+            idx = None
+            for i, opt in enumerate(options):
+                if opt.lower() in output.lower():
+                    idx = i
+                    break
+            assert idx is not None
+            return idx
+        return list(letters).index(hits[0].strip().strip("()"))
+    except (AssertionError, ValueError):
+        return 2
+
+
+def ref_videomme(output, options):
+    letters = ["A", "B", "C", "D"]
+    words = {str(i): w for i, w in enumerate("zero one two three four five six seven eight nine".split())}
+    output = output.replace("answer", "").replace("Answer", "")
+    hits = re.findall(r"[\(\ \[]*([A-D])[\)\.\ \]]*", output)
+    if hits:
+        return letters[letters.index(hits[0].strip().strip("()"))]
+    for i, opt in enumerate(options):
+        if opt.lower() in output.lower() or words.get(opt, opt).lower() in output.lower():
+            return letters[i]
+    return "C"
+
+
+def ref_videomme_extract(s):
+    s = s.strip()
+    for p in ["The best answer is", "The correct answer is", "The answer is", "The answer",
+              "The best option isThe correct option is", "Best answer:Best option:"]:
+        s = s.replace(p, "")
+    if len(s.split()) > 10 and not re.search("[ABCD]", s):
+        return ""
+    m = re.search(r"[ABCD]", s)
+    return "" if m is None else m[0]
+
+
+def ref_perception(output, options):
+    output = output.replace("answer", "").replace("Answer", "")
+    hits = re.findall(r"\(*[A-C]\)*", output)
+    try:
+        assert len(hits) >= 1
+        return ["(A)", "(B)", "(C)"].index("(" + hits[0].strip().strip("()") + ")")
+    except (AssertionError, ValueError):
+        low = [x.lower() for x in options]
+        return low.index(output.lower()) if output.lower() in low else 2
+
+
+OUTPUTS = ["A", "(B)", "C.", " D ", "b", "The answer is B", "Answer: (C)", "(A), (B)", ", C", "A,", "E", "(E)",
+           "red", "It is red", "Blue", "three", "3", "I don't know", "", "Bob", "answer", "[D]", "A) x", "(a)",
+           "The best answer is D.", "Dogs", "green ball", "C)", "((A))", "option 2"]
+
+
+def test_parsers_match_references():
+    letters, options = ["A", "B", "C", "D"], ["red", "blue", "green ball", "3"]
+    for out in OUTPUTS:
+        assert mcqa.mvbench_pred_idx(out, letters, options)[0] == ref_mvbench(out, letters, options), out
+        assert mcqa.videomme_response(out, options)[0] == ref_videomme(out, options), out
+        assert mcqa.videomme_extract(out) == ref_videomme_extract(out), out
+        assert mcqa.perception_test_pred_idx(out, options[:3])[0] == ref_perception(out, options[:3]), out
+    assert mcqa.mvbench_pred_idx("A,", letters, options) == (2, False)  # "A," is not a letter: index 2
+    assert mcqa.mvbench_pred_idx("It is red", letters, options) == (0, True)
+    assert mcqa.videomme_response("three", options) == ("D", True)  # "3" -> "three"
+    assert mcqa.videomme_response("xyz", options) == ("C", False)
+    assert mcqa.videomme_extract("The best option isThe correct option is B") == "B"
+    assert mcqa.perception_test_pred_idx("Answer blue", options[:3]) == (2, False)  # " blue" is no option
+    assert mcqa.perception_test_pred_idx("blue", options[:3]) == (1, True)
+
+
+# ----------------------------------------------------------------------------- MVBench
+
+
+def _touch(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "wb").close()
+
+
+TASKS = {"Action Sequence": ("action_sequence.json", "star/Charades_v1_480/", "video", True),
+         "Episodic Reasoning": ("episodic_reasoning.json", "tvqa/frames_fps3_hq/", "frame", True),
+         "Moving Count": ("moving_count.json", "clevrer/video_validation/", "video", False)}
+
+
+def _mvbench(tmp_path):
+    qdir, vdir = tmp_path / "json", tmp_path / "video"
+    qdir.mkdir()
+    (qdir / "action_sequence.json").write_text(json.dumps([
+        {"video": "a1.mp4", "question": "What did the person do first?", "candidates": ["Sat.", "Ran.", "Ate."],
+         "answer": "Ran.", "start": 1.5, "end": 7.0},
+        {"video": "a2.mp4", "question": "Then?", "candidates": ["x", "y"], "answer": "y", "start": 0, "end": 3}]))
+    (qdir / "episodic_reasoning.json").write_text(json.dumps([
+        {"video": "ep1", "question": "Who speaks?", "candidates": ["Amy", "Bo", "Cy", "Di"], "answer": "Di",
+         "start": 2, "end": 9}]))
+    (qdir / "moving_count.json").write_text(json.dumps([
+        {"video": "c1.mp4", "question": "How many?", "candidates": ["1", "2", "3"], "answer": "3"}]))
+    for p in ("star/Charades_v1_480/a1.mp4", "star/Charades_v1_480/a2.mp4", "clevrer/video_validation/c1.mp4"):
+        _touch(str(vdir / p))
+    os.makedirs(vdir / "tvqa/frames_fps3_hq/ep1")
+    return str(qdir), str(vdir)
+
+
+def test_mvbench_reader_and_score(tmp_path):
+    qdir, vdir = _mvbench(tmp_path)
+    items = mcqa.load_mvbench(qdir, TASKS)
+    assert [s.sample_id for s in items] == ["Action Sequence/0", "Action Sequence/1", "Episodic Reasoning/0",
+                                            "Moving Count/0"]
+    s = items[0]
+    assert s.conversations[0]["value"] == ("<video>\nQuestion: What did the person do first?\nOptions:\n"
+                                           "(A) Sat.\n(B) Ran.\n(C) Ate.\n" + SUFFIX)
+    assert s.media == "star/Charades_v1_480/a1.mp4" and s.extra["answer_idx"] == 1 and s.extra["bound"] == [1.5, 7.0]
+    assert items[2].extra["data_type"] == "frame" and items[3].extra["bound"] is None
+    out = str(tmp_path / "mv.jsonl")
+    fake = FakePredictor({"Action Sequence/0": "(B) Ran.", "Action Sequence/1": "A", "Episodic Reasoning/0": "Di",
+                          "Moving Count/0": "I am not sure"})
+    mcqa.run(items, fake, out, media_root=vdir, batch_size=2)
+    rep = mcqa.score(runner.read_predictions(out), items)
+    # B right; A wrong; "Di" -> D by the letter regex, right; no letter/option -> fallback index 2, right
+    assert (rep["n"], rep["correct"]) == (4, 3)
+    assert rep["per"]["task_type"]["Action Sequence"] == {"n": 2, "correct": 1, "accuracy": 0.5}
+    assert [f["id"] for f in rep["fallback_items"]] == ["Moving Count/0"]
+    assert mcqa.score(runner.read_predictions(out))["correct"] == 3  # rows alone carry what scoring needs
+
+
+# ----------------------------------------------------------------------------- VideoMME
+
+
+def _videomme(tmp_path):
+    vdir = tmp_path / "videomme"
+    _touch(str(vdir / "abc.mp4"))
+    _touch(str(vdir / "def.mkv"))
+    recs = [
+        {"video_id": "001", "youtube_id": "abc", "url": "https://www.youtube.com/watch?v=abc", "duration": "short",
+         "domain": "Knowledge", "sub_category": "Astronomy",
+         "questions": [{"question_id": "001-1", "task_type": "Counting Problem", "question": "How many planets?",
+                        "choices": ["A. 7.", "B. 8.", "C. 9.", "D. 10."], "answer": "B"},
+                       {"question_id": "001-2", "task_type": "OCR Problems", "question": "Title?",
+                        "choices": ["A. Sun", "B. Moon", "C. Mars", "D. Venus"], "answer": "C"}]},
+        {"video_id": "002", "youtube_id": "def", "url": "https://www.youtube.com/watch?v=def", "duration": "long",
+         "domain": "Sports Competition", "sub_category": "Football",
+         "questions": [{"question_id": "002-1", "task_type": "Action Recognition", "question": "Who scores?",
+                        "choices": ["A. Red team.", "B. Blue team.", "C. Nobody.", "D. Both."], "answer": "A"}]},
+        {"video_id": "003", "youtube_id": "gone", "url": "https://www.youtube.com/watch?v=gone", "duration": "medium",
+         "domain": "Life Record", "sub_category": "Food",
+         "questions": [{"question_id": "003-1", "task_type": "Object Recognition", "question": "Food?",
+                        "choices": ["A. a.", "B. b.", "C. c.", "D. d."], "answer": "D"}]}]
+    path = tmp_path / "videomme.json"
+    path.write_text(json.dumps(recs))
+    return str(path), str(vdir)
+
+
+def test_videomme_reader_and_score(tmp_path):
+    data, vdir = _videomme(tmp_path)
+    items = mcqa.load_videomme(data, vdir)
+    assert [runner.item_id(s) for s in items] == ["001-1", "001-2", "002-1", "003-1"]
+    assert isinstance(items[3], schema.SampleError) and items[3].reason == "media_not_found"
+    assert items[2].media == "def.mkv"
+    assert items[0].extra["prompt"] == (
+        "Select the best answer to the following multiple-choice question based on the video. Respond with only "
+        "the letter (A, B, C, or D) of the correct option.\nHow many planets?\nA. 7.\nB. 8.\nC. 9.\nD. 10.\n"
+        + SUFFIX + " The best answer is: ")
+    assert items[0].extra["options"] == ["7", "8", "9", "10"]
+    assert items[1].extra["options"] == ["Su", "Moo", "Mar", "Venu"]  # the official cut drops the last character
+    subs = mcqa.load_videomme(data, vdir, subtitles={"abc": "Hello there."})
+    assert subs[0].extra["prompt"].startswith("This video's subtitles are listed below:\nHello there.\nSelect")
+    assert subs[2].extra["prompt"].startswith("This video's subtitles are listed below:\n\nSelect")
+    out = str(tmp_path / "vm.jsonl")
+    fake = FakePredictor({"001-1": "The answer is B.", "001-2": "Mars", "002-1": "blue team"})
+    mcqa.run(items, fake, out, media_root=vdir)
+    assert fake.seen == ["001-1", "001-2", "002-1"]
+    rep = mcqa.score(runner.read_predictions(out), items)
+    # B right; "Mars" -> C by option text, right; "blue team" -> no A-D letter, option "Blue team" -> B, wrong
+    assert (rep["n"], rep["correct"]) == (3, 2)
+    assert rep["per"]["duration"]["short"]["accuracy"] == 1.0 and rep["per"]["duration"]["long"]["accuracy"] == 0.0
+    assert rep["errors"][0]["id"] == "003-1" and rep["fallback"] == 0
+
+
+# ----------------------------------------------------------------------------- Perception Test
+
+
+def test_perception_test_reader_submission_and_score(tmp_path, monkeypatch):
+    vdir = tmp_path / "pt"
+    _touch(str(vdir / "video_1.mp4"))
+    data = {"video_1": {"metadata": {"video_id": "video_1"}, "mc_question": [
+        {"id": 0, "question": "What is on the table?", "options": ["a cup", "a book", "a pen"], "answer_id": 1,
+         "area": "memory"},
+        {"id": 1, "question": "How many?", "options": ["one", "two", "three"], "answer_id": 0, "area": "abstraction"}]}}
+    path = tmp_path / "pt.json"
+    path.write_text(json.dumps(data))
+    items = mcqa.load_perception_test(str(path), str(vdir))
+    assert [s.sample_id for s in items] == ["video_1/0", "video_1/1"]
+    assert items[0].extra["prompt"] == ("Question: What is on the table?\nOptions:\n(A) a cup\n(B) a book\n(C) a pen\n"
+                                        + SUFFIX)
+    monkeypatch.setattr(cli, "load_predictor", lambda a: FakePredictor({"video_1/0": "(B)", "video_1/1": "Three"}))
+    out = str(tmp_path / "o" / "pt.jsonl")
+    assert cli.main(["mcqa", "--benchmark", "perception_test", "--checkpoint", "c", "--data", str(path),
+                     "--media_root", str(vdir), "--out", out]) == 0
+    sub = json.load(open(tmp_path / "o" / "pt.submission.json"))
+    assert sub == {"video_1": [{"id": 0, "answer_id": 1, "answer": "a book"},
+                               {"id": 1, "answer_id": 2, "answer": "three"}]}
+    rep = json.load(open(tmp_path / "o" / "pt.score.json"))
+    assert (rep["n"], rep["correct"]) == (2, 1) and rep["per"]["area"]["memory"]["accuracy"] == 1.0
+
+
+def test_cli_mcqa_sharded_then_score(tmp_path, monkeypatch, capsys):
+    qdir, vdir = _mvbench(tmp_path)
+    monkeypatch.setattr(mcqa, "MVBENCH_TASKS", TASKS)
+    frames = []
+
+    def load(args):
+        frames.append(args.num_frames)
+        return FakePredictor({"Action Sequence/0": "B"})
+
+    monkeypatch.setattr(cli, "load_predictor", load)
+    out = str(tmp_path / "mv.jsonl")
+    for k in range(2):
+        assert cli.main(["mcqa", "--benchmark", "mvbench", "--checkpoint", "c", "--data", qdir, "--media_root", vdir,
+                         "--out", out, "--shard_index", str(k), "--num_shards", "2"]) == 0
+    assert frames == [16, 16] and len(runner.shard_files(out)) == 2
+    capsys.readouterr()
+    assert cli.main(["score", "--benchmark", "mvbench", "--out", out, "--data", qdir]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["n"] == 4 and rep["missing"] == [] and rep["correct"] == 1  # only "B" is right
+
+
+def test_rejected_sample_gets_an_error_row(tmp_path):
+    qdir, vdir = _mvbench(tmp_path)
+    items = mcqa.load_mvbench(qdir, TASKS)
+    out = str(tmp_path / "mv.jsonl")
+    fake = FakePredictor({}, reject={"Action Sequence/1"})
+    res = mcqa.run(items, fake, out, media_root=vdir, batch_size=3)
+    assert res.written == 3 and res.errors == 1
+    assert fake.seen == ["Action Sequence/0", "Episodic Reasoning/0", "Moving Count/0"]
+    rows = runner.read_predictions(out)
+    assert rows["Action Sequence/1"]["error"]["reason"] == "unreadable_media"
+    rep = mcqa.score(rows, items)
+    assert rep["n"] == 3 and rep["errors"][0]["id"] == "Action Sequence/1"

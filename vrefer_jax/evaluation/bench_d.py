@@ -1,0 +1,88 @@
+"""VideoRefer-Bench-D: description predictions, LLM-judge scoring, attribute scoring (reference §5.2).
+
+Prediction rows carry `video`, `caption` and `pred` (the fields of the official inference output).
+Two scorers:
+
+* `score_judge`: the four-dimension rubric through an OpenAI-compatible endpoint (`judge.py`).
+* `score_attributes`: our synthetic Bench-D (entries with `attributes` {colour, shape, motion}),
+  scored by `data_pipeline.synthetic.score_descriptions` without any LLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from data_pipeline import bench_formats, schema, synthetic
+from vrefer_jax.evaluation import judge as judge_lib
+from vrefer_jax.evaluation import runner
+
+
+def load(data: str | Sequence, mode: str = "single") -> list[runner.Item]:
+    """Bench-D JSON (path or list) -> items; an entry's `attributes` (synthetic set) is kept in
+    `extra["attributes"]`."""
+    entries = runner.load_json(data)
+
+    def parse(raw, i):
+        s = bench_formats.parse_bench_d(raw, i, mode)
+        if isinstance(raw.get("attributes"), Mapping):
+            s = dataclasses.replace(s, extra={**s.extra, "attributes": dict(raw["attributes"])})
+        return s
+
+    return runner.parse_all(entries, parse)
+
+
+def row_fields(s: schema.Sample) -> dict[str, Any]:
+    e = s.extra
+    row = {"video": s.media, "caption": e["caption"], "mode": e["mode"], "frame_idx": e["frame_idx"]}
+    if "attributes" in e:
+        row["attributes"] = e["attributes"]
+    return row
+
+
+def run(items: Sequence[runner.Item], predictor: runner.Predictor, out: str, *, media_root: str, gen=None,
+        batch_size: int = 1, shard_index: int = 0, num_shards: int = 1, limit: int | None = None,
+        log=None) -> runner.RunResult:
+    return runner.run_predictions(items, predictor, out, media_root=media_root, row_fn=row_fields, gen=gen,
+                                  batch_size=batch_size, shard_index=shard_index, num_shards=num_shards,
+                                  limit=limit, log=log)
+
+
+def _predicted(rows: Mapping[str, dict],
+               items: Sequence[runner.Item] | None) -> tuple[list[tuple[str, dict, dict]], dict]:
+    """[(id, row, extra)] of rows with a prediction, in benchmark order, and the coverage report."""
+    if items is None:
+        cov = {"missing": [], "errors": [r["error"] for r in rows.values() if r.get("error")], "unknown": []}
+        return [(sid, r, r) for sid, r in rows.items() if r.get("pred") is not None], cov
+    cov = runner.coverage(items, rows)
+    out = [(s.sample_id, rows[s.sample_id], s.extra) for s in items
+           if isinstance(s, schema.Sample) and s.sample_id in rows and rows[s.sample_id].get("pred") is not None]
+    return out, cov
+
+
+def _as_map(rows) -> dict[str, dict]:
+    return dict(rows) if isinstance(rows, Mapping) else {str(r["id"]): r for r in rows}
+
+
+def score_judge(rows: Mapping[str, dict] | Sequence[dict], client: judge_lib.JudgeClient,
+                items: Sequence[runner.Item] | None = None, log=None) -> dict[str, Any]:
+    """Judge every predicted description; the four means, their average, per-item scores and
+    every item the judge reply could not be parsed for (see `judge.aggregate`)."""
+    preds, cov = _predicted(_as_map(rows), items)
+    judged = judge_lib.judge_items([(sid, e["caption"], r["pred"]) for sid, r, e in preds], client, log=log)
+    return {"benchmark": "videorefer-bench-d", "scorer": "judge", "judge_model": client.cfg.model,
+            **judge_lib.aggregate(judged), "judged": judged, "judge_requests": client.requests, **cov}
+
+
+def score_attributes(rows: Mapping[str, dict] | Sequence[dict],
+                     items: Sequence[runner.Item] | None = None) -> dict[str, Any]:
+    """Attribute matching (synthetic Bench-D): mean colour / shape / motion / score over the
+    predicted items; items without `attributes` are listed, not scored."""
+    preds, cov = _predicted(_as_map(rows), items)
+    usable = [(sid, r["pred"], e["attributes"]) for sid, r, e in preds if isinstance(e.get("attributes"), Mapping)]
+    no_attr = [sid for sid, r, e in preds if not isinstance(e.get("attributes"), Mapping)]
+    means = synthetic.score_descriptions([p for _, p, _ in usable], [{"attributes": a} for *_, a in usable])
+    per_item = [{"id": sid, **synthetic.score_description(p, a)} for sid, p, a in usable]
+    return {"benchmark": "videorefer-bench-d", "scorer": "attributes", "n": len(usable), **means,
+            "per_item": per_item, "without_attributes": no_attr, **cov}

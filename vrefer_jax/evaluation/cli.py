@@ -1,0 +1,209 @@
+"""`vrefer-eval`: benchmark runs and scoring.
+
+    vrefer-eval bench-q --checkpoint CKPT --tokenizer TOK --data VideoRefer-Bench-Q.json \\
+        --media_root BENCH_Q_DIR --mode single --out preds/bench_q.jsonl [--shard_index K --num_shards N]
+    vrefer-eval bench-d ... --scorer judge|attributes|none [--judge_model gpt-4o ...]
+    vrefer-eval mcqa --benchmark mvbench|videomme|perception_test --data Q --media_root VIDEOS --out ...
+    vrefer-eval score --benchmark bench-q --data Q.json --out preds/bench_q.jsonl   # merges the shards
+
+A run appends to its prediction file and skips the ids already there (resume by re-running the
+same command). With `--num_shards N` each process writes `<out>.shard<K>-of-<N>.jsonl`; `score`
+reads `--out` and all its shard files (or the files given with `--pred`). The score report goes to
+`--report` (default `<out stem>.score.json`); a summary is printed.
+
+Frames: `--num_frames` defaults to 8 for bench-q / bench-d (the released Bench scripts use the
+`NUM_FRAMES = 8` default) and 16 for mcqa (`model.config.num_frames`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from vrefer_jax.evaluation import bench_d, bench_q, judge, mcqa, runner
+
+BENCHMARKS = ("bench-q", "bench-d", "mvbench", "videomme", "perception_test")
+
+
+def load_predictor(args: argparse.Namespace):
+    """The real predictor (imported here so scoring works without the model stack)."""
+    from vrefer_jax.inference.predictor import Predictor
+
+    return Predictor.load(args.checkpoint, tokenizer=args.tokenizer, num_frames=args.num_frames)
+
+
+def _stem(out: str) -> str:
+    return out[:-len(".jsonl")] if out.endswith(".jsonl") else out
+
+
+def _items(bench: str, args: argparse.Namespace) -> list[runner.Item]:
+    if bench == "bench-q":
+        return bench_q.load(args.data, args.mode)
+    if bench == "bench-d":
+        return bench_d.load(args.data, args.mode)
+    if bench == "videomme":
+        subs = runner.load_json(args.subtitles) if getattr(args, "subtitles", None) else None
+        return mcqa.load_videomme(args.data, getattr(args, "media_root", None), subs)
+    if bench == "perception_test":
+        return mcqa.load_perception_test(args.data, getattr(args, "media_root", None))
+    return mcqa.load_mvbench(args.data)
+
+
+def _judge_client(args: argparse.Namespace) -> judge.JudgeClient:
+    system = None
+    if args.judge_system_prompt:
+        with open(args.judge_system_prompt, encoding="utf-8") as f:
+            system = f.read()
+    cfg = judge.JudgeConfig.from_env(base_url=args.judge_base_url, model=args.judge_model,
+                                     workers=args.judge_workers, retries=args.judge_retries,
+                                     timeout=args.judge_timeout, system_prompt=system)
+    cache = args.judge_cache or _stem(args.out) + ".judge_cache.jsonl"
+    return judge.JudgeClient(cfg, cache)
+
+
+def _score(bench: str, args: argparse.Namespace, items: list[runner.Item] | None, files: list[str]) -> dict[str, Any]:
+    if not files:
+        raise SystemExit(f"no prediction files for {args.out!r}")
+    rows = runner.read_predictions(files)
+    if bench == "bench-q":
+        report = bench_q.score(rows, items)
+    elif bench == "bench-d":
+        scorer = args.scorer
+        if scorer == "auto":
+            has_attr = any("attributes" in r for r in rows.values())
+            scorer = "attributes" if has_attr else "judge"
+            configured = args.judge_base_url or os.environ.get(judge.ENV_BASE_URL) or os.environ.get(judge.ENV_KEY)
+            if scorer == "judge" and not configured:
+                _log(f"no judge configured ({judge.ENV_BASE_URL} / {judge.ENV_KEY} / --judge_base_url): "
+                     "Bench-D predictions left unscored; run `vrefer-eval score --scorer judge` later")
+                return {}
+        if scorer == "none":
+            return {}
+        if scorer == "attributes":
+            report = bench_d.score_attributes(rows, items)
+        else:
+            report = bench_d.score_judge(rows, _judge_client(args), items, log=_log)
+    else:
+        report = mcqa.score(rows, items, bench)
+        if bench == "perception_test":
+            sub = args.submission or _stem(args.out) + ".submission.json"
+            runner.write_json(sub, mcqa.perception_test_submission(rows))
+            report["submission"] = sub
+    report["prediction_files"] = files
+    runner.write_json(args.report or _stem(args.out) + ".score.json", report)
+    return report
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _brief(obj: Any, depth: int = 0) -> Any:
+    """The report with long lists shown as counts (the full report is in the file)."""
+    if isinstance(obj, dict):
+        return {k: _brief(v, depth + 1) for k, v in obj.items() if k not in ("judged", "per_item")}
+    if isinstance(obj, list) and len(obj) > 10:
+        return f"<{len(obj)} items, see the report file>"
+    return obj
+
+
+def _cmd_run(bench: str, args: argparse.Namespace) -> int:
+    items = _items(bench, args)
+    predictor = load_predictor(args)
+    mod = {"bench-q": bench_q, "bench-d": bench_d}.get(bench, mcqa)
+    gen = None  # the predictor's default (the checkpoint's generation config, greedy)
+    if args.max_new_tokens is not None and hasattr(predictor, "generation"):
+        gen = predictor.generation.replace(max_new_tokens=args.max_new_tokens)
+    res = mod.run(items, predictor, args.out, media_root=args.media_root, gen=gen, batch_size=args.batch_size,
+                  shard_index=args.shard_index, num_shards=args.num_shards, limit=args.limit, log=_log)
+    print(json.dumps({"predictions": res.path, "shard": res.shard, "written": res.written,
+                      "resumed": res.resumed, "error_rows": res.errors}))
+    if args.num_shards > 1 or args.no_score:
+        print("scoring skipped: run `vrefer-eval score` once every shard is done", file=sys.stderr)
+        return 0
+    report = _score(bench, args, items, [res.path])
+    if report:
+        print(json.dumps(_brief(report), indent=1))
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    items = _items(args.benchmark, args) if args.data else None
+    files = args.pred or runner.shard_files(args.out)
+    report = _score(args.benchmark, args, items, files)
+    print(json.dumps(_brief(report), indent=1))
+    return 0
+
+
+def _add_judge(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Bench-D scoring")
+    g.add_argument("--scorer", default="auto", choices=["auto", "judge", "attributes", "none"],
+                   help="auto: attributes when the predictions carry them (synthetic set), else judge")
+    g.add_argument("--judge_base_url", help=f"OpenAI-compatible API root (env {judge.ENV_BASE_URL})")
+    g.add_argument("--judge_model", help=f"judge model name (env {judge.ENV_MODEL})")
+    g.add_argument("--judge_workers", type=int, default=4)
+    g.add_argument("--judge_retries", type=int, default=5)
+    g.add_argument("--judge_timeout", type=float, default=120.0)
+    g.add_argument("--judge_cache", help="JSONL cache of judge replies (default <out stem>.judge_cache.jsonl)")
+    g.add_argument("--judge_system_prompt", help="file with the system prompt (e.g. the official system.txt)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vrefer-eval", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p, frames):
+        p.add_argument("--data", required=True, help="benchmark JSON (MVBench: the folder of task JSONs)")
+        p.add_argument("--media_root", required=True, help="folder the entries' video paths are relative to")
+        p.add_argument("--out", required=True, help="prediction JSONL (shards get a suffix)")
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--tokenizer", default=None)
+        p.add_argument("--num_frames", type=int, default=frames)
+        p.add_argument("--batch_size", type=int, default=1)
+        p.add_argument("--shard_index", type=int, default=0)
+        p.add_argument("--num_shards", type=int, default=1)
+        p.add_argument("--limit", type=int, default=None, help="at most this many new predictions")
+        p.add_argument("--max_new_tokens", type=int, default=None,
+                       help="cap on generated tokens (official: 2048); default: the predictor's")
+        p.add_argument("--report", default=None)
+        p.add_argument("--no_score", action="store_true")
+
+    for name in ("bench-q", "bench-d"):
+        p = sub.add_parser(name, help=f"VideoRefer-Bench-{name[-1].upper()}: predict, then score")
+        common(p, 8)
+        p.add_argument("--mode", default="single", choices=["single", "multi"])
+        if name == "bench-d":
+            _add_judge(p)
+    p = sub.add_parser("mcqa", help="MVBench / VideoMME / Perception Test: predict, then score")
+    common(p, 16)
+    p.add_argument("--benchmark", required=True, choices=list(mcqa.LOADERS))
+    p.add_argument("--subtitles", help="VideoMME: JSON {youtube id: subtitle text} for the subtitle run")
+    p.add_argument("--submission", help="Perception Test: where to write the server JSON")
+
+    p = sub.add_parser("score", help="score existing prediction files")
+    p.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    p.add_argument("--out", required=True, help="prediction JSONL the runs wrote (its shards are merged)")
+    p.add_argument("--pred", nargs="*", help="explicit prediction files instead of <out> and its shards")
+    p.add_argument("--data", help="benchmark JSON: ground truth from the data, missing ids reported")
+    p.add_argument("--media_root", help="VideoMME / Perception Test: video folder (resolves file names)")
+    p.add_argument("--mode", default="single", choices=["single", "multi"])
+    p.add_argument("--subtitles")
+    p.add_argument("--submission")
+    p.add_argument("--report", default=None)
+    _add_judge(p)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "score":
+        return _cmd_score(args)
+    bench = args.benchmark if args.cmd == "mcqa" else args.cmd
+    return _cmd_run(bench, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
