@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.13",
-    packages=find_packages(include=["vrefer_jax", "vrefer_jax.*", "data_pipeline", "data_pipeline.*"]),
+    packages=find_packages(include=["vrefer_jax", "vrefer_jax.*", "data_pipeline", "data_pipeline.*", "launch"]),
     include_package_data=True,
     install_requires=[
         "jax>=0.10,<0.11",
@@ -29,6 +29,7 @@ setup(
         "google-crc32c>=1.5,<2",
         "protobuf>=5.26,<8",
         "pillow>=10,<14",
+        "tensorboardX>=2.6,<3",
     ],
     extras_require={
         # Test-only references. torch is the CPU build; timm is installed with --no-deps by
@@ -45,5 +46,8 @@ setup(
     entry_points={"console_scripts": [
         "vrefer-convert = vrefer_jax.checkpoints.cli:main",
         "vrefer-data = data_pipeline.cli:main",
+        "vrefer-train = vrefer_jax.training.cli:main",
+        "vrefer-infer = vrefer_jax.inference.cli:main",
+        "vrefer-eval = vrefer_jax.evaluation.cli:main",
     ]},
 )

@@ -116,6 +116,8 @@ class ModelConfig:
     remat_policy: str = "none"
     # `jax.nn.dot_product_attention(implementation=...)`: None (XLA picks), "xla" or "cudnn".
     attention_impl: str | None = None
+    # Ablation (evaluation only): object tokens replaced by zeros, same token counts and layout.
+    zero_object_tokens: bool = False
 
     @property
     def compute_dtype(self):

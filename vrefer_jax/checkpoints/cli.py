@@ -21,7 +21,9 @@ import time
 PARAMS, MODEL_CONFIG, HF = "params", "model_config.json", "hf"
 
 
-def _save(out: str, cfg, params, hf_cfg: dict | None, tokenizer_src: str | None) -> None:
+def save_imported(out: str, cfg, params, hf_cfg: dict | None, tokenizer_src: str | None) -> None:
+    """Write `out` in the imported-folder layout (params/, model_config.json, hf/ with config and
+    tokenizer/generation files); `load_imported` and `Predictor.load` read it."""
     import orbax.checkpoint as ocp
 
     from vrefer_jax.checkpoints import hf_config
@@ -36,7 +38,7 @@ def _save(out: str, cfg, params, hf_cfg: dict | None, tokenizer_src: str | None)
     if hf_cfg is not None:
         hf_config.write_json(os.path.join(out, HF, "config.json"), hf_cfg)
     if tokenizer_src is not None:
-        for f in TOKENIZER_FILES:
+        for f in (*TOKENIZER_FILES, "generation_config.json"):
             if os.path.isfile(os.path.join(tokenizer_src, f)):
                 shutil.copyfile(os.path.join(tokenizer_src, f), os.path.join(out, HF, f))
 
@@ -58,7 +60,7 @@ def cmd_import(a) -> None:
 
     cfg, params = import_videorefer(a.src, vision_tower_folder=a.vision_tower,
                                     use_stored_vision_tower=a.use_stored_vision_tower, dtype=a.param_dtype)
-    _save(a.out, cfg, params, hf_config.find_config(a.src), a.src)
+    save_imported(a.out, cfg, params, hf_config.find_config(a.src), a.src)
 
 
 def cmd_from_parts(a) -> None:
@@ -72,7 +74,7 @@ def cmd_from_parts(a) -> None:
     cfg, params = init_from_parts(a.qwen2, a.siglip, a.projector, a.region_encoder, tokenizer=a.tokenizer,
                                   rng=a.seed, base_cfg=base, dtype=a.param_dtype)
     hf_cfg = hf_config.model_config_to_hf(cfg, mm_vision_tower=os.path.abspath(a.siglip), torch_dtype="bfloat16")
-    _save(a.out, cfg, params, hf_cfg, a.tokenizer or a.qwen2)
+    save_imported(a.out, cfg, params, hf_cfg, a.tokenizer or a.qwen2)
 
 
 def cmd_export(a) -> None:

@@ -78,7 +78,10 @@ class VideoRefer(nn.Module):
 
     def encode_objects(self, region_feats, object_frames, object_masks, object_valid):
         """-> object tokens [B, K, R, E] and per-object token counts [B, K] (<= R, data-dependent)."""
-        return self.region_encoder(region_feats, object_frames, object_masks, object_valid)
+        tokens, counts = self.region_encoder(region_feats, object_frames, object_masks, object_valid)
+        if self.cfg.zero_object_tokens:  # ablation: the question still has its slots, with no content
+            tokens = jnp.zeros_like(tokens)
+        return tokens, counts
 
     # ------------------------------------------------------------------ LLM input
 

@@ -1,0 +1,1 @@
+"""Training: mesh, optimizer, loss, sharded train step, checkpoints, loop and CLI (`vrefer-train`)."""

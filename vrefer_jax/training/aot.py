@@ -1,0 +1,433 @@
+"""Ahead-of-time memory check: compile the train step for a target topology and report the
+per-device memory before renting it.
+
+    python -m vrefer_jax.training.aot --model configs/models/videorefer_7b.gin --target v5p-64 \\
+        --global_batch 128 --seq_len 2048 --stage stage3 [--micro_batch 1] [--mesh 1,32,1]
+    python -m vrefer_jax.training.aot ... --target 8xH100 --depth 4,4    # reduced depth, scaled
+
+Targets: `v4-N`, `v5p-N` (N TensorCores = N/2 chips), `v5e-N` / `v5litepod-N` / `v6e-N` (N chips),
+`KxH100`, `KxH200`, `KxA100`. One JAX device per chip / GPU.
+
+How it compiles:
+  1. TPU targets first try `jax.experimental.topologies.get_topology_desc` (compile-only TPU
+     devices; needs libtpu installed on this machine).
+  2. Otherwise it compiles against N fake CPU devices laid out in the target's mesh. The CPU
+     compiler partitions the program exactly as the TPU/GPU one would (same shardings), but its
+     buffer assignment, fusion and bf16 handling differ: treat the compiled figures as an
+     approximation and the analytic breakdown as the floor.
+     N fake CPU devices must be requested before JAX starts its CPU backend; the CLI re-executes
+     itself with `XLA_FLAGS=--xla_force_host_platform_device_count=N` when needed.
+
+Reduced depth (`--depth D,V`): compiling 28 + 26 scanned layers on a small CPU host is slow, so the
+step can be compiled with D decoder and V vision layers, once more with one fewer of each, and the
+figures extrapolated linearly per layer to the full depth (scanned layers add parameters, optimizer
+state and saved activations linearly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+import time
+from typing import Any
+
+GIB = 1024**3
+
+# HBM per device (GiB) by accelerator family.
+HBM_GIB = {"v4": 32.0, "v5p": 95.0, "v5e": 16.0, "v6e": 32.0, "H100": 80.0, "H200": 141e9 / GIB, "A100": 80.0}
+
+STAGES = {
+    "stage2": ("region_encoder",),
+    "stage2.5": ("mm_projector", "region_encoder", "llm", "lm_head"),
+    "stage3": ("mm_projector", "region_encoder", "llm", "lm_head"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    platform: str  # tpu | gpu
+    family: str
+    num_devices: int
+    hbm_gib: float
+    tpu_topology: str | None = None  # name for get_topology_desc
+
+
+def parse_target(name: str) -> Target:
+    """'v5p-64' -> 32 v5p chips; '8xH100' -> 8 H100s; 'cpu-8' -> 8 host devices (tests)."""
+    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+    if m:
+        fam = "v5e" if m[1] == "v5litepod" else m[1]
+        n = int(m[2])
+        chips = n // 2 if fam in ("v4", "v5p") else n  # v4/v5p names count TensorCores (2 per chip)
+        if chips < 1:
+            raise ValueError(f"target {name!r} has no chips")
+        return Target(name, "tpu", fam, chips, HBM_GIB[fam], f"{fam}-{n}")
+    m = re.fullmatch(r"(\d+)x(H100|H200|A100)", name, flags=re.I)
+    if m:
+        fam = m[2].upper()
+        return Target(name, "gpu", fam, int(m[1]), HBM_GIB[fam])
+    m = re.fullmatch(r"cpu-(\d+)", name)
+    if m:
+        return Target(name, "cpu", "cpu", int(m[1]), float("nan"))
+    raise ValueError(f"unknown target {name!r}: use v4-N, v5p-N, v5e-N, v6e-N, KxH100, KxH200, KxA100 or cpu-N")
+
+
+def ensure_host_devices(n: int, argv: list[str] | None = None) -> None:
+    """Make sure JAX will see at least `n` CPU devices. Call before anything touches a JAX backend.
+
+    Sets `--xla_force_host_platform_device_count`; if a backend with fewer devices is already up
+    and `argv` is given, re-executes this module with the flag in the environment.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    cur = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    if cur and int(cur[1]) >= n:
+        return
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    if "jax" not in sys.modules:
+        return
+    import jax
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_num_cpu_devices", n)
+        return
+    if len(jax.devices("cpu")) >= n:
+        return
+    if argv is None:
+        raise RuntimeError(f"JAX already started with {len(jax.devices('cpu'))} CPU devices; need {n}: "
+                           f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before importing jax")
+    os.execv(sys.executable, [sys.executable, "-m", "vrefer_jax.training.aot", *argv])
+
+
+def target_devices(target: Target, try_tpu: bool = True):
+    """(devices, how): compile-only TPU devices when libtpu can describe the topology, else the
+    first `num_devices` CPU devices."""
+    import jax
+
+    if target.platform == "tpu" and try_tpu:
+        try:
+            from jax.experimental import topologies
+
+            topo = topologies.get_topology_desc(target.tpu_topology, "tpu")
+            if len(topo.devices) == target.num_devices:
+                return list(topo.devices), f"TPU topology description {target.tpu_topology} (libtpu)"
+        except Exception as e:  # no libtpu here: fall back
+            reason = f"no libtpu: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
+        else:
+            reason = f"topology has {len(topo.devices)} devices, expected {target.num_devices}"
+    else:
+        reason = "no compile-only topology for this platform"
+    cpus = jax.devices("cpu")
+    if len(cpus) < target.num_devices:
+        raise RuntimeError(f"need {target.num_devices} fake CPU devices, have {len(cpus)}: "
+                           f"set XLA_FLAGS=--xla_force_host_platform_device_count={target.num_devices}")
+    return cpus[: target.num_devices], f"{target.num_devices} fake CPU devices ({reason})"
+
+
+def parse_mesh(spec: str | None, n: int):
+    """'data,fsdp,tensor' (one may be -1) or None -> all devices on fsdp."""
+    from vrefer_jax.training.mesh import MeshConfig
+
+    if not spec:
+        return MeshConfig(data=1, fsdp=-1, tensor=1)
+    d, f, t = (int(x) for x in spec.split(","))
+    return MeshConfig(data=d, fsdp=f, tensor=t)
+
+
+def batch_shapes(cfg, global_batch: int, seq_len: int, max_objects: int = 4, max_object_frames: int = 8,
+                 max_region_frames: int = 8) -> dict[str, Any]:
+    """Abstract global batch as the loader makes it: out_len = seq_len, text length seq_len minus
+    the video expansion (so a full video sample fits), loader default object caps."""
+    from vrefer_jax.models import videorefer
+
+    nv = videorefer.num_video_tokens(cfg)
+    text_len = max(16, seq_len - nv)
+    return videorefer.dummy_batch(cfg, batch_size=global_batch, seq_len=text_len,
+                                  num_region_frames=max_region_frames, max_objects=max_objects,
+                                  max_object_frames=max_object_frames, abstract=True)
+
+
+def _nbytes(x) -> int:
+    import numpy as np
+
+    return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def _shard_bytes(x) -> int:
+    """Bytes of one device's shard of a `ShapeDtypeStruct` with a sharding (largest shard)."""
+    import numpy as np
+
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def state_bytes(abstract_state) -> dict[str, int]:
+    """Sums over the state's leaves, global and per device (from the shardings)."""
+    import jax
+
+    out = {}
+    for name, tree in (("params", abstract_state.params), ("opt_state", abstract_state.opt_state)):
+        leaves = jax.tree.leaves(tree)
+        out[f"{name}_global"] = sum(_nbytes(x) for x in leaves)
+        out[f"{name}_per_device"] = sum(_shard_bytes(x) for x in leaves)
+    return out
+
+
+def analytic_memory(cfg, abstract_state, trainable, batch, n_batch_shards: int, num_devices: int,
+                    micro_batch: int, seq_len: int) -> dict[str, Any]:
+    """Analytic per-device breakdown (bytes).
+
+    Exact (from parameter counts and the state's shardings): fp32 master parameters, AdamW mu/nu of
+    the trainable groups (frozen groups keep no optimizer state), the fp32 gradient accumulator,
+    the batch. Estimates: bf16 compute copies of the (sharded) parameters, and activations with
+    full remat (each scanned layer's input saved, one layer recomputed, one logits chunk).
+    """
+    import jax
+    import numpy as np
+
+    from vrefer_jax.models import videorefer
+
+    p = abstract_state.params
+    n_total = videorefer.count_params(p)
+    n_train = sum(videorefer.count_params(p[g]) for g in p if g in trainable)
+    w = np.dtype(cfg.param_dtype).itemsize
+    c = np.dtype(cfg.dtype).itemsize
+    per_dev = lambda tree: sum(_shard_bytes(x) for x in jax.tree.leaves(tree))  # noqa: E731
+    train_tree = {g: p[g] for g in p if g in trainable}
+    moments = [x for x in jax.tree.leaves(abstract_state.opt_state) if x.ndim > 0]
+    scalars = [x for x in jax.tree.leaves(abstract_state.opt_state) if x.ndim == 0]
+    t, v = cfg.text, cfg.vision
+    tok = micro_batch * seq_len
+    # Full remat: the decoder scan keeps each layer's input [mb, L, E] in the compute dtype; the
+    # backward pass recomputes one layer (q, k, v, attention out, gate/up/act, a few [mb, L, E]).
+    saved = t.num_hidden_layers * tok * t.hidden_size * c
+    frames = micro_batch * (cfg.num_frames + batch["region_frames"].shape[1])
+    saved += v.num_layers_run * frames * v.num_patches * v.hidden_size * c  # vision tower, no grads
+    layer = tok * c * (6 * t.hidden_size + 3 * t.intermediate_size
+                       + 2 * t.num_key_value_heads * t.head_dim) * 2  # forward + its gradients
+    chunk = micro_batch * min(seq_len, 512) * t.vocab_size * 4 * 3  # fp32 logits, softmax, grad
+    # The STC connector is trained and not rematerialised: its RegStage keeps ~10 tensors per block
+    # of [T, g, g, E] (stage 1) and [T/2, g/2, g/2, E] (stage 2, after the 2x2x2 Conv3d).
+    g = v.grid
+    conn = micro_batch * cfg.num_frames * g * g * t.hidden_size * c * 10 * cfg.connector.depth * (1 + 1 / 8)
+    # FSDP working set: one gathered decoder layer in the compute dtype plus its fp32 gradient before
+    # the reduce-scatter; the LM head and the embedding table likewise (vocab-sized, unsharded).
+    layer_params = videorefer.count_params(p["llm"]["layers"]) // t.num_hidden_layers
+    gathered = layer_params * (c + 4) + t.vocab_size * t.hidden_size * (c + 4 + 4)
+    out = dict(
+        params_total=n_total, params_trainable=n_train,
+        master_params_global=n_total * w, master_params=per_dev(p),
+        adam_moments_global=2 * n_train * w, adam_moments=sum(_shard_bytes(x) for x in moments),
+        opt_scalars=sum(_shard_bytes(x) for x in scalars),
+        grad_accumulator=per_dev(train_tree),
+        compute_copies=per_dev(p) * c // w if c < w else 0,
+        batch=sum(_nbytes(x) for x in batch.values()) // n_batch_shards,
+        activations_estimate=int(saved + layer + chunk + conn), connector_activations=int(conn),
+        fsdp_working_set=int(gathered),
+        ideal_master_params=n_total * w / num_devices,
+    )
+    out["total_estimate"] = sum(out[k] for k in ("master_params", "adam_moments", "opt_scalars", "grad_accumulator",
+                                                 "compute_copies", "batch", "activations_estimate",
+                                                 "fsdp_working_set"))
+    return out
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+    """Per-device figures from `compiled.memory_analysis()` (state donated: outputs alias inputs)."""
+    m = compiled.memory_analysis()
+    m = m[0] if isinstance(m, (list, tuple)) else m
+    out = dict(arguments=int(m.argument_size_in_bytes), outputs=int(m.output_size_in_bytes),
+               aliased=int(m.alias_size_in_bytes), temporaries=int(m.temp_size_in_bytes),
+               code=int(m.generated_code_size_in_bytes))
+    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    peak = getattr(m, "peak_memory_in_bytes", 0)
+    if peak:
+        out["peak"] = int(peak)
+    return out
+
+
+def with_depth(cfg, decoder_layers: int, vision_layers: int):
+    """`cfg` with `decoder_layers` Qwen2 layers and `vision_layers` SigLIP layers actually run."""
+    v = cfg.vision
+    extra = v.num_hidden_layers - v.num_layers_run  # layers after the selected one (never run)
+    vision = dataclasses.replace(v, num_hidden_layers=vision_layers + extra)
+    return cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=decoder_layers), vision=vision)
+
+
+def compile_step(cfg, devices, mesh_cfg, trainable, global_batch: int, seq_len: int, accum_steps: int,
+                 logits_chunk: int = 512, rules=None):
+    """Lower and compile the train step with abstract inputs. Returns (compiled, abstract_state,
+    batch, mesh, timings)."""
+    import jax
+
+    from vrefer_jax.sharding import logical_axis_rules
+    from vrefer_jax.training import train_state
+    from vrefer_jax.training.mesh import make_mesh
+    from vrefer_jax.training.optimizer import OptimizerConfig, make_optimizer
+    from vrefer_jax.training.step import StepConfig, make_train_step
+
+    rules = rules or logical_axis_rules()
+    mesh = make_mesh(mesh_cfg, devices)
+    tx, schedule = make_optimizer(OptimizerConfig(trainable=tuple(trainable)), total_steps=1000)
+    shardings = train_state.state_shardings(cfg, tx, mesh, rules)
+    state = train_state.abstract_unboxed(cfg, tx, shardings)
+    batch = batch_shapes(cfg, global_batch, seq_len)
+    step_cfg = StepConfig(out_len=seq_len, accum_steps=accum_steps, logits_chunk=logits_chunk)
+    run = make_train_step(cfg, step_cfg, tx, schedule, tuple(trainable), mesh, rules, shardings,
+                          {k: v.ndim for k, v in batch.items()})
+    t0 = time.perf_counter()
+    lowered = run.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    return compiled, state, batch, mesh, dict(lower_s=t1 - t0, compile_s=t2 - t1)
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def check(cfg, target: Target, *, global_batch: int, seq_len: int, stage: str = "stage3", micro_batch: int = 1,
+          mesh: str | None = None, depth: tuple[int, int] | None = None, try_tpu: bool = True,
+          logits_chunk: int = 512, log=print) -> dict[str, Any]:
+    """Compile for `target` and return the report dict (all byte figures per device)."""
+    trainable = STAGES[stage]
+    devices, how = target_devices(target, try_tpu)
+    mesh_cfg = parse_mesh(mesh, len(devices))
+    d, f, t = mesh_cfg.resolve(len(devices))
+    shards = d * f
+    if global_batch % shards:
+        raise ValueError(f"global batch {global_batch} not divisible by data x fsdp = {shards}")
+    per_device = global_batch // shards
+    if per_device % micro_batch:
+        raise ValueError(f"per-device batch {per_device} not divisible by micro_batch {micro_batch}")
+    accum = per_device // micro_batch
+    full_cfg = cfg
+    log(f"target {target.name}: {target.num_devices} devices, {target.hbm_gib:.0f} GiB HBM each; compiling on {how}")
+    log(f"mesh data={d} fsdp={f} tensor={t}; global batch {global_batch} = {shards} shards x {per_device}"
+        f" = accum_steps {accum} x micro-batch {micro_batch}/device; seq {seq_len}; {stage} trains {trainable}")
+
+    report: dict[str, Any] = dict(target=target.name, how=how, mesh=(d, f, t), accum_steps=accum,
+                                  micro_batch=micro_batch, stage=stage, hbm_gib=target.hbm_gib)
+    if depth is None:
+        compiled, state, batch, _, times = compile_step(full_cfg, devices, mesh_cfg, trainable, global_batch,
+                                                        seq_len, accum, logits_chunk)
+        report["compiled"] = compiled_memory(compiled)
+        report["times"] = times
+        report["scaled_from"] = None
+    else:
+        D, V = depth
+        figs, times = {}, {}
+        for dd, vv in ((D, V), (D - 1, V), (D, V - 1)):
+            log(f"  compiling with {dd} decoder / {vv} vision layers ...")
+            c, state_small, _, _, tm = compile_step(with_depth(full_cfg, dd, vv), devices, mesh_cfg, trainable,
+                                                    global_batch, seq_len, accum, logits_chunk)
+            figs[(dd, vv)] = compiled_memory(c)
+            times[f"{dd}x{vv}"] = tm
+            log(f"    lower {tm['lower_s']:.1f} s, compile {tm['compile_s']:.1f} s")
+        FD, FV = full_cfg.text.num_hidden_layers, full_cfg.vision.num_layers_run
+        scaled = {}
+        for k in figs[(D, V)]:
+            per_dec = figs[(D, V)][k] - figs[(D - 1, V)][k]
+            per_vis = figs[(D, V)][k] - figs[(D, V - 1)][k]
+            scaled[k] = int(figs[(D, V)][k] + (FD - D) * per_dec + (FV - V) * per_vis)
+        report["compiled"] = scaled
+        report["compiled_at_depth"] = {f"{a}x{b}": v for (a, b), v in figs.items()}
+        report["times"] = times
+        report["scaled_from"] = (D, V)
+        from vrefer_jax.training import train_state
+        from vrefer_jax.training.mesh import make_mesh
+        from vrefer_jax.training.optimizer import OptimizerConfig, make_optimizer
+        from vrefer_jax.sharding import logical_axis_rules
+
+        mesh_obj = make_mesh(mesh_cfg, devices)
+        tx, _ = make_optimizer(OptimizerConfig(trainable=tuple(trainable)), total_steps=1000)
+        state = train_state.abstract_unboxed(full_cfg, tx, train_state.state_shardings(
+            full_cfg, tx, mesh_obj, logical_axis_rules()))
+        batch = batch_shapes(full_cfg, global_batch, seq_len)
+    report["analytic"] = analytic_memory(full_cfg, state, trainable, batch, shards, len(devices), micro_batch, seq_len)
+    report["state_bytes"] = state_bytes(state)
+    report["host_peak_rss"] = _peak_rss()
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    g = lambda b: f"{b / GIB:8.2f} GiB" if abs(b) >= GIB / 4 else f"{b / 2**20:8.2f} MiB"  # noqa: E731
+    a, c = r["analytic"], r["compiled"]
+    hbm = r["hbm_gib"]
+    lines = [f"== {r['target']} | mesh (data, fsdp, tensor) = {r['mesh']} | {r['stage']} | "
+             f"accum {r['accum_steps']} x micro-batch {r['micro_batch']}/device",
+             f"compiled on: {r['how']}",
+             f"parameters: {a['params_total']:,} total, {a['params_trainable']:,} trainable",
+             "analytic, per device:",
+             f"  fp32 master params    {g(a['master_params'])}   (global {g(a['master_params_global'])};"
+             f" ideal 1/N split {g(a['ideal_master_params'])})",
+             f"  AdamW mu+nu (trainable){g(a['adam_moments'])}   (global {g(a['adam_moments_global'])})",
+             f"  fp32 grad accumulator {g(a['grad_accumulator'])}",
+             f"  bf16 compute copies   {g(a['compute_copies'])}   (if XLA casts all sharded params at once)",
+             f"  batch shard           {g(a['batch'])}",
+             f"  activations (est.)    {g(a['activations_estimate'])}   (full remat: saved layer inputs + one layer"
+             f" + one logits chunk; connector, not remat'd: {g(a['connector_activations'])})",
+             f"  FSDP working set (est.){g(a['fsdp_working_set'])}   (one gathered layer + LM head/embedding"
+             " gathered and their unsharded fp32 grads)",
+             f"  total (est.)          {g(a['total_estimate'])}",
+             "compiled (memory_analysis), per device"
+             + (f", extrapolated per layer from depth {r['scaled_from'][0]} decoder / {r['scaled_from'][1]} vision:"
+                if r["scaled_from"] else ":"),
+             f"  arguments (state+batch){g(c['arguments'])}",
+             f"  outputs               {g(c['outputs'])}   (aliased with donated arguments: {g(c['aliased'])})",
+             f"  temporaries           {g(c['temporaries'])}",
+             f"  total                 {g(c['total'])}" + (f"   vs HBM {hbm:.0f} GiB: "
+                                                         f"{'fits' if c['total'] < 0.9 * hbm * GIB else 'DOES NOT FIT'}"
+                                                         f" ({c['total'] / (hbm * GIB):.0%})" if hbm == hbm else "")]
+    if "CPU" in r["how"]:
+        lines.append("  NOTE: compiled by the CPU backend with the target's mesh: sharding is the target's, but "
+                     "buffer assignment / fusion / bf16 handling are the CPU compiler's, so these figures "
+                     "approximate the TPU/GPU compile (typically within tens of percent).")
+    times = r["times"]
+    ts = ([times] if "compile_s" in times else list(times.values()))
+    lines.append(f"compile time {sum(t['compile_s'] for t in ts):.1f} s (lowering {sum(t['lower_s'] for t in ts):.1f} s);"
+                 f" host peak RSS {r['host_peak_rss'] / GIB:.1f} GiB")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="model gin file, e.g. configs/models/videorefer_7b.gin")
+    ap.add_argument("--gin_bindings", nargs="*", default=[])
+    ap.add_argument("--target", required=True, help="v5p-64, v5e-16, v4-32, 8xH100, ...")
+    ap.add_argument("--global_batch", type=int, default=128)
+    ap.add_argument("--seq_len", type=int, default=2048, help="static spliced length (out_len)")
+    ap.add_argument("--stage", default="stage3", choices=sorted(STAGES))
+    ap.add_argument("--micro_batch", type=int, default=1, help="samples per device per accumulation step")
+    ap.add_argument("--mesh", default=None, help="data,fsdp,tensor (one may be -1); default all on fsdp")
+    ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
+    ap.add_argument("--logits_chunk", type=int, default=512)
+    ap.add_argument("--depth", default=None, help="D,V: compile with D decoder / V vision layers and extrapolate")
+    ap.add_argument("--no_tpu", action="store_true", help="skip the libtpu topology attempt")
+    args = ap.parse_args(argv)
+
+    target = parse_target(args.target)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    ensure_host_devices(target.num_devices, argv)
+
+    from vrefer_jax.config import model_config_from_gin
+
+    cfg = model_config_from_gin([args.model], args.gin_bindings).replace(remat_policy=args.remat)
+    depth = tuple(int(x) for x in args.depth.split(",")) if args.depth else None
+    r = check(cfg, target, global_batch=args.global_batch, seq_len=args.seq_len, stage=args.stage,
+              micro_batch=args.micro_batch, mesh=args.mesh, depth=depth, try_tpu=not args.no_tpu,
+              logits_chunk=args.logits_chunk)
+    print(format_report(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Next-token cross-entropy over supervised labels, without materialising [B, L, V] logits at once.
+
+The official loss (HF causal LM) shifts labels by one and averages over supervised tokens. We return
+the *sum* and the *count* so that gradient accumulation and data parallelism average over the tokens
+of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from vrefer_jax.config import IGNORE_INDEX
+from vrefer_jax.sharding import constrain
+
+
+def shift_labels(labels: jax.Array) -> jax.Array:
+    """[B, L] labels aligned with inputs -> targets: position t predicts label t+1 (last: ignored)."""
+    pad = jnp.full(labels.shape[:1] + (1,), IGNORE_INDEX, labels.dtype)
+    return jnp.concatenate([labels[:, 1:], pad], axis=1)
+
+
+def _chunk_loss(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, compute_dtype) -> tuple[jax.Array, jax.Array]:
+    """hidden [B, C, E], kernel [E, V], targets [B, C] -> (sum of CE, number of supervised tokens)."""
+    logits = jnp.dot(hidden.astype(compute_dtype), kernel.astype(compute_dtype)).astype(jnp.float32)
+    logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    valid = targets != IGNORE_INDEX
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, logz - gold, 0.0)
+    return nll.sum(), valid.sum()
+
+
+def cross_entropy_sum(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, *, chunk_size: int = 0,
+                      compute_dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token CE of the LM head over `hidden` [B, L, E] with input-aligned `labels` [B, L].
+
+    chunk_size > 0 splits the sequence into chunks whose logits are recomputed in the backward pass
+    (`jax.checkpoint`), so peak memory holds one chunk of fp32 logits instead of L x V per row.
+    The logits are the LM head's: matmul in `compute_dtype`, upcast to fp32 (as `qwen2.LMHead`).
+    Returns (sum over supervised tokens, their count), both scalars.
+    """
+    targets = shift_labels(labels)
+    L = hidden.shape[1]
+    if chunk_size <= 0 or chunk_size >= L:
+        return _chunk_loss(hidden, kernel, targets, compute_dtype)
+    n = -(-L // chunk_size)
+    pad = n * chunk_size - L
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    B, E = hidden.shape[0], hidden.shape[2]
+    hs = hidden.reshape(B, n, chunk_size, E).swapaxes(0, 1)
+    ts = targets.reshape(B, n, chunk_size).swapaxes(0, 1)
+    body = jax.checkpoint(lambda h, t: _chunk_loss(h, kernel, t, compute_dtype))
+
+    def step(carry, xs):
+        s, c = body(*xs)
+        return (carry[0] + s, carry[1] + c), None
+
+    (total, count), _ = jax.lax.scan(step, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)), (hs, ts))
+    return total, count

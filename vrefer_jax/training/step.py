@@ -1,0 +1,164 @@
+"""The jitted, sharded train step: gradient accumulation, global-token CE mean, clipping, AdamW,
+frozen groups, non-finite guard.
+
+    step(state, batch) -> (state, metrics)
+
+`batch` is a global batch in the model's contract (leading dim = global batch B, sharded over the
+data axes). It is split into `accum_steps` micro-batches of B / accum_steps rows that run one after
+another (`lax.scan`); the loss is the sum of next-token CE over every supervised token of the
+global batch divided by their count (the official per-token mean), so results do not depend on the
+split or on the number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vrefer_jax.config import ModelConfig
+from vrefer_jax.models import videorefer
+from vrefer_jax.training.loss import cross_entropy_sum
+from vrefer_jax.training.train_state import TrainState
+
+DATA_AXES = ("data", "fsdp")  # mesh axes the batch dimension is split over (= activation_batch)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """out_len: static length of the spliced sequence (official model_max_length 2048).
+    accum_steps: micro-batches per step. logits_chunk: sequence chunk of the LM-head loss (0 = all)."""
+
+    out_len: int = 2048
+    accum_steps: int = 1
+    logits_chunk: int = 512
+
+
+def batch_sharding(mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXES, *([None] * (ndim - 1))))
+
+
+def _split_trainable(params, trainable):
+    train = {k: v for k, v in params.items() if k in trainable}
+    frozen = {k: v for k, v in params.items() if k not in trainable}
+    return train, frozen
+
+
+def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, tx: optax.GradientTransformation, schedule,
+                    trainable: tuple[str, ...], mesh, rules, shardings: TrainState, batch_spec: dict[str, Any]):
+    """The compiled-on-first-call step with explicit in/out shardings and the state donated.
+
+    batch_spec: {key: ndim} of the batch arrays (all sharded over DATA_AXES on dim 0).
+    """
+    model = videorefer.VideoRefer(cfg)
+    A = step_cfg.accum_steps
+    grad_shardings = {k: v for k, v in shardings.params.items() if k in trainable}
+
+    def loss_sum(train_params, frozen_params, mb):
+        params = {**frozen_params, **train_params}
+        hidden, inputs = model.apply({"params": params}, mb, out_len=step_cfg.out_len, return_hidden=True)
+        total, count = cross_entropy_sum(hidden, params["lm_head"]["kernel"], inputs["labels"],
+                                         chunk_size=step_cfg.logits_chunk, compute_dtype=cfg.compute_dtype)
+        tokens = (inputs["segment_ids"] != 0).sum()
+        return total, (count, tokens)
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def micro_batches(batch):
+        """[B, ...] -> [A, B/A, ...]; row i*A + a goes to micro-batch a, so each device keeps its rows."""
+        def split(x):
+            B = x.shape[0]
+            if B % A:
+                raise ValueError(f"global batch {B} not divisible by accum_steps {A}")
+            x = x.reshape((B // A, A) + x.shape[1:]).swapaxes(0, 1)
+            spec = PartitionSpec(None, DATA_AXES, *([None] * (x.ndim - 2)))
+            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        return jax.tree.map(split, batch)
+
+    def step(state: TrainState, batch):
+        batch = {k: v for k, v in batch.items() if k in videorefer.BATCH_KEYS}
+        train_p, frozen_p = _split_trainable(state.params, trainable)
+        zeros = jax.tree.map(jnp.zeros_like, train_p)
+
+        def body(carry, mb):
+            g_acc, s_acc, c_acc, t_acc = carry
+            (s, (c, t)), g = grad_fn(train_p, frozen_p, mb)
+            g_acc = jax.tree.map(jnp.add, g_acc, g)
+            g_acc = jax.lax.with_sharding_constraint(g_acc, grad_shardings)
+            return (g_acc, s_acc + s, c_acc + c, t_acc + t), None
+
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+        if A == 1:
+            (grads, total, count, tokens), _ = body(init, batch)
+        else:
+            (grads, total, count, tokens), _ = jax.lax.scan(body, init, micro_batches(batch))
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        loss = total / denom
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.global_norm(grads)
+
+        full_grads = {**jax.tree.map(jnp.zeros_like, frozen_p), **grads}
+        updates, new_opt = tx.update(full_grads, state.opt_state, state.params)
+        new_train = optax.apply_updates(train_p, {k: updates[k] for k in train_p})
+        # Frozen groups are carried over untouched (bit-identical), not `p + 0`.
+        new_params = {**frozen_p, **new_train}
+
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
+        )
+        metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                       supervised_tokens=count, tokens=tokens, finite=finite, nonfinite=new_state.nonfinite)
+        return new_state, metrics
+
+    batch_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_spec.items() if k in videorefer.BATCH_KEYS}
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sh),
+                     out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
+
+    def run(state, batch):
+        batch = {k: v for k, v in batch.items() if k in batch_sh}
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(state, batch)
+
+    run.jitted = jitted
+    run.lower = lambda state, batch: _lower(jitted, mesh, rules, state, batch)
+    return run
+
+
+def _lower(jitted, mesh, rules, state, batch):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jitted.lower(state, batch)
+
+
+def make_eval_step(cfg: ModelConfig, step_cfg: StepConfig, mesh, rules, param_shardings, batch_spec: dict[str, Any]):
+    """Teacher-forced loss without gradients: (params, batch) -> dict(loss_sum, count)."""
+    model = videorefer.VideoRefer(cfg)
+
+    def evaluate(params, batch):
+        batch = {k: v for k, v in batch.items() if k in videorefer.BATCH_KEYS}
+        hidden, inputs = model.apply({"params": params}, batch, out_len=step_cfg.out_len, return_hidden=True)
+        total, count = cross_entropy_sum(hidden, params["lm_head"]["kernel"], inputs["labels"],
+                                         chunk_size=step_cfg.logits_chunk, compute_dtype=cfg.compute_dtype)
+        return dict(loss_sum=total, count=count)
+
+    batch_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_spec.items() if k in videorefer.BATCH_KEYS}
+    jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_sh),
+                     out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def run(params, batch):
+        batch = {k: v for k, v in batch.items() if k in batch_sh}
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(params, batch)
+
+    return run

@@ -1,0 +1,313 @@
+"""The training loop: data -> sharded step -> metrics, eval, checkpoints; resumable and
+preemption-safe.
+
+    train(workdir, resume=True) runs the gin-configured job (ModelConfig, MeshConfig,
+    OptimizerConfig, StepConfig, DataConfig, TrainConfig) and returns a summary dict.
+
+Every process runs the same loop on its slice of each global batch (`loader.to_global`). Process 0
+writes TensorBoard scalars (`<workdir>/tb`), the progress bar and `metrics.jsonl`. A SIGTERM (TPU
+preemption, `launch/… stop`) finishes the current step, saves a checkpoint and returns; `--resume`
+(the default) continues from the latest checkpoint with the same data order, bit-exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+
+from vrefer_jax.config import ModelConfig
+from vrefer_jax.models import videorefer
+from vrefer_jax.sharding import logical_axis_rules
+from vrefer_jax.training import flops as flops_lib
+from vrefer_jax.training import mesh as mesh_lib
+from vrefer_jax.training import optimizer as opt_lib
+from vrefer_jax.training import train_state
+from vrefer_jax.training.checkpointing import Checkpointer
+from vrefer_jax.training.step import DATA_AXES, StepConfig, make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Record sets (dirs/globs of `vrefer-data convert` shards), mixture weights, tokenizer and the
+    loader's static caps (see `data_pipeline.loader.LoaderConfig`)."""
+
+    train: tuple[str, ...] = ()
+    weights: tuple[float, ...] | None = None
+    eval: str = ""
+    tokenizer: str = ""
+    seq_len: int = 2048
+    max_region_frames: int = 8
+    max_objects: int = 4
+    max_object_frames: int = 8
+    overflow: str = "skip"
+    aspect: str = "square"
+    worker_count: int = 0
+    read_threads: int = 2
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    total_steps: int = 1000
+    global_batch_size: int = 128
+    seed: int = 42
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 4
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    keep_every: int = 0
+    async_checkpoint: bool = True
+    max_nonfinite: int = 5  # stop after this many non-finite steps in a row
+    peak_flops_per_device: float = 0.0  # for MFU; 0 = not reported
+    init_from: str = ""  # imported folder (`vrefer-convert import`, a run's final/) or HF folder
+    save_final: bool = True  # write <workdir>/final in the imported-folder layout
+    progress_bar: bool = True
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves and returns at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            log.warning("signal %d: saving a checkpoint after this step", signum)
+            self.requested = True
+        try:
+            self._old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def agreed(self) -> bool:
+        """Every process stops at the same step (any one signalled -> all save)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+def load_init_params(path: str):
+    """(cfg, params) from an imported folder or a Hugging Face folder."""
+    from vrefer_jax.checkpoints import cli as ckpt_cli
+
+    if os.path.isfile(os.path.join(path, ckpt_cli.MODEL_CONFIG)):
+        return ckpt_cli.load_imported(path)
+    from vrefer_jax.checkpoints.hf_import import import_videorefer
+    return import_videorefer(path)
+
+
+def _loader(data: DataConfig, cfg: ModelConfig, batch: int, seed: int, sources, tokenizer, weights=None, epochs=None,
+            out_len: int | None = None):
+    from data_pipeline.loader import LoaderConfig, make_loader
+
+    lcfg = LoaderConfig.for_model(
+        cfg, max_expanded_len=out_len, batch_size=batch, seq_len=data.seq_len, max_region_frames=data.max_region_frames,
+        max_objects=data.max_objects, max_object_frames=data.max_object_frames, overflow=data.overflow,
+        aspect=data.aspect, seed=seed, num_epochs=epochs, worker_count=data.worker_count,
+        read_threads=data.read_threads)
+    return make_loader(list(sources), lcfg, tokenizer, weights)
+
+
+def _batch_spec(cfg: ModelConfig) -> dict[str, int]:
+    return {k: v.ndim for k, v in videorefer.dummy_batch(cfg, abstract=True).items()}
+
+
+def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = None,
+          data_cfg: DataConfig | None = None, train_cfg: TrainConfig | None = None,
+          opt_cfg: opt_lib.OptimizerConfig | None = None, step_cfg: StepConfig | None = None,
+          mesh_cfg: mesh_lib.MeshConfig | None = None, tokenizer=None, on_step=None) -> dict[str, Any]:
+    """Run (or resume) a training job in `workdir`. Configs default to their gin bindings.
+    `on_step(step, metrics)` is called after every step (hooks, tests)."""
+    from data_pipeline.loader import to_global
+    from vrefer_jax.text.tokenizer import load_tokenizer
+
+    cfg = model_cfg or ModelConfig()
+    data = data_cfg or DataConfig()
+    tc = train_cfg or TrainConfig()
+    oc = opt_cfg or opt_lib.OptimizerConfig()
+    sc = step_cfg or StepConfig()
+    if not data.train:
+        raise ValueError("DataConfig.train is empty: bind it to one or more record sets")
+    nproc = jax.process_count()
+    if tc.global_batch_size % nproc:
+        raise ValueError(f"global batch {tc.global_batch_size} not divisible by {nproc} processes")
+    os.makedirs(workdir, exist_ok=True)
+    main = jax.process_index() == 0
+
+    mesh = mesh_lib.make_mesh(mesh_cfg or mesh_lib.MeshConfig())
+    rules = logical_axis_rules()
+    tx, schedule = opt_lib.make_optimizer(oc, tc.total_steps)
+    shardings = train_state.state_shardings(cfg, tx, mesh, rules)
+    tok = tokenizer or load_tokenizer(data.tokenizer)
+    it = _loader(data, cfg, tc.global_batch_size // nproc, tc.seed, data.train, tok, data.weights, out_len=sc.out_len)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.checkpoint_every,
+                        keep_last=tc.keep_last, keep_every=tc.keep_every, async_save=tc.async_checkpoint)
+
+    if resume and ckpt.latest_step is not None:
+        state, meta = ckpt.restore(train_state.abstract_unboxed(cfg, tx, shardings), it)
+        log.info("resumed from step %d (%s)", int(state.step), ckpt.directory)
+    else:
+        params = None
+        if tc.init_from:
+            init_cfg, params = load_init_params(tc.init_from)
+            if videorefer.count_params(params) != videorefer.count_params(videorefer.abstract_params(cfg)):
+                raise ValueError(f"{tc.init_from}: parameter shapes do not match the configured model")
+            del init_cfg
+        state = train_state.create_state(cfg, tx, shardings, tc.seed, params)
+        meta = {}
+    start = int(state.step)
+
+    batch_spec = _batch_spec(cfg)
+    step_fn = make_train_step(cfg, sc, tx, schedule, oc.trainable, mesh, rules, shardings, batch_spec)
+    eval_fn = make_eval_step(cfg, sc, mesh, rules, shardings.params, batch_spec) if data.eval and tc.eval_every else None
+    flop_model = flops_lib.FlopModel(cfg, oc.trainable)
+
+    writer = None
+    if main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start)
+        with open(os.path.join(workdir, "config.gin"), "w") as f:
+            f.write(gin.config_str())
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    history: list[dict] = []
+    bar = None
+    if main and tc.progress_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    saved = {start} if ckpt.latest_step == start else set()
+
+    def save(step: int, force: bool) -> None:
+        if step in saved:
+            return
+        meta_now = {**meta, "step": step, "skipped": dict(it.skipped), "time": time.time()}
+        if ckpt.save(step, state, it, meta_now, force=force):
+            saved.add(step)
+
+    preempted = False
+    last_t, last_step, tokens_acc, flops_acc = time.perf_counter(), start, 0, 0.0
+    with _Preemption() as pre:
+        for step in range(start, tc.total_steps):
+            host_batch = next(it)
+            batch = to_global(host_batch, mesh, DATA_AXES)
+            state, m = step_fn(state, batch)
+            m = jax.device_get(m)
+            tokens_acc += int(m["tokens"])
+            flops_acc += flop_model.step_flops(tc.global_batch_size, int(m["tokens"]), host_batch["region_frames"].shape[1])
+            if int(m["nonfinite"]) >= tc.max_nonfinite:
+                save(step + 1, force=True)
+                ckpt.wait()
+                raise FloatingPointError(f"{int(m['nonfinite'])} non-finite steps in a row at step {step + 1}")
+            if step == start and main:
+                with open(os.path.join(workdir, "operative_config.gin"), "w") as f:
+                    f.write(gin.operative_config_str())
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.total_steps:
+                now = time.perf_counter()
+                dt = (now - last_t) / max(done - last_step, 1)
+                rec = dict(step=done, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]),
+                           learning_rate=float(m["learning_rate"]), step_time=dt,
+                           tokens_per_s=tokens_acc / max(now - last_t, 1e-9),
+                           skipped_steps=int(not m["finite"]), skipped_samples=sum(it.skipped.values()))
+                if tc.peak_flops_per_device:
+                    rec["mfu"] = flops_acc / max(now - last_t, 1e-9) / (tc.peak_flops_per_device * jax.device_count())
+                last_t, last_step, tokens_acc, flops_acc = now, done, 0, 0.0
+                history.append(rec)
+                if main:
+                    for k, v in rec.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, done)
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['learning_rate']:.2e}")
+            if eval_fn is not None and done % tc.eval_every == 0:
+                ev = evaluate_loss(eval_fn, state.params, data, cfg, tc, sc, tok, mesh)
+                history.append(dict(step=done, eval_loss=ev))
+                if main:
+                    writer.add_scalar("eval/loss", ev, done)
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(dict(step=done, eval_loss=ev)) + "\n")
+            if bar is not None:
+                bar.update(1)
+            if on_step is not None:
+                on_step(done, m)
+            save(done, force=False)
+            if pre.agreed():
+                save(done, force=True)
+                preempted = True
+                break
+    if bar is not None:
+        bar.close()
+    final_step = int(state.step)
+    if not preempted:
+        save(final_step, force=True)
+    ckpt.wait()
+    ckpt.close()
+    it.close()
+    if writer is not None:
+        writer.close()
+    final_dir = os.path.join(workdir, "final")
+    if not preempted and tc.save_final:
+        save_final(final_dir, cfg, state.params, data.tokenizer or None)
+    if main and not preempted:
+        open(os.path.join(workdir, "DONE"), "w").close()
+    return dict(step=final_step, preempted=preempted, history=history, skipped=dict(it.skipped),
+                final=final_dir if (tc.save_final and not preempted) else None, state=state)
+
+
+def evaluate_loss(eval_fn, params, data: DataConfig, cfg: ModelConfig, tc: TrainConfig, sc: StepConfig, tok,
+                  mesh) -> float:
+    """Mean next-token CE over the first `eval_batches` batches of the eval records (fixed order)."""
+    from data_pipeline.loader import to_global
+
+    nproc = jax.process_count()
+    it = _loader(dataclasses.replace(data, worker_count=0), cfg, tc.global_batch_size // nproc, 0, [data.eval], tok,
+                 epochs=1, out_len=sc.out_len)
+    total, count = 0.0, 0
+    try:
+        for _ in range(tc.eval_batches):
+            try:
+                b = next(it)
+            except StopIteration:
+                break
+            out = jax.device_get(eval_fn(params, to_global(b, mesh, DATA_AXES)))
+            total, count = total + float(out["loss_sum"]), count + int(out["count"])
+    finally:
+        it.close()
+    return total / max(count, 1)
+
+
+def save_final(out: str, cfg: ModelConfig, params, tokenizer_dir: str | None) -> None:
+    """Parameters in the imported-folder layout, so `vrefer-infer` / `vrefer-eval` / `vrefer-convert
+    export` read them. Gathers the parameters to the host of process 0."""
+    from jax.experimental import multihost_utils
+
+    from vrefer_jax.checkpoints import hf_config
+    from vrefer_jax.checkpoints.cli import save_imported
+
+    host = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else jax.device_get(params)
+    if jax.process_index() == 0:
+        tok_src = tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else (
+            os.path.dirname(tokenizer_dir) if tokenizer_dir else None)
+        save_imported(out, cfg, host, hf_config.model_config_to_hf(cfg), tok_src)
