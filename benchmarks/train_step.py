@@ -1,0 +1,141 @@
+"""Time the full sharded train step (forward, backward, clipping, AdamW) and report tokens/s and MFU.
+
+    python benchmarks/train_step.py                           # tiny and small, fp32, one CPU device
+    python benchmarks/train_step.py --gin_file my_1b.gin --dtype bfloat16 --remat full \\
+        --batch 8 --text_len 512 --devices 1                  # e.g. a ~1B config on a lent GPU
+
+Figures:
+  step ms      median wall time of `step(state, batch)` (state donated, as in training)
+  tokens/s     non-padding tokens of the *expanded* sequence (text + video + object tokens, i.e.
+               `segment_ids != 0` after the splice) per second
+  GFLOP/step   analytic model FLOPs (`model_flops`: 6 N per token for trained decoder weights,
+               attention 12 n_layers E L, frozen vision tower forward), not XLA's cost analysis: on
+               this JAX/XLA the cost analysis counts a `while` body once, whatever its trip count, so
+               it undercounts scanned layers and accumulation steps
+  MFU          GFLOP/step / step time / (measured matmul peak x devices)
+The peak is measured on this machine with a large matmul in the benchmark's dtype
+(`forward.matmul_peak`), not taken from a data sheet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from forward import bench_batch, matmul_peak  # noqa: E402
+
+from vrefer_jax.config import model_config_from_gin  # noqa: E402
+from vrefer_jax.models import videorefer  # noqa: E402
+from vrefer_jax.sharding import logical_axis_rules  # noqa: E402
+from vrefer_jax.training import train_state  # noqa: E402
+from vrefer_jax.training.aot import STAGES  # noqa: E402
+from vrefer_jax.training.mesh import MeshConfig, make_mesh  # noqa: E402
+from vrefer_jax.training.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
+from vrefer_jax.training.step import StepConfig, batch_sharding, make_train_step  # noqa: E402
+
+CONFIGS = HERE.parent / "configs" / "models"
+
+
+def model_flops(cfg, trainable, out_len: int, tokens: int, images: int) -> float:
+    """Analytic model FLOPs of one step (no remat recompute):
+
+    decoder + LM head: tokens x (k N + 12 n_layers E L_out)   (PaLM appendix B; k = 6 when the
+        weights are trained, 4 when frozen but gradients still pass through to the region encoder)
+    vision tower (frozen, forward only): images x P x (2 N_layer + 4 P E_v) x layers run
+    The STC connector and region encoder (about 8 % of the 7B step) are left out, so MFU is a
+    slight underestimate.
+    """
+    t, v = cfg.text, cfg.vision
+    attn = t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim \
+        + t.num_attention_heads * t.head_dim * t.hidden_size
+    n_layers = t.num_hidden_layers * (attn + 3 * t.hidden_size * t.intermediate_size)
+    n_head = t.hidden_size * t.vocab_size
+    k = lambda group: 6 if group in trainable else 4  # noqa: E731
+    dec = tokens * (k("llm") * n_layers + k("lm_head") * n_head + 12 * t.num_hidden_layers * t.hidden_size * out_len)
+    vit_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    vis = images * v.num_patches * v.num_layers_run * (2 * vit_layer + 4 * v.num_patches * v.hidden_size)
+    return float(dec + vis)
+
+
+def run(cfg, name: str, *, batch: int, text_len: int, accum: int, devices: int, stage: str, peak: float,
+        iters: int) -> dict:
+    trainable = STAGES[stage]
+    b = bench_batch(cfg, batch, text_len, objects=2, object_frames=8)
+    out_len = text_len + videorefer.num_video_tokens(cfg) + 2 * cfg.object_encoder.region_token_num
+    videorefer.validate(cfg, b, out_len)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), jax.devices()[:devices])
+    rules = logical_axis_rules()
+    tx, schedule = make_optimizer(OptimizerConfig(trainable=trainable), total_steps=1000)
+    shardings = train_state.state_shardings(cfg, tx, mesh, rules)
+    state = train_state.create_state(cfg, tx, shardings, seed=0)
+    step = make_train_step(cfg, StepConfig(out_len=out_len, accum_steps=accum), tx, schedule, trainable, mesh,
+                           rules, shardings, {k: v.ndim for k, v in b.items()})
+    t0 = time.perf_counter()
+    compiled = step.lower(train_state.abstract_unboxed(cfg, tx, shardings), b).compile()
+    compile_s = time.perf_counter() - t0
+    b = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in b.items() if k in videorefer.BATCH_KEYS}
+
+    state, m = compiled(state, b)  # warm-up
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        state, m = compiled(state, b)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    tokens = int(m["tokens"])
+    images = batch * (cfg.num_frames + b["region_frames"].shape[1])
+    mf = model_flops(cfg, trainable, out_len, tokens, images)
+    return dict(config=name, dtype=cfg.dtype, params=videorefer.count_params(state.params), batch=batch,
+                seq=out_len, accum=accum, compile_s=compile_s, step_ms=1e3 * t, tokens=tokens,
+                tokens_per_s=tokens / t, gflop=mf / 1e9, tflops=mf / t / 1e12, mfu=mf / t / peak,
+                loss=float(m["loss"]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["tiny", "small"], help="names in configs/models")
+    ap.add_argument("--gin_file", "--config", dest="gin_file", default=None,
+                    help="a model gin file instead of --configs (e.g. a ~1B config on a GPU)")
+    ap.add_argument("--gin_bindings", nargs="*", default=[])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    ap.add_argument("--batch", type=int, default=2, help="global batch")
+    ap.add_argument("--text_len", type=int, default=64, help="text tokens before the splice")
+    ap.add_argument("--accum_steps", type=int, default=1)
+    ap.add_argument("--devices", type=int, default=1, help="devices on the fsdp axis (default 1)")
+    ap.add_argument("--stage", default="stage3", choices=sorted(STAGES))
+    ap.add_argument("--iters", type=int, default=5)
+    args = ap.parse_args()
+
+    peak = matmul_peak(args.dtype, n=4096 if jax.default_backend() != "cpu" else 2048)
+    print(f"device: {jax.devices()[0].device_kind} x{args.devices} (of {jax.device_count()})  "
+          f"measured matmul peak ({args.dtype}): {peak / 1e9:.1f} GFLOP/s per device")
+    peak *= args.devices
+    runs = [(pathlib.Path(args.gin_file).stem, args.gin_file)] if args.gin_file else \
+        [(n, str(CONFIGS / f"{n}.gin")) for n in args.configs]
+    header = (f"{'config':10} {'dtype':8} {'params':>13} {'B':>3} {'seq':>5} {'acc':>3} | {'compile s':>9} "
+              f"{'step ms':>9} {'tokens/s':>9} | {'GFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6}")
+    print(header)
+    print("-" * len(header))
+    for name, path in runs:
+        cfg = model_config_from_gin([path], args.gin_bindings).replace(dtype=args.dtype, remat_policy=args.remat)
+        r = run(cfg, name, batch=args.batch, text_len=args.text_len, accum=args.accum_steps, devices=args.devices,
+                stage=args.stage, peak=peak, iters=args.iters)
+        print(f"{r['config']:10} {r['dtype']:8} {r['params']:>13,} {r['batch']:>3} {r['seq']:>5} {r['accum']:>3} | "
+              f"{r['compile_s']:>9.1f} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} | {r['gflop']:>10.2f} "
+              f"{r['tflops']:>8.3f} {r['mfu']:>6.1%}")
+
+
+if __name__ == "__main__":
+    main()
