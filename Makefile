@@ -1,6 +1,6 @@
 # Two entry points that do all the set-up on a fresh machine (Python 3.11 or 3.12 with pip):
-#   make demo   the main job (until the end-to-end demo lands: the forward benchmark of the tiny
-#               and small models on synthetic inputs)
+#   make demo   the main job: synthetic data -> TFRecords -> Grain -> tiny VideoRefer trained on the
+#               local devices -> Bench-Q runner + ablation -> HF export -> vrefer-infer (~10 min, CPU)
 #   make test   the test suite
 PY ?= python3
 VENV ?= .venv
@@ -20,7 +20,7 @@ $(BIN)/.installed: setup.py
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/python benchmarks/forward.py
+	$(BIN)/vrefer-train --gin_file=configs/experiments/synthetic_tiny.gin
 
 test: venv
 	$(BIN)/python -m pytest -q -m "not slow"

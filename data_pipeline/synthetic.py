@@ -66,6 +66,10 @@ class SynthConfig:
     max_objects: int = 4
     media: str = "png"  # png | jpg | mp4
     mask_frames: int = 4
+    # Options listed as the full candidate set in one fixed order (letter = a function of the
+    # answer), so that a tiny model can learn the letter mapping in minutes; False = sampled and
+    # shuffled options as in VideoRefer-Bench-Q.
+    fixed_options: bool = False
 
     def __post_init__(self):
         if not 2 <= self.num_frames <= 32:
@@ -382,13 +386,30 @@ def _q_future(video, rng, S):
 QUESTION_MAKERS = dict(zip(QUESTION_TYPES, (_q_basic, _q_sequential, _q_relationship, _q_reasoning, _q_future)))
 
 
-def make_questions(video: Video, rng: np.random.Generator, size: int) -> list[dict]:
+OPTION_SETS = (
+    tuple(c.capitalize() for c in COLOURS), tuple(s.capitalize() for s in SHAPES),
+    tuple(f"It moves {d}" for d in DIRECTIONS),
+    ("To the left of it", "To the right of it", "Above it", "Below it"), ("Larger", "Smaller"),
+    ("<object0>", "<object1>"), QUARTERS)
+
+
+def _fixed(opts: Sequence[str], ans: str) -> tuple[list[str], str]:
+    """Replace sampled options by the answer's whole candidate set in its fixed order."""
+    text = ans.split(") ", 1)[1]
+    universe = next(u for u in OPTION_SETS if text in u)
+    labelled = [f"({LETTERS[i]}) {o}" for i, o in enumerate(universe)]
+    return labelled, labelled[universe.index(text)]
+
+
+def make_questions(video: Video, rng: np.random.Generator, size: int, fixed_options: bool = False) -> list[dict]:
     """At most one question per type: {type, Question, options, Answer, objects}."""
     out = []
     for qtype, fn in QUESTION_MAKERS.items():
         res = fn(video, rng, size)
         if res is not None:
             q, opts, ans, objs = res
+            if fixed_options:
+                opts, ans = _fixed(opts, ans)
             out.append({"type": qtype, "Question": q, "options": opts, "Answer": ans, "objects": objs})
     return out
 
@@ -413,7 +434,7 @@ def train_samples(video: Video, rel: str, rng: np.random.Generator, cfg: SynthCo
     """Training samples (official format): each question in the Bench-Q prompt, plus a short and a
     detailed caption of one object."""
     out = []
-    for i, q in enumerate(make_questions(video, rng, cfg.size)):
+    for i, q in enumerate(make_questions(video, rng, cfg.size, cfg.fixed_options)):
         fi = _shared_frame(video, q["objects"], rng)
         out.append({
             "id": f"{video.vid}_q{i}", "video": rel,
@@ -441,7 +462,7 @@ def eval_entries(video: Video, rel: str, rng: np.random.Generator, cfg: SynthCon
     frame where the object is visible, `frame_idx` a frame where all referred objects are."""
     T = cfg.num_frames
     bq = []
-    for i, q in enumerate(make_questions(video, rng, cfg.size)):
+    for i, q in enumerate(make_questions(video, rng, cfg.size, cfg.fixed_options)):
         fi = _shared_frame(video, q["objects"], rng)
         bq.append({"id": f"{video.vid}_q{i}", "video": rel, "Question": q["Question"], "options": q["options"],
                    "Answer": q["Answer"], "type": q["type"], "frame_idx": fi,
@@ -592,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-objects", type=int, default=4)
     ap.add_argument("--media", default="png", choices=["png", "jpg", "mp4"])
     ap.add_argument("--mask-frames", type=int, default=4, help="annotated frames per object in train samples")
+    ap.add_argument("--fixed-options", action="store_true", help="full option sets in a fixed order")
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--no-tokenizer", action="store_true")
     return ap
@@ -599,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    cfg = SynthConfig(a.num_frames, a.size, a.min_objects, a.max_objects, a.media, a.mask_frames)
+    cfg = SynthConfig(a.num_frames, a.size, a.min_objects, a.max_objects, a.media, a.mask_frames, a.fixed_options)
     summary = generate(a.out, seed=a.seed, train_videos=a.train_videos, eval_videos=a.eval_videos, cfg=cfg,
                        vocab_size=a.vocab_size, tokenizer=not a.no_tokenizer)
     print(json.dumps(summary, indent=1))

@@ -188,7 +188,7 @@ def test_two_process_training_on_localhost(records, tmp_path):
         procs.append(subprocess.Popen(
             [sys.executable, "-c", TWO_PROCESS_WORKER, records, str(tmp_path / "run"), str(tmp_path / f"out{pid}.json")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-3000:]
     r0, r1 = (json.load(open(tmp_path / f"out{i}.json")) for i in range(2))

@@ -29,10 +29,15 @@ def save_imported(out: str, cfg, params, hf_cfg: dict | None, tokenizer_src: str
     from vrefer_jax.checkpoints import hf_config
     from vrefer_jax.checkpoints.hf_export import TOKENIZER_FILES
 
+    import jax
+
     os.makedirs(out, exist_ok=True)
+    # Every process takes part in the (multi-host aware) Orbax save; the small files come from process 0.
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.abspath(os.path.join(out, PARAMS)), params)
     ckpt.wait_until_finished()
+    if jax.process_index() != 0:
+        return
     hf_config.write_json(os.path.join(out, MODEL_CONFIG), hf_config.model_config_to_dict(cfg))
     os.makedirs(os.path.join(out, HF), exist_ok=True)
     if hf_cfg is not None:

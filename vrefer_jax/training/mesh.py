@@ -74,6 +74,9 @@ def maybe_initialize_distributed() -> bool:
     Returns whether it initialised.
     """
     env = os.environ
+    if env.get("VREFER_COORDINATOR") and env.get("JAX_PLATFORMS", "") == "cpu":
+        # CPU processes need a collectives backend for cross-process computations (tests, laptops).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if env.get("VREFER_COORDINATOR"):
         jax.distributed.initialize(
             coordinator_address=env["VREFER_COORDINATOR"],

@@ -300,14 +300,10 @@ def evaluate_loss(eval_fn, params, data: DataConfig, cfg: ModelConfig, tc: Train
 
 def save_final(out: str, cfg: ModelConfig, params, tokenizer_dir: str | None) -> None:
     """Parameters in the imported-folder layout, so `vrefer-infer` / `vrefer-eval` / `vrefer-convert
-    export` read them. Gathers the parameters to the host of process 0."""
-    from jax.experimental import multihost_utils
-
+    export` read them. Called on every process (Orbax writes each process's shards)."""
     from vrefer_jax.checkpoints import hf_config
     from vrefer_jax.checkpoints.cli import save_imported
 
-    host = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else jax.device_get(params)
-    if jax.process_index() == 0:
-        tok_src = tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else (
-            os.path.dirname(tokenizer_dir) if tokenizer_dir else None)
-        save_imported(out, cfg, host, hf_config.model_config_to_hf(cfg), tok_src)
+    tok_src = tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else (
+        os.path.dirname(tokenizer_dir) if tokenizer_dir else None)
+    save_imported(out, cfg, params, hf_config.model_config_to_hf(cfg), tok_src)
