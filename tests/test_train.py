@@ -142,17 +142,22 @@ def _configs(d):
     return cfg, data, opt, step, tok
 
 
-def _train(workdir, d, steps, resume=True, on_step=None, mesh=(1, 1, 1)):
+def _train(workdir, d, steps, resume=True, on_step=None, mesh=(1, 1, 1), eval_every=0):
     cfg, data, opt, step, tok = _configs(d)
+    if eval_every:
+        data = dataclasses.replace(data, eval=data.train[0])
     tc = trainer.TrainConfig(total_steps=steps, global_batch_size=4, seed=1, log_every=1, checkpoint_every=2,
-                             keep_last=2, async_checkpoint=True, progress_bar=False)
+                             keep_last=2, async_checkpoint=True, progress_bar=False, eval_every=eval_every,
+                             eval_batches=2)
     return trainer.train(workdir, resume=resume, model_cfg=cfg, data_cfg=data, train_cfg=tc, opt_cfg=opt, step_cfg=step,
                          mesh_cfg=mesh_lib.MeshConfig(*mesh), tokenizer=tok, on_step=on_step)
 
 
 def test_sigterm_then_resume_is_bit_exact_and_loss_drops(records, tmp_path):
-    full = _train(str(tmp_path / "full"), records, 8)
-    losses = [h["loss"] for h in full["history"]]
+    full = _train(str(tmp_path / "full"), records, 8, eval_every=4)
+    losses = [h["loss"] for h in full["history"] if "loss" in h]
+    evals = [h for h in full["history"] if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [4, 8] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
     print("losses", np.round(losses, 3))
     assert np.mean(losses[-2:]) < losses[0] - 0.3
 
