@@ -30,6 +30,7 @@ setup(
         "protobuf>=5.26,<8",
         "pillow>=10,<14",
         "tensorboardX>=2.6,<3",
+        "pysubs2>=1.6,<2",  # VideoMME .srt subtitles, as the official script reads them
     ],
     extras_require={
         # Test-only references. torch is the CPU build; timm is installed with --no-deps by

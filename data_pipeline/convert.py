@@ -103,7 +103,8 @@ def build_record(sample: schema.Sample, media_root: str, cfg: ConvertConfig, sou
                     if f >= n:
                         raise schema.SampleError("frame_index_out_of_range", sid, f"annotation[{k}][{key!r}]",
                                                  f"frame {f} but {sample.media} has {n} frames")
-            sampled = video_lib.sample_indices_v1(n, cfg.num_frames)
+            # A clip bound in seconds (MVBench's start/end, kept in `extra` by its reader).
+            sampled = video_lib.sample_clip_v1(n, reader.fps, cfg.num_frames, (sample.extra or {}).get("bound"))
             decoded = reader.get(set(sampled) | set(all_frames))
         elif sample.modality == "image":
             n, sampled = 1, [0]

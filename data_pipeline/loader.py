@@ -187,6 +187,9 @@ def pad_mask_to_square(m: np.ndarray) -> np.ndarray:
     return out
 
 
+SKIP_LOG_LIMIT = 20  # warnings per cap and process before skips are logged at debug level
+
+
 class SampleTransform:
     """`Record` -> one unbatched example (contract shapes without B) or a skip marker.
 
@@ -195,6 +198,7 @@ class SampleTransform:
 
     def __init__(self, cfg: LoaderConfig, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
+        self._skip_logged: dict[str, int] = {}  # per process: warnings written per cap
 
     def _frames(self, rec: records_lib.Record, encoded) -> np.ndarray:
         c = self.cfg
@@ -249,7 +253,14 @@ class SampleTransform:
             if size > limit:
                 if c.policy(cap) == "error":
                     raise CapExceededError(sid, cap, size, limit)
-                log.warning("skipping sample %s: %s needs %d > cap %d", sid, cap, size, limit)
+                self._skip_logged[cap] = self._skip_logged.get(cap, 0) + 1
+                n_logged = self._skip_logged[cap]
+                if n_logged <= SKIP_LOG_LIMIT:
+                    log.warning("skipping sample %s: %s needs %d > cap %d%s", sid, cap, size, limit,
+                                " (later skips of this cap are logged at debug level; the totals are in "
+                                "the training metrics)" if n_logged == SKIP_LOG_LIMIT else "")
+                else:
+                    log.debug("skipping sample %s: %s needs %d > cap %d", sid, cap, size, limit)
                 return {"_skip": cap}
 
         L, S, T = c.seq_len, c.image_size, c.num_frames

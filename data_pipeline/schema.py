@@ -34,6 +34,7 @@ REASONS: dict[str, str] = {
     "bad_media": "not exactly one of `video` / `image`, or its value is not a non-empty string",
     "media_not_found": "the video / image / frame folder does not exist",
     "unreadable_media": "the media cannot be opened or a needed frame cannot be decoded",
+    "bad_clip_bound": "the clip bound (start, end seconds; MVBench) admits no frame of the video",
     "bad_conversations": "conversations missing, empty, malformed, or not alternating human/gpt",
     "modal_token_mismatch": "a video/image sample needs its tag in exactly one turn; no other tag",
     "region_mask_mismatch": "number of <region> tokens != number of annotated objects",

@@ -57,8 +57,9 @@ MIN_VISIBLE = 6  # pixels an object needs on a frame for that frame to be annota
 
 @dataclasses.dataclass(frozen=True)
 class SynthConfig:
-    """Video and dataset knobs. `mask_frames`: frames annotated per object in training samples
-    (1 = single-frame mode at `frame_idx`); evaluation entries always carry every visible frame."""
+    """Video and dataset knobs. `mask_frames`: frames annotated per object in training samples (1 =
+    single-frame mode at a frame where the referred objects are visible, else evenly spaced
+    keyframes where the object is visible)."""
 
     num_frames: int = 16
     size: int = 64
@@ -66,6 +67,9 @@ class SynthConfig:
     max_objects: int = 4
     media: str = "png"  # png | jpg | mp4
     mask_frames: int = 4
+    # Frames annotated per object in the Bench-Q/D entries (keyframes + frame_idx; 0 = every
+    # frame): multi-frame evaluation reads them all, single-frame evaluation frame_idx's.
+    eval_mask_frames: int = 4
     # Options listed as the full candidate set in one fixed order (letter = a function of the
     # answer), so that a tiny model can learn the letter mapping in minutes; False = sampled and
     # shuffled options as in VideoRefer-Bench-Q.
@@ -82,6 +86,8 @@ class SynthConfig:
             raise ValueError(f"media must be png, jpg or mp4, got {self.media!r}")
         if not 1 <= self.mask_frames <= self.num_frames:
             raise ValueError("mask_frames must be in [1, num_frames]")
+        if not 0 <= self.eval_mask_frames <= self.num_frames:
+            raise ValueError("eval_mask_frames must be in [0, num_frames]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,17 +420,28 @@ def make_questions(video: Video, rng: np.random.Generator, size: int, fixed_opti
     return out
 
 
-def _shared_frame(video: Video, objs: Sequence[int], rng: np.random.Generator) -> int:
-    """A frame where every referred object is visible (the single-frame mask frame)."""
+def _shared_frame(video: Video, objs: Sequence[int], rng: np.random.Generator,
+                  prefer: Sequence[int] = ()) -> int:
+    """A frame where every referred object is visible (the single-frame mask frame), one of
+    `prefer` when possible."""
     ok = np.flatnonzero((video.masks[list(objs)].sum(axis=(2, 3)) >= MIN_VISIBLE).all(axis=0))
-    return int(rng.choice(ok)) if len(ok) else 0
+    pref = [t for t in prefer if t in set(ok.tolist())]
+    return int(rng.choice(pref or ok)) if len(ok) else 0
 
 
-def _mask_frames(video: Video, frame_idx: int, n: int) -> list[int]:
+def keyframes(num_frames: int, n: int) -> list[int]:
+    """The `n` evenly spaced frames (first and last included) masks are given on in multi-frame mode."""
+    return sorted(set(np.linspace(0, num_frames - 1, n).round().astype(int).tolist()))
+
+
+def _annotated(video: Video, objs: Sequence[int], rng: np.random.Generator, n: int) -> tuple[int, list[int]]:
+    """(frame_idx, annotated frames): with n = 1 one frame where all `objs` are visible; else the
+    `n` keyframes (every frame for n = 0), and frame_idx one of them where all are visible if there is one (so the
+    single-frame reading of a multi-frame entry finds its mask)."""
     T = video.frames.shape[0]
-    if n == 1:
-        return [frame_idx]
-    return sorted({frame_idx, *np.linspace(0, T - 1, n).round().astype(int).tolist()})
+    keys = keyframes(T, n) if n else list(range(T))
+    fi = _shared_frame(video, objs, rng, prefer=keys if n > 1 else ())
+    return fi, ([fi] if n == 1 else sorted({fi, *keys}))
 
 
 # ----------------------------------------------------------------------------- samples
@@ -435,16 +452,16 @@ def train_samples(video: Video, rel: str, rng: np.random.Generator, cfg: SynthCo
     detailed caption of one object."""
     out = []
     for i, q in enumerate(make_questions(video, rng, cfg.size, cfg.fixed_options)):
-        fi = _shared_frame(video, q["objects"], rng)
+        _, frames = _annotated(video, q["objects"], rng, cfg.mask_frames)
         out.append({
             "id": f"{video.vid}_q{i}", "video": rel,
             "conversations": [{"from": "human", "value": "<video>\n" + bench_q_prompt(q["Question"], q["options"])},
                               {"from": "gpt", "value": q["Answer"]}],
-            "annotation": annotation(video, q["objects"], _mask_frames(video, fi, cfg.mask_frames)),
+            "annotation": annotation(video, q["objects"], frames),
             "type": q["type"]})
     for kind in ("short", "detailed"):
         k = int(rng.integers(len(video.tracks)))
-        fi = _shared_frame(video, [k], rng)
+        _, frames = _annotated(video, [k], rng, cfg.mask_frames)
         if kind == "short":
             prompt, cap = "What is [<region>]? Answer in a few words.", short_caption(video.tracks[k])
         else:
@@ -452,25 +469,25 @@ def train_samples(video: Video, rel: str, rng: np.random.Generator, cfg: SynthCo
         out.append({
             "id": f"{video.vid}_{kind}", "video": rel,
             "conversations": [{"from": "human", "value": "<video>\n" + prompt}, {"from": "gpt", "value": cap}],
-            "annotation": annotation(video, [k], _mask_frames(video, fi, cfg.mask_frames)),
+            "annotation": annotation(video, [k], frames),
             "type": f"{kind} caption"})
     return out
 
 
 def eval_entries(video: Video, rel: str, rng: np.random.Generator, cfg: SynthConfig) -> tuple[list[dict], list[dict]]:
-    """Bench-Q entries (every question of the video) and one Bench-D entry; annotations on every
-    frame where the object is visible, `frame_idx` a frame where all referred objects are."""
-    T = cfg.num_frames
+    """Bench-Q entries (every question of the video) and one Bench-D entry; annotations on the
+    `eval_mask_frames` keyframes where the object is visible, `frame_idx` a frame where all
+    referred objects are."""
     bq = []
     for i, q in enumerate(make_questions(video, rng, cfg.size, cfg.fixed_options)):
-        fi = _shared_frame(video, q["objects"], rng)
+        fi, frames = _annotated(video, q["objects"], rng, cfg.eval_mask_frames)
         bq.append({"id": f"{video.vid}_q{i}", "video": rel, "Question": q["Question"], "options": q["options"],
                    "Answer": q["Answer"], "type": q["type"], "frame_idx": fi,
-                   "annotation": annotation(video, q["objects"], range(T))})
+                   "annotation": annotation(video, q["objects"], frames)})
     k = int(rng.integers(len(video.tracks)))
-    fi = _shared_frame(video, [k], rng)
+    fi, frames = _annotated(video, [k], rng, cfg.eval_mask_frames)
     bd = [{"id": f"{video.vid}_d", "video": rel, "caption": detailed_caption(video, k, cfg.size), "frame_idx": fi,
-           "annotation": annotation(video, [k], range(T)), "attributes": attributes(video.tracks[k])}]
+           "annotation": annotation(video, [k], frames), "attributes": attributes(video.tracks[k])}]
     return bq, bd
 
 
@@ -613,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-objects", type=int, default=4)
     ap.add_argument("--media", default="png", choices=["png", "jpg", "mp4"])
     ap.add_argument("--mask-frames", type=int, default=4, help="annotated frames per object in train samples")
+    ap.add_argument("--eval-mask-frames", type=int, default=4,
+                    help="annotated frames per object in Bench-Q/D entries (0 = every frame)")
     ap.add_argument("--fixed-options", action="store_true", help="full option sets in a fixed order")
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--no-tokenizer", action="store_true")
@@ -621,7 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    cfg = SynthConfig(a.num_frames, a.size, a.min_objects, a.max_objects, a.media, a.mask_frames, a.fixed_options)
+    cfg = SynthConfig(num_frames=a.num_frames, size=a.size, min_objects=a.min_objects, max_objects=a.max_objects,
+                      media=a.media, mask_frames=a.mask_frames, eval_mask_frames=a.eval_mask_frames,
+                      fixed_options=a.fixed_options)
     summary = generate(a.out, seed=a.seed, train_videos=a.train_videos, eval_videos=a.eval_videos, cfg=cfg,
                        vocab_size=a.vocab_size, tokenizer=not a.no_tokenizer)
     print(json.dumps(summary, indent=1))

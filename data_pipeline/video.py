@@ -59,6 +59,26 @@ def sample_indices_v1(duration: int, num_frames: int) -> list[int]:
     return [int(v) for v in np.round(np.array(mids) + 1e-6).astype(int)]
 
 
+def clip_candidates(num_source_frames: int, fps: float, bound: Sequence[float] | None) -> list[int]:
+    """Frames a clip bound (start, end) in seconds admits, as the official `process_video` (used by
+    MVBench): first `max(int(s*fps) - 1, 0)`, last `min(int(e*fps) - 1, N - 1)`; no bound = all.
+    Raises `MediaError` for a bound that admits no frame."""
+    if bound is None:
+        return list(range(num_source_frames))
+    s, e = float(bound[0]), float(bound[1])
+    first, last = max(int(s * fps) - 1, 0), min(int(e * fps) - 1, num_source_frames - 1)
+    if last < first:
+        raise MediaError("bad_clip_bound", f"bound {s}..{e} s at {fps} fps admits no frame of {num_source_frames}")
+    return list(range(first, last + 1))
+
+
+def sample_clip_v1(num_source_frames: int, fps: float, num_frames: int,
+                   bound: Sequence[float] | None = None) -> list[int]:
+    """'v1' sampling of `num_frames` over the frames `bound` admits (the whole video without one)."""
+    cands = clip_candidates(num_source_frames, fps, bound)
+    return [cands[i] for i in sample_indices_v1(len(cands), num_frames)]
+
+
 # ----------------------------------------------------------------------------- readers
 
 

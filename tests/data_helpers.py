@@ -62,3 +62,32 @@ def write_records(path, recs):
         for r in recs:
             w.write(r.to_bytes())
     return path
+
+
+def write_level_video(path, n, codec="libx264", w=64, h=48, fps=10, gop=6, bframes=0, step=8):
+    """A video whose frame i is a flat grey of level step*i (mod 256), so `frame_level` reads the
+    index back from a decoded frame (step 8: up to 32 frames; step 4: 64)."""
+    import os
+
+    import av
+
+    os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height = w, h
+        s.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
+        if codec != "gif":
+            s.codec_context.gop_size = gop
+        if bframes:
+            s.codec_context.max_b_frames = bframes
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), step * i % 256, np.uint8), format="rgb24")
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def frame_level(frame, step=8):
+    """The index `write_level_video` encoded in a decoded [H, W, 3] frame (centre crop mean / step)."""
+    return int(round(float(frame[8:-8, 8:-8].mean()) / step))

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline import video as V
+from data_helpers import frame_level, write_level_video
 
 SHARED_VIDEOS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "videos")
 REAL = {"dog_h264_1280x720.mp4": (150, 30000 / 1001), "people_mpeg4_1280x720.mp4": (224, 12.0)}
@@ -46,36 +47,13 @@ def test_sampling_matches_formula_and_edge_cases():
 # ----------------------------------------------------------------------------- synthetic media
 
 
-def _write_video(path, n, codec, w=64, h=48, fps=10, gop=6, bframes=0):
-    """Frame i is a flat grey of level 8*i (+ a white corner square whose size also encodes i)."""
-    with av.open(path, "w") as c:
-        s = c.add_stream(codec, rate=fps)
-        s.width, s.height = w, h
-        s.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
-        if codec != "gif":
-            s.codec_context.gop_size = gop
-        if bframes:
-            s.codec_context.max_b_frames = bframes
-        for i in range(n):
-            img = np.full((h, w, 3), 8 * i % 256, np.uint8)
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-
-
-def _level(frame):
-    return int(round(float(frame[8:-8, 8:-8].mean()) / 8))
-
-
 @pytest.mark.parametrize("name,codec,bframes", [
     ("a.mp4", "libx264", 2), ("b.webm", "libvpx-vp9", 0), ("c.mkv", "mpeg4", 1), ("d.gif", "gif", 0),
 ])
 def test_synthetic_videos_pick_frames_by_index(tmp_path, name, codec, bframes):
     n = 30
     path = str(tmp_path / name)
-    _write_video(path, n, codec, bframes=bframes)
+    write_level_video(path, n, codec, bframes=bframes)
     r = V.open_video(path)
     assert r.num_frames == n
     with av.open(path) as c:
@@ -88,9 +66,9 @@ def test_synthetic_videos_pick_frames_by_index(tmp_path, name, codec, bframes):
         assert sorted(got) == idx
         for i in idx:
             np.testing.assert_array_equal(got[i], seq[i])
-            assert _level(got[i]) == i
+            assert frame_level(got[i]) == i
     got = r.get(V.sample_indices_v1(n, 16))
-    assert all(_level(got[i]) == i for i in got)
+    assert all(frame_level(got[i]) == i for i in got)
     with pytest.raises(V.MediaError) as e:
         r.get([n])
     assert e.value.reason == "unreadable_media"
@@ -106,7 +84,7 @@ def test_frame_folder_sorted_and_filtered(tmp_path):
     r = V.open_video(str(d))
     assert isinstance(r, V.FolderReader) and r.num_frames == 5 and r.fps == 3
     got = r.get([0, 4])
-    assert _level(got[0]) == 0 and _level(got[4]) == 11  # 5th name in sorted order is 00011.jpg
+    assert frame_level(got[0]) == 0 and frame_level(got[4]) == 11  # 5th name in sorted order is 00011.jpg
     assert got[0].shape == (20, 30, 3) and got[0].dtype == np.uint8
 
 

@@ -5,8 +5,13 @@ import json
 import os
 import re
 
+import numpy as np
+import pytest
+from PIL import Image
 
-from data_pipeline import schema
+from data_helpers import conv, frame_level, write_level_video
+from data_pipeline import convert, schema
+from data_pipeline import video as video_lib
 from vrefer_jax.evaluation import cli, mcqa, runner
 
 SUFFIX = "Answer with the option's letter from the given choices directly and only give the best option."
@@ -155,6 +160,45 @@ def test_mvbench_reader_and_score(tmp_path):
     assert mcqa.score(runner.read_predictions(out))["correct"] == 3  # rows alone carry what scoring needs
 
 
+def ref_clip_indices(num_source, fps, bound, n):
+    """The official `process_video` frame choice with clip bounds, from reading: candidates
+    max(int(s*fps)-1, 0) .. min(int(e*fps)-1, N-1), then 'v1' sampling over the candidates."""
+    first, last = (0, num_source - 1) if bound is None else (max(int(bound[0] * fps) - 1, 0),
+                                                             min(int(bound[1] * fps) - 1, num_source - 1))
+    cands = list(range(first, last + 1))
+    seg = float(len(cands) - 1) / n
+    return [cands[int(np.round((seg * i + seg * (i + 1)) / 2 + 1e-6))] for i in range(n)]
+
+
+def test_mvbench_clip_bounds_choose_the_frames(tmp_path):
+    """Bounded tasks sample inside [start, end] seconds: mp4 at its fps, frame folders at 3 fps;
+    checked on the decoded pixels, not only the indices."""
+    qdir, vdir = _mvbench(tmp_path)
+    write_level_video(os.path.join(vdir, "star/Charades_v1_480/a1.mp4"), 60, fps=10, step=4)  # 6 s
+    write_level_video(os.path.join(vdir, "clevrer/video_validation/c1.mp4"), 60, fps=10, step=4)
+    ep = os.path.join(vdir, "tvqa/frames_fps3_hq/ep1")
+    for i in range(40):
+        Image.fromarray(np.full((48, 64, 3), 4 * i, np.uint8)).save(os.path.join(ep, f"{i:05d}.png"))
+    items = {s.sample_id: s for s in mcqa.load_mvbench(qdir, TASKS)}
+    cfg = convert.ConvertConfig(num_frames=8, image_size=32, image_format="png")
+    cases = {"Action Sequence/0": (60, 10.0, [1.5, 7.0]), "Episodic Reasoning/0": (40, 3.0, [2, 9]),
+             "Moving Count/0": (60, 10.0, None)}
+    for sid, (n, fps, bound) in cases.items():
+        rec = convert.build_record(items[sid], vdir, cfg)
+        want = ref_clip_indices(n, fps, bound, 8)
+        assert list(rec.frame_indices) == want, sid
+        levels = [frame_level(np.pad(video_lib.decode_image(f), ((8, 8), (8, 8), (0, 0)), mode="edge"), 4)
+                  for f in rec.frames]
+        assert levels == want, sid
+        if bound is not None:  # 1.5..7 s at 10 fps: frames 14..59 (the end clipped); 2..9 s at 3 fps: 5..26
+            lo, hi = max(int(bound[0] * fps) - 1, 0), min(int(bound[1] * fps) - 1, n - 1)
+            assert lo <= min(want) and max(want) <= hi and min(want) - lo <= 3 and hi - max(want) <= 3, sid
+    bad = schema.parse_sample({"id": "x", "video": "star/Charades_v1_480/a1.mp4", "conversations": conv("q?")}, 0,
+                              extra={"bound": [20, 30]})
+    with pytest.raises(schema.SampleError, match="bad_clip_bound"):
+        convert.build_record(bad, vdir, cfg)
+
+
 # ----------------------------------------------------------------------------- VideoMME
 
 
@@ -182,16 +226,18 @@ def _videomme(tmp_path):
     return str(path), str(vdir)
 
 
+VIDEOMME_Q1 = ("Select the best answer to the following multiple-choice question based on the video. Respond with only "
+               "the letter (A, B, C, or D) of the correct option.\nHow many planets?\nA. 7.\nB. 8.\nC. 9.\nD. 10.\n"
+               + SUFFIX + " The best answer is: ")
+
+
 def test_videomme_reader_and_score(tmp_path):
     data, vdir = _videomme(tmp_path)
     items = mcqa.load_videomme(data, vdir)
     assert [runner.item_id(s) for s in items] == ["001-1", "001-2", "002-1", "003-1"]
     assert isinstance(items[3], schema.SampleError) and items[3].reason == "media_not_found"
     assert items[2].media == "def.mkv"
-    assert items[0].extra["prompt"] == (
-        "Select the best answer to the following multiple-choice question based on the video. Respond with only "
-        "the letter (A, B, C, or D) of the correct option.\nHow many planets?\nA. 7.\nB. 8.\nC. 9.\nD. 10.\n"
-        + SUFFIX + " The best answer is: ")
+    assert items[0].extra["prompt"] == VIDEOMME_Q1
     assert items[0].extra["options"] == ["7", "8", "9", "10"]
     assert items[1].extra["options"] == ["Su", "Moo", "Mar", "Venu"]  # the official cut drops the last character
     subs = mcqa.load_videomme(data, vdir, subtitles={"abc": "Hello there."})
@@ -206,6 +252,59 @@ def test_videomme_reader_and_score(tmp_path):
     assert (rep["n"], rep["correct"]) == (3, 2)
     assert rep["per"]["duration"]["short"]["accuracy"] == 1.0 and rep["per"]["duration"]["long"]["accuracy"] == 0.0
     assert rep["errors"][0]["id"] == "003-1" and rep["fallback"] == 0
+
+
+SRT = """1
+00:00:00,000 --> 00:00:01,500
+Hello
+there.
+
+2
+00:00:02,000 --> 00:00:03,000
+Second line.
+
+3
+00:00:03,000 --> 00:00:04,950
+Third.
+"""
+CUES = [(0, 1500, "Hello there."), (2000, 3000, "Second line."), (3000, 4950, "Third.")]  # ms, as written above
+
+
+def ref_videomme_subtitles(total, fps, n):
+    """The official script's subtitle lines, from reading: its `get_seq_frames` frame ids, each
+    frame time in ms (pysubs2 rounds frames * 1000 / fps), the first cue strictly around it."""
+    seg = float(total - 1) / n
+    ids = [(int(np.round(seg * i)) + int(np.round(seg * (i + 1)))) // 2 for i in range(n)]
+    lines = []
+    for f in ids:
+        t = int(round(f * 1000 / fps))
+        text = next((c for a, b, c in CUES if a < t < b), "")
+        if text.strip():
+            lines.append(text)
+    return "\n".join(lines)
+
+
+def test_videomme_subtitles_from_srt(tmp_path):
+    data, vdir = _videomme(tmp_path)
+    write_level_video(os.path.join(vdir, "abc.mp4"), 50, fps=10)  # 5 s
+    sdir = tmp_path / "subtitle"
+    sdir.mkdir()
+    (sdir / "abc.srt").write_text(SRT)
+    text = mcqa.videomme_subtitles(os.path.join(vdir, "abc.mp4"), str(sdir / "abc.srt"), 16)
+    assert text == ref_videomme_subtitles(50, 10.0, 16)
+    # Frames 1..13 fall in cue 1 (both lines joined by a space), 16 and 19 in the gap, then cues 2 and 3.
+    assert text.split("\n")[:6] == ["Hello there."] * 5 + ["Second line."] and "Third." in text
+    assert mcqa.subtitle_frame_ids(50, 16)[:8] == [1, 4, 7, 10, 13, 16, 19, 22]
+    assert mcqa.videomme_subtitles(os.path.join(vdir, "abc.mp4"), str(sdir / "none.srt")) == ""
+    items = mcqa.load_videomme(data, vdir, subtitle_folder=str(sdir))
+    assert items[0].extra["prompt"] == f"This video's subtitles are listed below:\n{text}\n" + VIDEOMME_Q1
+    assert items[2].extra["prompt"].startswith("This video's subtitles are listed below:\n\nSelect")  # no .srt
+    assert isinstance(items[3], schema.SampleError)
+    with pytest.raises(ValueError, match="video_folder"):
+        mcqa.load_videomme(data, None, subtitle_folder=str(sdir))
+    args = cli.build_parser().parse_args(["mcqa", "--benchmark", "videomme", "--checkpoint", "c", "--data", data,
+                                          "--media_root", vdir, "--out", "o.jsonl", "--subtitle_folder", str(sdir)])
+    assert cli._items("videomme", args)[0].extra["prompt"] == items[0].extra["prompt"]
 
 
 # ----------------------------------------------------------------------------- Perception Test

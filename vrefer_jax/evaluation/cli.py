@@ -46,7 +46,9 @@ def _items(bench: str, args: argparse.Namespace) -> list[runner.Item]:
         return bench_d.load(args.data, args.mode)
     if bench == "videomme":
         subs = runner.load_json(args.subtitles) if getattr(args, "subtitles", None) else None
-        return mcqa.load_videomme(args.data, getattr(args, "media_root", None), subs)
+        return mcqa.load_videomme(args.data, getattr(args, "media_root", None), subs,
+                                  subtitle_folder=getattr(args, "subtitle_folder", None),
+                                  num_frames=getattr(args, "num_frames", None) or 16)
     if bench == "perception_test":
         return mcqa.load_perception_test(args.data, getattr(args, "media_root", None))
     return mcqa.load_mvbench(args.data)
@@ -181,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, 16)
     p.add_argument("--benchmark", required=True, choices=list(mcqa.LOADERS))
     p.add_argument("--subtitles", help="VideoMME: JSON {youtube id: subtitle text} for the subtitle run")
+    p.add_argument("--subtitle_folder", help="VideoMME: the official <youtube id>.srt files for the subtitle run "
+                   "(read at the official frame times; needs --media_root)")
     p.add_argument("--submission", help="Perception Test: where to write the server JSON")
 
     p = sub.add_parser("score", help="score existing prediction files")

@@ -21,8 +21,9 @@ each official script (reference §5.3), fallbacks included:
 
 Frames: the official general benchmarks sample `model.config.num_frames` = 16 frames with
 `aspect_ratio=None` (the CLI defaults to 16 for `mcqa`). MVBench clip bounds (seconds) are in
-`extra["bound"]`, Episodic Reasoning reads frame folders (`extra["data_type"] == "frame"`): the
-predictor has to honour both to match the official numbers.
+`extra["bound"]`, which `convert.build_record` (and so the predictor) samples within, at the
+video's fps or 3 fps for the frame folders of Episodic Reasoning. VideoMME subtitles are read
+from the official `.srt` files with pysubs2 at the official frame times (`videomme_subtitles`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from data_pipeline import schema
+from data_pipeline import video as video_lib
 from vrefer_jax.evaluation import runner
 
 MCQA_SUFFIX = "Answer with the option's letter from the given choices directly and only give the best option."
@@ -179,17 +183,60 @@ def read_videomme_records(path: str) -> list[dict]:
     return records
 
 
+def subtitle_frame_ids(total_frames: int, num_frames: int) -> list[int]:
+    """The frames whose subtitles the official VideoMME script reads: its older `get_seq_frames`
+    rule (segment ends rounded, then the integer midpoint), not the 'v1' sampling of the video."""
+    seg = float(total_frames - 1) / num_frames
+    return [(int(np.round(seg * i)) + int(np.round(seg * (i + 1)))) // 2 for i in range(num_frames)]
+
+
+def videomme_subtitles(video_path: str, srt_path: str, num_frames: int = 16) -> str:
+    """Subtitle text for one VideoMME video, as the official script builds it: at each of the
+    `num_frames` frame times (`subtitle_frame_ids` over the video's frame count, converted to ms
+    at its fps by pysubs2), the first cue with start < t < end, line breaks joined by spaces;
+    blank ones dropped; joined by newlines. "" when the .srt file does not exist or the video
+    cannot be read (the official script's behaviour)."""
+    import pysubs2  # the library the official script parses .srt with
+
+    if not os.path.exists(srt_path):
+        return ""
+    try:
+        reader = video_lib.open_video(video_path)
+    except video_lib.MediaError:
+        return ""
+    if reader.num_frames < 1 or not reader.fps:
+        return ""
+    subs = pysubs2.load(srt_path, encoding="utf-8")
+    lines = []
+    for frame in subtitle_frame_ids(reader.num_frames, num_frames):
+        t = pysubs2.make_time(fps=reader.fps, frames=frame)
+        text = next((ev.text.replace("\\N", " ") for ev in subs if ev.start < t < ev.end), "")
+        if text.strip():
+            lines.append(text)
+    return "\n".join(lines)
+
+
 def load_videomme(data: str | Sequence[Mapping], video_folder: str | None = None,
-                  subtitles: Mapping[str, str] | None = None) -> list[runner.Item]:
+                  subtitles: Mapping[str, str] | None = None, subtitle_folder: str | None = None,
+                  num_frames: int = 16) -> list[runner.Item]:
     """VideoMME records -> one item per question (id = `question_id`). With `video_folder`, a
     video with no file in an official format gives `media_not_found` errors (the official
-    `missing`). `subtitles` {youtube id: text} builds the subtitle-prefixed run (a video without
-    an entry gets the empty prefix, as the official script does)."""
+    `missing`). The subtitle-prefixed run: `subtitle_folder` holds the official `<youtube id>.srt`
+    files, read with `videomme_subtitles` at `num_frames` frame times (needs `video_folder` for
+    the frame count and fps); or `subtitles` {youtube id: text} gives the text directly. A video
+    without subtitles gets the empty prefix, as the official script does."""
+    if subtitle_folder is not None and video_folder is None:
+        raise ValueError("subtitle_folder needs video_folder (frame times come from the video)")
     records = read_videomme_records(data) if isinstance(data, str) else data
+    if subtitle_folder is not None:
+        subtitles = dict(subtitles or {})
     items: list[runner.Item] = []
     for rec in records:
         ytid = rec["url"].split("watch?v=")[-1]
         media = _find_video(video_folder, ytid)
+        if subtitle_folder is not None and media is not None and ytid not in subtitles:
+            subtitles[ytid] = videomme_subtitles(os.path.join(video_folder, media),
+                                                 os.path.join(subtitle_folder, ytid + ".srt"), num_frames)
         for q in rec["questions"]:
             sid, idx = str(q["question_id"]), len(items)
             if media is None:
