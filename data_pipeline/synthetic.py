@@ -67,6 +67,9 @@ class SynthConfig:
     max_objects: int = 4
     media: str = "png"  # png | jpg | mp4
     mask_frames: int = 4
+    # Supervised turns per training conversation: 1 = one question or caption per sample; more =
+    # multi-round conversations about one video (more supervision per encoded video).
+    turns_per_sample: int = 1
     # Frames annotated per object in the Bench-Q/D entries (keyframes + frame_idx; 0 = every
     # frame): multi-frame evaluation reads them all, single-frame evaluation frame_idx's.
     eval_mask_frames: int = 4
@@ -86,6 +89,8 @@ class SynthConfig:
             raise ValueError(f"media must be png, jpg or mp4, got {self.media!r}")
         if not 1 <= self.mask_frames <= self.num_frames:
             raise ValueError("mask_frames must be in [1, num_frames]")
+        if self.turns_per_sample < 1:
+            raise ValueError("turns_per_sample must be >= 1")
         if not 0 <= self.eval_mask_frames <= self.num_frames:
             raise ValueError("eval_mask_frames must be in [0, num_frames]")
 
@@ -447,18 +452,14 @@ def _annotated(video: Video, objs: Sequence[int], rng: np.random.Generator, n: i
 # ----------------------------------------------------------------------------- samples
 
 
-def train_samples(video: Video, rel: str, rng: np.random.Generator, cfg: SynthConfig) -> list[dict]:
-    """Training samples (official format): each question in the Bench-Q prompt, plus a short and a
-    detailed caption of one object."""
+def _turns(video: Video, rng: np.random.Generator, cfg: SynthConfig) -> list[dict]:
+    """A video's supervised turns: {type, prompt, reply, objects, frames} for each question (in
+    the Bench-Q prompt), a short and a detailed caption of one object."""
     out = []
-    for i, q in enumerate(make_questions(video, rng, cfg.size, cfg.fixed_options)):
+    for q in make_questions(video, rng, cfg.size, cfg.fixed_options):
         _, frames = _annotated(video, q["objects"], rng, cfg.mask_frames)
-        out.append({
-            "id": f"{video.vid}_q{i}", "video": rel,
-            "conversations": [{"from": "human", "value": "<video>\n" + bench_q_prompt(q["Question"], q["options"])},
-                              {"from": "gpt", "value": q["Answer"]}],
-            "annotation": annotation(video, q["objects"], frames),
-            "type": q["type"]})
+        out.append({"type": q["type"], "prompt": bench_q_prompt(q["Question"], q["options"]), "reply": q["Answer"],
+                    "objects": q["objects"], "frames": frames})
     for kind in ("short", "detailed"):
         k = int(rng.integers(len(video.tracks)))
         _, frames = _annotated(video, [k], rng, cfg.mask_frames)
@@ -466,12 +467,36 @@ def train_samples(video: Video, rel: str, rng: np.random.Generator, cfg: SynthCo
             prompt, cap = "What is [<region>]? Answer in a few words.", short_caption(video.tracks[k])
         else:
             prompt, cap = BENCH_D_PROMPT, detailed_caption(video, k, cfg.size)
-        out.append({
-            "id": f"{video.vid}_{kind}", "video": rel,
-            "conversations": [{"from": "human", "value": "<video>\n" + prompt}, {"from": "gpt", "value": cap}],
-            "annotation": annotation(video, [k], frames),
-            "type": f"{kind} caption"})
+        out.append({"type": f"{kind} caption", "prompt": prompt, "reply": cap, "objects": [k], "frames": frames})
     return out
+
+
+def train_samples(video: Video, rel: str, rng: np.random.Generator, cfg: SynthConfig) -> list[dict]:
+    """Training samples (official format) from `_turns`: one turn per sample, or with
+    `turns_per_sample` > 1 multi-round conversations (as in VideoRefer-700K's QA sets) of that many
+    turns in shuffled order: `<video>` in the first human turn, the annotation list holding each
+    turn's objects in `<region>` order (an object asked about twice is listed twice)."""
+    turns = _turns(video, rng, cfg)
+    if cfg.turns_per_sample > 1:
+        turns = [turns[i] for i in rng.permutation(len(turns))]
+    out = []
+    n = cfg.turns_per_sample
+    for g, start in enumerate(range(0, len(turns), n)):
+        group = turns[start:start + n]
+        conv, ann = [], []
+        for j, t in enumerate(group):
+            conv += [{"from": "human", "value": ("<video>\n" if j == 0 else "") + t["prompt"]},
+                     {"from": "gpt", "value": t["reply"]}]
+            ann += annotation(video, t["objects"], t["frames"])
+        sid = f"{video.vid}_{_turn_id(group[0])}" if n == 1 else f"{video.vid}_c{g}"
+        out.append({"id": sid, "video": rel, "conversations": conv, "annotation": ann,
+                    "type": group[0]["type"] if n == 1 else "conversation"})
+    return out
+
+
+def _turn_id(turn: dict) -> str:
+    t = turn["type"]
+    return t.split()[0] if t.endswith("caption") else "q" + str(QUESTION_TYPES.index(t))
 
 
 def eval_entries(video: Video, rel: str, rng: np.random.Generator, cfg: SynthConfig) -> tuple[list[dict], list[dict]]:
@@ -630,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-objects", type=int, default=4)
     ap.add_argument("--media", default="png", choices=["png", "jpg", "mp4"])
     ap.add_argument("--mask-frames", type=int, default=4, help="annotated frames per object in train samples")
+    ap.add_argument("--turns-per-sample", type=int, default=1, help="supervised turns per training conversation")
     ap.add_argument("--eval-mask-frames", type=int, default=4,
                     help="annotated frames per object in Bench-Q/D entries (0 = every frame)")
     ap.add_argument("--fixed-options", action="store_true", help="full option sets in a fixed order")
@@ -642,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     cfg = SynthConfig(num_frames=a.num_frames, size=a.size, min_objects=a.min_objects, max_objects=a.max_objects,
                       media=a.media, mask_frames=a.mask_frames, eval_mask_frames=a.eval_mask_frames,
+                      turns_per_sample=a.turns_per_sample,
                       fixed_options=a.fixed_options)
     summary = generate(a.out, seed=a.seed, train_videos=a.train_videos, eval_videos=a.eval_videos, cfg=cfg,
                        vocab_size=a.vocab_size, tokenizer=not a.no_tokenizer)

@@ -1,9 +1,11 @@
 """The main job: synthetic data -> records -> trainer -> Bench-Q runner (+ ablation) -> HF export ->
 vrefer-infer.
 
-`test_main_job_short` (CI) runs a shortened job and checks the pipeline end to end and that the
-loss drops. The accuracy claim needs the full default job (~5-8 min on 2 cores): it is
-`test_main_job_full`, marked slow (`make test-all`)."""
+`test_main_job_short` (CI) runs a shortened job (fewer videos and steps) and checks the pipeline end
+to end and that the loss drops; a 200-step run does not yet answer Basic questions above chance, so
+the accuracy check is in `test_main_job_full` (the default job, ~5-7 min on 2 cores, marked slow,
+`make test-all`): Basic accuracy at least 0.25 above chance and above the zeroed-object-token
+ablation."""
 
 import os
 
@@ -31,6 +33,14 @@ def _run(workdir, bindings):
     return res
 
 
+def _assert_basic_beats_chance(res, margin=0.15):
+    basic = res["trained"]["bench_q"]["official"]["per_type"]["Basic Questions"]
+    zeroed = res["ablated"]["bench_q"]["official"]["per_type"]["Basic Questions"]
+    chance = res["chance"]["Basic Questions"]
+    assert basic["accuracy"] >= chance + margin and basic["accuracy"] >= zeroed["accuracy"] + margin, (
+        basic, zeroed, chance)
+
+
 def test_main_job_short(tmp_path):
     res = _run(str(tmp_path / "job"), [
         "SyntheticJob.train_videos = 32", "SyntheticJob.eval_videos = 8", "SyntheticJob.bench_d_items = 4",
@@ -48,7 +58,4 @@ def test_main_job_short(tmp_path):
 @pytest.mark.slow
 def test_main_job_full(tmp_path):
     res = _run(str(tmp_path / "job"), [])
-    basic = res["trained"]["bench_q"]["official"]["per_type"]["Basic Questions"]
-    zeroed = res["ablated"]["bench_q"]["official"]["per_type"]["Basic Questions"]
-    chance = res["chance"]["Basic Questions"]
-    assert basic["accuracy"] >= chance + 0.15 and basic["accuracy"] >= zeroed["accuracy"] + 0.15, (basic, zeroed, chance)
+    _assert_basic_beats_chance(res, margin=0.25)

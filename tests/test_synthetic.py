@@ -113,6 +113,31 @@ def test_rle_annotations_match_png_frames(data):
             assert len(colours) == 1
 
 
+def test_annotated_frames_are_keyframes(data):
+    """Training samples carry masks on the `mask_frames` keyframes (where the object is visible);
+    eval entries on the `eval_mask_frames` keyframes, `frame_idx` among them when all referred
+    objects are visible on one, so single- and multi-frame readings agree with training."""
+    _, train, bq, bd, _ = data
+    keys = set(syn.keyframes(16, CFG.mask_frames))
+    assert keys == {0, 5, 10, 15}
+    for e in train:  # plus at most one frame where all referred objects show when no keyframe has them
+        for obj in e["annotation"]:
+            assert len({int(k) for k in obj} - keys) <= 1 and len(obj) <= CFG.mask_frames + 1
+    in_keys = 0
+    for e in bq + bd:
+        fi = e["frame_idx"]
+        for obj in e["annotation"]:
+            assert {int(k) for k in obj} <= set(syn.keyframes(16, CFG.eval_mask_frames)) | {fi}
+            assert str(fi) in obj  # the single-frame mode's mask
+        in_keys += fi in keys
+    assert in_keys >= 0.8 * len(bq + bd)
+    v = syn.make_video(3, "eval", 0, CFG)
+    fi, frames = syn._annotated(v, [0], np.random.default_rng(0), 0)  # 0: every frame
+    assert frames == list(range(16))
+    fi, frames = syn._annotated(v, [0], np.random.default_rng(0), 1)
+    assert frames == [fi] and v.masks[0, fi].sum() >= syn.MIN_VISIBLE
+
+
 def _letter(ans):
     return re.match(r"\((\w)\)", ans).group(1)
 
@@ -178,6 +203,41 @@ def test_official_formats_parse_and_convert(data, tmp_path):
     assert rep["written"] == 5 and rep["num_skipped"] == 0, rep
     r = records.RecordReader(str(tmp_path / "bq"))[0]
     assert r.num_source_frames == CFG.num_frames and len(r.objects) == len(bq[0]["annotation"])
+
+
+def test_multi_round_conversations(tmp_path):
+    """turns_per_sample > 1 packs a video's questions and captions into conversations: the same
+    turns as one-per-sample (same seed), `<video>` only in the first human turn, one annotation per
+    `<region>` in order, and they convert and tokenise with every reply supervised."""
+    from data_pipeline.loader import LoaderConfig, SampleTransform
+    from vrefer_jax.text.tokenizer import load_tokenizer
+
+    one = syn.train_samples(syn.make_video(5, "train", 0, CFG), "videos/train/v", np.random.default_rng(1), CFG)
+    cfg3 = syn.SynthConfig(num_frames=16, size=64, mask_frames=4, turns_per_sample=3)
+    multi = syn.train_samples(syn.make_video(5, "train", 0, cfg3), "videos/train/v", np.random.default_rng(1), cfg3)
+    assert [len(m["conversations"]) // 2 for m in multi] == [3, 3, len(one) - 6][: len(multi)]
+    pairs = lambda ss: sorted((c[0]["value"].removeprefix("<video>\n"), c[1]["value"])
+                              for s_ in ss for c in zip(s_["conversations"][::2], s_["conversations"][1::2]))
+    assert pairs(one) == pairs(multi)  # same turns, regrouped
+    for i, m in enumerate(multi):
+        humans = [t["value"] for t in m["conversations"][::2]]
+        assert humans[0].startswith("<video>\n") and not any("<video>" in h for h in humans[1:])
+        assert sum(h.count("<region>") for h in humans) == len(m["annotation"]) == len(schema.parse_sample(m, i).objects)
+    root = str(tmp_path)
+    syn.generate(root, seed=5, train_videos=2, eval_videos=1, cfg=cfg3, vocab_size=600)
+    train = json.load(open(os.path.join(root, "train.json")))
+    rep = convert.convert(train, str(tmp_path / "rec"), media_root=root, num_shards=1, progress=False,
+                          config=convert.ConvertConfig(num_frames=4, image_size=28, image_format="png"))
+    assert rep["written"] == len(train) and rep["num_skipped"] == 0
+    tok = load_tokenizer(os.path.join(root, "tokenizer.json"))
+    lc = LoaderConfig(image_size=28, grid=4, num_frames=4, seq_len=512, max_region_frames=8, max_objects=10,
+                      max_object_frames=5, batch_size=1, pad_token_id=0)
+    ex = SampleTransform(lc, tok)(records.RecordReader(str(tmp_path / "rec"))[0])
+    supervised = tok.decode([int(t) for t in ex["labels"] if t >= 0])
+    first = train[0]
+    for t in first["conversations"][1::2]:
+        assert t["value"] in supervised
+    assert int(ex["object_valid"].sum()) == len(first["annotation"])
 
 
 def test_mp4_media_converts(tmp_path):

@@ -222,3 +222,15 @@ out = test_train._train(sys.argv[2], sys.argv[1], 3, mesh=(4, 1, 1))
 json.dump({"process": [jax.process_index(), jax.process_count()], "devices": jax.device_count(),
            "losses": [h["loss"] for h in out["history"]], "ids": ids}, open(sys.argv[3], "w"))
 """
+
+
+def test_tower_training_flags_must_agree(records, tmp_path):
+    """'vision_tower' in the trainable groups without ModelConfig.train_vision_tower would get zero
+    gradients (stop_gradient), and the reverse would let gradients in with no update: both refused."""
+    cfg, data, opt, step, tok = _configs(records)
+    tc = trainer.TrainConfig(total_steps=1, global_batch_size=4, progress_bar=False)
+    groups = ("vision_tower",) + opt.trainable
+    for c, o in ((cfg, dataclasses.replace(opt, trainable=groups)), (cfg.replace(train_vision_tower=True), opt)):
+        with pytest.raises(ValueError, match="train_vision_tower"):
+            trainer.train(str(tmp_path), model_cfg=c, data_cfg=data, train_cfg=tc, opt_cfg=o, step_cfg=step,
+                          tokenizer=tok)

@@ -216,6 +216,12 @@ def test_remat_switch_same_loss_and_grads(tiny):
     # the tower is frozen: exactly zero gradient; the region encoder and LLM learn
     assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree_util.tree_leaves(g0["vision_tower"]))
     assert float(jnp.abs(g0["region_encoder"]["feat_linear_0"]["kernel"]).max()) > 0
+    # train_vision_tower lets gradients into every tower layer the model uses; the rest is unchanged
+    g2 = jax.jit(jax.grad(lambda p: loss_fn(p, cfg.replace(train_vision_tower=True))))(params)
+    assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree_util.tree_leaves(g2["vision_tower"]["embeddings"]))
+    assert float(jnp.abs(g2["vision_tower"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"]).max()) > 0
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                           g0["llm"], g2["llm"])
 
 
 def test_7b_abstract_init_matches_checkpoint_parameter_count():

@@ -118,6 +118,10 @@ class ModelConfig:
     attention_impl: str | None = None
     # Ablation (evaluation only): object tokens replaced by zeros, same token counts and layout.
     zero_object_tokens: bool = False
+    # The tower is frozen in every official stage (no gradient flows into it). True lets gradients
+    # through, for training it (with "vision_tower" in `OptimizerConfig.trainable`): the
+    # from-scratch synthetic demo, or a user's fine-tune.
+    train_vision_tower: bool = False
 
     @property
     def compute_dtype(self):

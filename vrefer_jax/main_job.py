@@ -39,6 +39,7 @@ class SyntheticJob:
     video_size: int = 64
     mask_frames: int = 2
     eval_mask_frames: int = 4
+    turns_per_sample: int = 1
     fixed_options: bool = True  # see data_pipeline.synthetic.SynthConfig.fixed_options
     vocab_size: int = 512
     convert_shards: int = 4
@@ -149,7 +150,7 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
         summary = synthetic.generate(
             data_dir, seed=job.seed, train_videos=job.train_videos, eval_videos=job.eval_videos,
             cfg=synthetic.SynthConfig(num_frames=job.video_frames, size=job.video_size, mask_frames=job.mask_frames,
-                                      eval_mask_frames=job.eval_mask_frames,
+                                      eval_mask_frames=job.eval_mask_frames, turns_per_sample=job.turns_per_sample,
                                       fixed_options=job.fixed_options),
             vocab_size=job.vocab_size)
         print(f"      {summary['train_samples']} training samples, {summary['bench_q']} Bench-Q, "

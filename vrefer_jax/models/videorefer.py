@@ -62,14 +62,17 @@ class VideoRefer(nn.Module):
 
         frames [B, T, S, S, 3], region_frames [B, F, S, S, 3] ->
         (features [B, T, P, C_vis], region features [B, F, P, C_vis]).
-        The tower is frozen in every official stage: no gradient flows into it.
+        The tower is frozen in every official stage: no gradient flows into it (unless
+        `cfg.train_vision_tower`).
         """
         B, T = frames.shape[:2]
         F = region_frames.shape[1]
         x = jnp.concatenate([frames, region_frames], axis=1).reshape((B * (T + F),) + frames.shape[2:])
         x = constrain(x.astype(self.cfg.compute_dtype), ("activation_frames", None, None, None))
         feats = self.vision_tower(x)
-        feats = jax.lax.stop_gradient(feats).reshape((B, T + F) + feats.shape[1:])
+        if not self.cfg.train_vision_tower:
+            feats = jax.lax.stop_gradient(feats)
+        feats = feats.reshape((B, T + F) + feats.shape[1:])
         return feats[:, :T], feats[:, T:]
 
     def encode_video(self, frame_feats: jax.Array) -> jax.Array:

@@ -148,6 +148,9 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
     sc = step_cfg or StepConfig()
     if not data.train:
         raise ValueError("DataConfig.train is empty: bind it to one or more record sets")
+    if ("vision_tower" in oc.trainable) != cfg.train_vision_tower:
+        raise ValueError(f"OptimizerConfig.trainable {oc.trainable} and ModelConfig.train_vision_tower="
+                         f"{cfg.train_vision_tower} disagree: the tower gets gradients only with both set")
     nproc = jax.process_count()
     if tc.global_batch_size % nproc:
         raise ValueError(f"global batch {tc.global_batch_size} not divisible by {nproc} processes")
