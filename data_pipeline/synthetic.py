@@ -430,7 +430,8 @@ def _shared_frame(video: Video, objs: Sequence[int], rng: np.random.Generator,
     """A frame where every referred object is visible (the single-frame mask frame), one of
     `prefer` when possible."""
     ok = np.flatnonzero((video.masks[list(objs)].sum(axis=(2, 3)) >= MIN_VISIBLE).all(axis=0))
-    pref = [t for t in prefer if t in set(ok.tolist())]
+    visible = set(ok.tolist())
+    pref = [t for t in prefer if t in visible]
     return int(rng.choice(pref or ok)) if len(ok) else 0
 
 

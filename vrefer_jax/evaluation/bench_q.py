@@ -22,6 +22,7 @@ is given alongside for information only.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,12 +49,8 @@ def row_fields(s: schema.Sample) -> dict[str, Any]:
             "type": e["type"], "mode": e["mode"], "frame_idx": e["frame_idx"]}
 
 
-def run(items: Sequence[runner.Item], predictor: runner.Predictor, out: str, *, media_root: str, gen=None,
-        batch_size: int = 1, shard_index: int = 0, num_shards: int = 1, limit: int | None = None,
-        log=None) -> runner.RunResult:
-    return runner.run_predictions(items, predictor, out, media_root=media_root, row_fn=row_fields, gen=gen,
-                                  batch_size=batch_size, shard_index=shard_index, num_shards=num_shards,
-                                  limit=limit, log=log)
+# `runner.run_predictions` with this benchmark's prediction-row fields.
+run = functools.partial(runner.run_predictions, row_fn=row_fields)
 
 
 # ----------------------------------------------------------------------------- parsers

@@ -29,6 +29,7 @@ from the official `.srt` files with pysubs2 at the official frame times (`videom
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import re
@@ -356,12 +357,8 @@ def row_fields(s: schema.Sample) -> dict[str, Any]:
     return {"video": s.media, **{k: v for k, v in s.extra.items() if k != "prompt"}}
 
 
-def run(items: Sequence[runner.Item], predictor: runner.Predictor, out: str, *, media_root: str, gen=None,
-        batch_size: int = 1, shard_index: int = 0, num_shards: int = 1, limit: int | None = None,
-        log=None) -> runner.RunResult:
-    return runner.run_predictions(items, predictor, out, media_root=media_root, row_fn=row_fields, gen=gen,
-                                  batch_size=batch_size, shard_index=shard_index, num_shards=num_shards,
-                                  limit=limit, log=log)
+# `runner.run_predictions` with this benchmark's prediction-row fields.
+run = functools.partial(runner.run_predictions, row_fn=row_fields)
 
 
 def _judge_row(bench: str, pred: str, e: Mapping[str, Any]) -> tuple[bool | None, bool]:
