@@ -301,11 +301,9 @@ def _q_basic(video, rng, S):
         rest = [c for c in others if c not in in_video]
         dis = in_video + list(rng.permutation(rest))
         opts, ans = _mc(rng, tr.colour.capitalize(), [d.capitalize() for d in dis[:3]], 4)
-        q = f"What colour is {_tags(1)[0]}?"
-    else:
-        opts, ans = _mc(rng, tr.shape.capitalize(), [s.capitalize() for s in SHAPES if s != tr.shape], 3)
-        q = f"What shape is {_tags(1)[0]}?"
-    return q, opts, ans, [k]
+        return f"What colour is {_tags(1)[0]}?", opts, ans, [k], "colour"
+    opts, ans = _mc(rng, tr.shape.capitalize(), [s.capitalize() for s in SHAPES if s != tr.shape], 3)
+    return f"What shape is {_tags(1)[0]}?", opts, ans, [k], "shape"
 
 
 def _q_sequential(video, rng, S):
@@ -313,7 +311,7 @@ def _q_sequential(video, rng, S):
     tr = video.tracks[k]
     words = {d: f"It moves {d}" for d in DIRECTIONS}
     opts, ans = _mc(rng, words[tr.direction], [w for d, w in words.items() if d != tr.direction], 4)
-    return f"In which direction does {_tags(1)[0]} move during the video?", opts, ans, [k]
+    return f"In which direction does {_tags(1)[0]} move during the video?", opts, ans, [k], "direction"
 
 
 def _relation(a: Track, b: Track, S: int) -> str | None:
@@ -344,7 +342,7 @@ def _q_relationship(video, rng, S):
                 all_rel = ["To the left of it", "To the right of it", "Above it", "Below it"]
                 opts, ans = _mc(rng, rel, [r for r in all_rel if r != rel], 4)
                 t0, t1 = _tags(2)
-                return f"Where is {t0} relative to {t1} throughout the video?", opts, ans, [a, b]
+                return f"Where is {t0} relative to {t1} throughout the video?", opts, ans, [a, b], "position"
     for a, b in pairs:  # size: area ratio >= 1.5 between the two
         ra, rb = video.tracks[a].radius, video.tracks[b].radius
         if max(ra, rb) / min(ra, rb) >= 1.2:  # radius ratio 1.2 = area ratio 1.44 (same shape)
@@ -353,7 +351,7 @@ def _q_relationship(video, rng, S):
                 opts, ans = _mc(rng, "Larger" if area[0] > area[1] else "Smaller",
                                 ["Smaller" if area[0] > area[1] else "Larger"], 2)
                 t0, t1 = _tags(2)
-                return f"Compared with {t1}, is {t0} larger or smaller?", opts, ans, [a, b]
+                return f"Compared with {t1}, is {t0} larger or smaller?", opts, ans, [a, b], "size"
     return None
 
 
@@ -364,7 +362,7 @@ def _q_reasoning(video, rng, S):
             opts, ans = _mc(rng, "<object0>" if sa > sb else "<object1>",
                             ["<object1>" if sa > sb else "<object0>"], 2)
             t0, t1 = _tags(2)
-            return f"Which of {t0} and {t1} moves faster?", opts, ans, [a, b]
+            return f"Which of {t0} and {t1} moves faster?", opts, ans, [a, b], "speed"
     return None
 
 
@@ -390,7 +388,7 @@ def _q_future(video, rng, S):
             opts, ans = _mc(rng, quarter, [q for q in QUARTERS if q != quarter], 4)
             q = (f"If {_tags(1)[0]} keeps moving the same way, which part of the frame will it be in "
                  "shortly after the video ends?")
-            return q, opts, ans, [int(k)]
+            return q, opts, ans, [int(k)], "future position"
     return None
 
 
@@ -413,15 +411,17 @@ def _fixed(opts: Sequence[str], ans: str) -> tuple[list[str], str]:
 
 
 def make_questions(video: Video, rng: np.random.Generator, size: int, fixed_options: bool = False) -> list[dict]:
-    """At most one question per type: {type, Question, options, Answer, objects}."""
+    """At most one question per type: {type, kind, Question, options, Answer, objects}; `kind` is
+    what the question asks (colour, shape, direction, position, size, speed, future position)."""
     out = []
     for qtype, fn in QUESTION_MAKERS.items():
         res = fn(video, rng, size)
         if res is not None:
-            q, opts, ans, objs = res
+            q, opts, ans, objs, kind = res
             if fixed_options:
                 opts, ans = _fixed(opts, ans)
-            out.append({"type": qtype, "Question": q, "options": opts, "Answer": ans, "objects": objs})
+            out.append({"type": qtype, "kind": kind, "Question": q, "options": opts, "Answer": ans,
+                        "objects": objs})
     return out
 
 
@@ -508,7 +508,7 @@ def eval_entries(video: Video, rel: str, rng: np.random.Generator, cfg: SynthCon
     for i, q in enumerate(make_questions(video, rng, cfg.size, cfg.fixed_options)):
         fi, frames = _annotated(video, q["objects"], rng, cfg.eval_mask_frames)
         bq.append({"id": f"{video.vid}_q{i}", "video": rel, "Question": q["Question"], "options": q["options"],
-                   "Answer": q["Answer"], "type": q["type"], "frame_idx": fi,
+                   "Answer": q["Answer"], "type": q["type"], "kind": q["kind"], "frame_idx": fi,
                    "annotation": annotation(video, q["objects"], frames)})
     k = int(rng.integers(len(video.tracks)))
     fi, frames = _annotated(video, [k], rng, cfg.eval_mask_frames)

@@ -149,3 +149,25 @@ def test_input_checks():
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 35, 35, 3)))
     with pytest.raises(ValueError, match="NHWC"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 30, 30)))
+
+
+def test_position_init_sincos2d():
+    """The demo tower's smooth position table: same key and shape as the learned one, the normal
+    init's per-entry scale (times `position_init_scale`), and the first x / y columns monotone
+    along their axis and constant along the other (so mean-pooled features carry position)."""
+    from vrefer_jax.models.siglip import sincos_2d_table
+
+    g, d = 5, 16
+    t = sincos_2d_table(g, d, 1.0).reshape(g, g, d)  # [row, col, dim]
+    assert np.all(np.diff(t[0, :, 0]) > 0) and np.allclose(t[:, :, 0], t[:1, :, 0])  # sin(x): rises with col
+    assert np.all(np.diff(t[:, 0, 2 * (d // 4)]) > 0) and np.allclose(t[:, :, 8], t[:, :1, 8])  # sin(y)
+
+    cfg = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=35, patch_size=7, position_init="sincos2d", position_init_scale=2.0)
+    params = SiglipVisionTower(cfg).init(jax.random.key(0), jnp.zeros((1, 35, 35, 3)))["params"]
+    table = np.asarray(nn.meta.unbox(params)["embeddings"]["position_embedding"]["embedding"])
+    assert table.shape == (25, 32)
+    np.testing.assert_allclose(table, sincos_2d_table(5, 32, 2.0 * 32**-0.5 * np.sqrt(2.0)), rtol=1e-6)
+    np.testing.assert_allclose(np.sqrt(np.mean(table**2)), 2.0 * 32**-0.5, rtol=0.15)
+    with pytest.raises(ValueError, match="position_init"):
+        VisionConfig(position_init="learned")

@@ -293,3 +293,16 @@ def test_cli_and_config_errors(tmp_path, capsys):
         syn.SynthConfig(num_frames=33)
     with pytest.raises(ValueError):
         syn.SynthConfig(size=256)
+
+
+def test_question_kinds(data):
+    """Every Bench-Q entry names what it asks (`kind`), consistent with its type and wording."""
+    _, _, bq, _, _ = data
+    words = {"colour": "What colour", "shape": "What shape", "direction": "In which direction",
+             "position": "relative to", "size": "larger or smaller", "speed": "moves faster",
+             "future position": "keeps moving"}
+    types = {"colour": 0, "shape": 0, "direction": 1, "position": 2, "size": 2, "speed": 3, "future position": 4}
+    for e in bq:
+        assert words[e["kind"]] in e["Question"], e
+        assert e["type"] == syn.QUESTION_TYPES[types[e["kind"]]], e
+    assert {"colour", "direction", "future position"} <= {e["kind"] for e in bq}

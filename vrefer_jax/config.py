@@ -33,6 +33,16 @@ class VisionConfig:
     # `mm_vision_select_layer`: index into HF's `hidden_states` tuple (0 = embeddings,
     # k = output of layer k-1); -2 = output of the second-to-last layer.
     select_layer: int = -2
+    # Initial position table: "normal" (random, as HF initialises SigLIP) or "sincos2d" (smooth in
+    # 2-D, as the table of a pretrained ViT ends up). Only matters without released weights: the
+    # CPU demo's frozen stand-in tower uses "sincos2d" so that pooled features carry position.
+    position_init: str = "normal"
+    position_init_scale: float = 1.0  # x the normal init's per-entry RMS (hidden_size ** -0.5)
+    position_init_freqs: int = 0  # sincos2d: frequencies per axis (0 = hidden_size // 4; rest zero)
+
+    def __post_init__(self):
+        if self.position_init not in ("normal", "sincos2d"):
+            raise ValueError(f"position_init must be 'normal' or 'sincos2d', got {self.position_init!r}")
 
     @property
     def grid(self) -> int:

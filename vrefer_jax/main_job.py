@@ -91,7 +91,7 @@ def evaluate(cfg, params, tok, data_dir: str, out_dir: str, job: SyntheticJob, t
     rows = {r["id"]: r for r in _read_jsonl(os.path.join(out_dir, f"bench_q.{tag}.jsonl"))}
     q = bench_q.score(rows, items)
     q["seconds"] = time.perf_counter() - t
-    res = {"bench_q": q}
+    res = {"bench_q": q, "by_kind": accuracy_by_kind(rows, os.path.join(data_dir, "bench_q.json"))}
     if job.bench_d_items:
         d_items = bench_d.load(os.path.join(data_dir, "bench_d.json"), job.eval_mode)[: job.bench_d_items]
         dgen = default_generation(tok, None, max_new_tokens=job.description_tokens, repetition_penalty=1.0)
@@ -100,6 +100,26 @@ def evaluate(cfg, params, tok, data_dir: str, out_dir: str, job: SyntheticJob, t
         drows = {r["id"]: r for r in _read_jsonl(os.path.join(out_dir, f"bench_d.{tag}.jsonl"))}
         res["bench_d"] = bench_d.score_attributes(drows, d_items)
     return res
+
+
+def accuracy_by_kind(rows: dict[str, dict], bench_q_path: str) -> dict[str, dict[str, Any]]:
+    """Official-parser accuracy per question kind (the synthetic entries' `kind`: colour, shape,
+    direction, ...), with the type it belongs to and its chance level."""
+    from vrefer_jax.evaluation.bench_q import official_correct
+
+    by: dict[str, dict[str, Any]] = {}
+    for e in json.load(open(bench_q_path)):
+        r = rows.get(e["id"])
+        if r is None or r.get("pred") is None or "kind" not in e:
+            continue
+        k = by.setdefault(e["kind"], {"type": e["type"], "n": 0, "correct": 0, "chance": 0.0})
+        k["n"] += 1
+        k["correct"] += int(official_correct(r["pred"], e["Answer"]))
+        k["chance"] += 1.0 / len(e["options"])
+    for k in by.values():
+        k["accuracy"], k["chance"] = k["correct"] / k["n"], k["chance"] / k["n"]
+    from data_pipeline.synthetic import QUESTION_TYPES
+    return dict(sorted(by.items(), key=lambda kv: (QUESTION_TYPES.index(kv[1]["type"]), kv[0])))
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -123,6 +143,11 @@ def format_table(trained: dict, ablated: dict, chance: dict) -> str:
     lines.append(f"| **average** | {sum(v['n'] for v in trained['bench_q']['official']['per_type'].values())} | "
                  f"{trained['bench_q']['official']['accuracy']:.3f} | {ablated['bench_q']['official']['accuracy']:.3f} | "
                  f"{chance['average']:.3f} |")
+    if trained.get("by_kind"):
+        lines += ["", "| question kind (type) | n | trained | object tokens zeroed | chance |", "|---|---|---|---|---|"]
+        for kind, k in trained["by_kind"].items():
+            z = ablated.get("by_kind", {}).get(kind, {}).get("accuracy", float("nan"))
+            lines.append(f"| {kind} ({k['type'].split()[0]}) | {k['n']} | {k['accuracy']:.3f} | {z:.3f} | {k['chance']:.3f} |")
     s = trained["bench_q"]["strict"]["accuracy"]
     lines.append("")
     lines.append(f"strict parser: accuracy {s:.3f}, unreadable answers {trained['bench_q']['unreadable']}")

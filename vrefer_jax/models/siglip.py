@@ -23,6 +23,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vrefer_jax.checkpoints.key_map import KeyRule
 from vrefer_jax.config import VisionConfig
@@ -33,6 +34,36 @@ Dtype = layers.Dtype
 
 # [N, P, D] activations between blocks.
 ACT_NAMES = ("activation_frames", "activation_patches", "activation_vit_embed")
+
+
+def sincos_2d_table(grid: int, dim: int, scale: float, num_freqs: int = 0) -> np.ndarray:
+    """[grid * grid, dim] row-major table: for each axis, sin and cos of the normalised coordinate
+    u in [0, 1] at frequencies k * pi / 2 (k = 1 .. num_freqs, default dim // 4), so the low-k
+    columns vary slowly and nearly monotonically across the grid; zero-padded to `dim`, times
+    `scale`."""
+    n = num_freqs or dim // 4
+    if not 1 <= n <= dim // 4:
+        raise ValueError(f"num_freqs {num_freqs} must be in [1, {dim // 4}] for dim {dim}")
+    u = np.linspace(0.0, 1.0, grid) if grid > 1 else np.zeros(1)
+    yy, xx = (a.reshape(-1, 1) for a in np.meshgrid(u, u, indexing="ij"))
+    ang = np.pi / 2 * np.arange(1, n + 1)
+    cols = [np.sin(xx * ang), np.cos(xx * ang), np.sin(yy * ang), np.cos(yy * ang)]
+    table = np.concatenate(cols + [np.zeros((grid * grid, dim - 4 * n))], axis=1)
+    return (scale * table).astype(np.float32)
+
+
+def _position_init(cfg: VisionConfig):
+    std = cfg.hidden_size**-0.5  # HF's normal init for the table
+    if cfg.position_init == "normal":
+        return nn.initializers.normal(stddev=std * cfg.position_init_scale)
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        # sin/cos entries have RMS 1/sqrt(2): the nonzero ones get the normal init's per-entry scale.
+        return jnp.asarray(sincos_2d_table(cfg.grid, shape[1], cfg.position_init_scale * std * np.sqrt(2.0),
+                                           cfg.position_init_freqs), dtype)
+
+    return init
 
 
 class SiglipEmbeddings(nn.Module):
@@ -71,8 +102,7 @@ class SiglipEmbeddings(nn.Module):
             features=cfg.hidden_size,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(stddev=cfg.hidden_size**-0.5), ("vit_pos", "vit_embed")),
+            embedding_init=nn.with_logical_partitioning(_position_init(cfg), ("vit_pos", "vit_embed")),
             name="position_embedding",
         )(jnp.arange(cfg.num_patches))
         return constrain(x + pos[None], ACT_NAMES)
