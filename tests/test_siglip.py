@@ -171,3 +171,8 @@ def test_position_init_sincos2d():
     np.testing.assert_allclose(np.sqrt(np.mean(table**2)), 2.0 * 32**-0.5, rtol=0.15)
     with pytest.raises(ValueError, match="position_init"):
         VisionConfig(position_init="learned")
+    low = sincos_2d_table(g, d, 1.0, num_freqs=1)  # only k = 1 per axis: 4 columns, the rest zero
+    np.testing.assert_array_equal(low[:, 4:], 0.0)
+    np.testing.assert_allclose(low[:, :4], sincos_2d_table(g, d, 1.0)[:, [0, 4, 8, 12]])
+    with pytest.raises(ValueError, match="num_freqs"):
+        sincos_2d_table(g, d, 1.0, num_freqs=5)
