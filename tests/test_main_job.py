@@ -2,8 +2,8 @@
 vrefer-infer.
 
 `test_main_job_short` (CI) runs a shortened job (fewer videos and steps) and checks the pipeline end
-to end and that the loss drops; a short run does not yet answer any question type above chance, so
-the accuracy check is in `test_main_job_full` (the default job, about 8 min on 2 cores, marked slow,
+to end and that the loss drops; 120 steps on 32 videos are too few to learn a question type reliably,
+so the accuracy check is in `test_main_job_full` (the default job, about 8 min on 2 cores, marked slow,
 `make test-all`): Future Predictions at least 0.25 above chance and above the zeroed-object-token
 ablation (the default configuration does not yet learn Basic questions: README, "The main job")."""
 

@@ -105,10 +105,13 @@ def evaluate(cfg, params, tok, data_dir: str, out_dir: str, job: SyntheticJob, t
 def accuracy_by_kind(rows: dict[str, dict], bench_q_path: str) -> dict[str, dict[str, Any]]:
     """Official-parser accuracy per question kind (the synthetic entries' `kind`: colour, shape,
     direction, ...), with the type it belongs to and its chance level."""
+    from data_pipeline.synthetic import QUESTION_TYPES
     from vrefer_jax.evaluation.bench_q import official_correct
 
+    with open(bench_q_path) as f:
+        entries = json.load(f)
     by: dict[str, dict[str, Any]] = {}
-    for e in json.load(open(bench_q_path)):
+    for e in entries:
         r = rows.get(e["id"])
         if r is None or r.get("pred") is None or "kind" not in e:
             continue
@@ -118,7 +121,6 @@ def accuracy_by_kind(rows: dict[str, dict], bench_q_path: str) -> dict[str, dict
         k["chance"] += 1.0 / len(e["options"])
     for k in by.values():
         k["accuracy"], k["chance"] = k["correct"] / k["n"], k["chance"] / k["n"]
-    from data_pipeline.synthetic import QUESTION_TYPES
     return dict(sorted(by.items(), key=lambda kv: (QUESTION_TYPES.index(kv[1]["type"]), kv[0])))
 
 
