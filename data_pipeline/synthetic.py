@@ -51,6 +51,10 @@ QUESTION_TYPES = ("Basic Questions", "Sequential Questions", "Relationship Quest
                   "Reasoning Questions", "Future Predictions")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<region>")
 SPLITS = {"train": 0, "eval": 1}
+KIND_TYPES = {"colour": "Basic Questions", "shape": "Basic Questions", "direction": "Sequential Questions",
+              "position": "Relationship Questions", "size": "Relationship Questions",
+              "speed": "Reasoning Questions", "exit edge": "Reasoning Questions",
+              "future position": "Future Predictions"}
 LETTERS = "ABCDEFGH"
 MIN_VISIBLE = 6  # pixels an object needs on a frame for that frame to be annotated
 
@@ -77,6 +81,19 @@ class SynthConfig:
     # answer), so that a tiny model can learn the letter mapping in minutes; False = sampled and
     # shuffled options as in VideoRefer-Bench-Q.
     fixed_options: bool = False
+    # What the Bench-Q questions ask (see `KIND_TYPES`); a type none of whose kinds is listed is
+    # not asked. Shape and size are off by default: a mask-pooled region token is a mean over the
+    # object's patches, which keeps colour and where the object is but averages its outline away.
+    # Speed (which of two moves faster) is off too: the demo's tiny decoder did not learn it in its
+    # budget; Reasoning asks for the exit edge instead (README, "The main job"). Captions and
+    # Bench-D always name colour, shape and size.
+    question_kinds: tuple[str, ...] = ("colour", "direction", "position", "exit edge", "future position")
+    # Travel over the clip as a share of the free span: [lo, hi] (speeds differ, objects stay in view).
+    travel: tuple[float, float] = (0.15, 0.7)
+    min_speed_ratio: float = 1.5  # speed questions only for pairs at least this far apart
+    # Caption turns per training video: 2 = a short and a detailed one, 1 = one of the two at random
+    # (a caption has several times a question's supervised tokens), 0 = none.
+    captions_per_video: int = 2
 
     def __post_init__(self):
         if not 2 <= self.num_frames <= 32:
@@ -93,6 +110,15 @@ class SynthConfig:
             raise ValueError("turns_per_sample must be >= 1")
         if not 0 <= self.eval_mask_frames <= self.num_frames:
             raise ValueError("eval_mask_frames must be in [0, num_frames]")
+        unknown = set(self.question_kinds) - set(KIND_TYPES)
+        if unknown or not self.question_kinds:
+            raise ValueError(f"question_kinds must be a non-empty subset of {tuple(KIND_TYPES)}, got {self.question_kinds}")
+        if not 0.0 < self.travel[0] <= self.travel[1] <= 1.0:
+            raise ValueError(f"travel must satisfy 0 < lo <= hi <= 1, got {self.travel}")
+        if self.captions_per_video not in (0, 1, 2):
+            raise ValueError(f"captions_per_video must be 0, 1 or 2, got {self.captions_per_video}")
+        if self.min_speed_ratio < 1.0:
+            raise ValueError(f"min_speed_ratio must be >= 1, got {self.min_speed_ratio}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,8 +186,7 @@ def _sample_tracks(rng: np.random.Generator, cfg: SynthConfig) -> list[Track]:
         direction = str(dirs[k % 4])
         d = np.array(DIRECTIONS[direction])
         lo, hi = r + 1, S - r - 1
-        # Travel between 15% and 70% of the free span, so speeds differ and objects stay in view.
-        span = rng.uniform(0.15, 0.7) * (hi - lo)
+        span = rng.uniform(*cfg.travel) * (hi - lo)
         speed = span / (T - 1)
         drift = rng.uniform(-0.15, 0.15) * speed  # small sideways drift: the direction stays clear
         v = d * speed + np.array([d[1], d[0]]) * drift
@@ -292,10 +317,19 @@ def _mc(rng: np.random.Generator, correct: str, distractors: Sequence[str], n: i
     return labelled, labelled[opts.index(correct)]
 
 
-def _q_basic(video, rng, S):
+def _pick_kind(rng: np.random.Generator, cfg: SynthConfig, kinds: Sequence[str]) -> str | None:
+    """One of `kinds` that `cfg.question_kinds` allows (uniformly), or None."""
+    allowed = [k for k in kinds if k in cfg.question_kinds]
+    return str(allowed[int(rng.integers(len(allowed)))]) if allowed else None
+
+
+def _q_basic(video, rng, cfg):
+    kind = _pick_kind(rng, cfg, ("colour", "shape"))
+    if kind is None:
+        return None
     k = int(rng.integers(len(video.tracks)))
     tr = video.tracks[k]
-    if rng.random() < 0.5:
+    if kind == "colour":
         others = [c for c in COLOURS if c != tr.colour]
         in_video = [t.colour for t in video.tracks if t.colour != tr.colour]  # distractors from the scene first
         rest = [c for c in others if c not in in_video]
@@ -306,7 +340,9 @@ def _q_basic(video, rng, S):
     return f"What shape is {_tags(1)[0]}?", opts, ans, [k], "shape"
 
 
-def _q_sequential(video, rng, S):
+def _q_sequential(video, rng, cfg):
+    if "direction" not in cfg.question_kinds:
+        return None
     k = int(rng.integers(len(video.tracks)))
     tr = video.tracks[k]
     words = {d: f"It moves {d}" for d in DIRECTIONS}
@@ -333,9 +369,13 @@ def _pairs(video, rng):
     return [pairs[i] for i in rng.permutation(len(pairs))]
 
 
-def _q_relationship(video, rng, S):
+def _q_relationship(video, rng, cfg):
+    S = cfg.size
+    kind = _pick_kind(rng, cfg, ("position", "size"))
+    if kind is None:
+        return None
     pairs = _pairs(video, rng)
-    if rng.random() < 0.5:
+    if kind == "position":
         for a, b in pairs:
             rel = _relation(video.tracks[a], video.tracks[b], S)
             if rel is not None:
@@ -343,6 +383,8 @@ def _q_relationship(video, rng, S):
                 opts, ans = _mc(rng, rel, [r for r in all_rel if r != rel], 4)
                 t0, t1 = _tags(2)
                 return f"Where is {t0} relative to {t1} throughout the video?", opts, ans, [a, b], "position"
+        if "size" not in cfg.question_kinds:
+            return None
     for a, b in pairs:  # size: area ratio >= 1.5 between the two
         ra, rb = video.tracks[a].radius, video.tracks[b].radius
         if max(ra, rb) / min(ra, rb) >= 1.2:  # radius ratio 1.2 = area ratio 1.44 (same shape)
@@ -355,10 +397,37 @@ def _q_relationship(video, rng, S):
     return None
 
 
-def _q_reasoning(video, rng, S):
+EDGES = ("The left edge", "The right edge", "The top edge", "The bottom edge")
+
+
+def exit_edge(track: Track, size: int, margin: float = 1.25) -> str | None:
+    """The frame edge the centre would cross first if it kept its mean velocity after the last
+    frame; None when the runner-up edge is reached within `margin` times the time (too close to call)."""
+    T = len(track.centres)
+    (px, py), (vx, vy) = track.centres[-1], (track.centres[-1] - track.centres[0]) / (T - 1)
+    times = [px / -vx if vx < 0 else np.inf, (size - px) / vx if vx > 0 else np.inf,
+             py / -vy if vy < 0 else np.inf, (size - py) / vy if vy > 0 else np.inf]
+    order = np.argsort(times)
+    if times[order[1]] < margin * times[order[0]]:
+        return None
+    return EDGES[int(order[0])]
+
+
+def _q_reasoning(video, rng, cfg):
+    kind = _pick_kind(rng, cfg, ("speed", "exit edge"))
+    if kind == "exit edge":
+        for k in rng.permutation(len(video.tracks)):
+            edge = exit_edge(video.tracks[int(k)], cfg.size)
+            if edge is not None:
+                opts, ans = _mc(rng, edge, [e for e in EDGES if e != edge], 4)
+                q = f"If {_tags(1)[0]} keeps moving the same way, which edge of the frame will it reach first?"
+                return q, opts, ans, [int(k)], "exit edge"
+        return None
+    if kind != "speed":
+        return None
     for a, b in _pairs(video, rng):
         sa, sb = video.tracks[a].speed, video.tracks[b].speed
-        if max(sa, sb) / min(sa, sb) >= 1.5:
+        if max(sa, sb) / min(sa, sb) >= cfg.min_speed_ratio:
             opts, ans = _mc(rng, "<object0>" if sa > sb else "<object1>",
                             ["<object1>" if sa > sb else "<object0>"], 2)
             t0, t1 = _tags(2)
@@ -381,9 +450,11 @@ def future_quarter(track: Track, size: int, horizon: float = 0.25) -> str | None
     return QUARTERS[2 * int(p[1] > size / 2) + int(p[0] > size / 2)]
 
 
-def _q_future(video, rng, S):
+def _q_future(video, rng, cfg):
+    if "future position" not in cfg.question_kinds:
+        return None
     for k in rng.permutation(len(video.tracks)):
-        quarter = future_quarter(video.tracks[int(k)], S)
+        quarter = future_quarter(video.tracks[int(k)], cfg.size)
         if quarter is not None:
             opts, ans = _mc(rng, quarter, [q for q in QUARTERS if q != quarter], 4)
             q = (f"If {_tags(1)[0]} keeps moving the same way, which part of the frame will it be in "
@@ -399,7 +470,7 @@ OPTION_SETS = (
     tuple(c.capitalize() for c in COLOURS), tuple(s.capitalize() for s in SHAPES),
     tuple(f"It moves {d}" for d in DIRECTIONS),
     ("To the left of it", "To the right of it", "Above it", "Below it"), ("Larger", "Smaller"),
-    ("<object0>", "<object1>"), QUARTERS)
+    ("<object0>", "<object1>"), EDGES, QUARTERS)
 
 
 def _fixed(opts: Sequence[str], ans: str) -> tuple[list[str], str]:
@@ -410,15 +481,15 @@ def _fixed(opts: Sequence[str], ans: str) -> tuple[list[str], str]:
     return labelled, labelled[universe.index(text)]
 
 
-def make_questions(video: Video, rng: np.random.Generator, size: int, fixed_options: bool = False) -> list[dict]:
+def make_questions(video: Video, rng: np.random.Generator, cfg: SynthConfig) -> list[dict]:
     """At most one question per type: {type, kind, Question, options, Answer, objects}; `kind` is
-    what the question asks (colour, shape, direction, position, size, speed, future position)."""
+    what the question asks (one of `cfg.question_kinds`)."""
     out = []
     for qtype, fn in QUESTION_MAKERS.items():
-        res = fn(video, rng, size)
+        res = fn(video, rng, cfg)
         if res is not None:
             q, opts, ans, objs, kind = res
-            if fixed_options:
+            if cfg.fixed_options:
                 opts, ans = _fixed(opts, ans)
             out.append({"type": qtype, "kind": kind, "Question": q, "options": opts, "Answer": ans,
                         "objects": objs})
@@ -455,13 +526,16 @@ def _annotated(video: Video, objs: Sequence[int], rng: np.random.Generator, n: i
 
 def _turns(video: Video, rng: np.random.Generator, cfg: SynthConfig) -> list[dict]:
     """A video's supervised turns: {type, prompt, reply, objects, frames} for each question (in
-    the Bench-Q prompt), a short and a detailed caption of one object."""
+    the Bench-Q prompt), then `cfg.captions_per_video` captions (short, detailed) of one object."""
     out = []
-    for q in make_questions(video, rng, cfg.size, cfg.fixed_options):
+    for q in make_questions(video, rng, cfg):
         _, frames = _annotated(video, q["objects"], rng, cfg.mask_frames)
         out.append({"type": q["type"], "prompt": bench_q_prompt(q["Question"], q["options"]), "reply": q["Answer"],
                     "objects": q["objects"], "frames": frames})
-    for kind in ("short", "detailed"):
+    kinds = ("short", "detailed")
+    if cfg.captions_per_video < 2:
+        kinds = (kinds[int(rng.integers(2))],)[: cfg.captions_per_video]
+    for kind in kinds:
         k = int(rng.integers(len(video.tracks)))
         _, frames = _annotated(video, [k], rng, cfg.mask_frames)
         if kind == "short":
@@ -505,7 +579,7 @@ def eval_entries(video: Video, rel: str, rng: np.random.Generator, cfg: SynthCon
     `eval_mask_frames` keyframes where the object is visible, `frame_idx` a frame where all
     referred objects are."""
     bq = []
-    for i, q in enumerate(make_questions(video, rng, cfg.size, cfg.fixed_options)):
+    for i, q in enumerate(make_questions(video, rng, cfg)):
         fi, frames = _annotated(video, q["objects"], rng, cfg.eval_mask_frames)
         bq.append({"id": f"{video.vid}_q{i}", "video": rel, "Question": q["Question"], "options": q["options"],
                    "Answer": q["Answer"], "type": q["type"], "kind": q["kind"], "frame_idx": fi,
@@ -660,6 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-mask-frames", type=int, default=4,
                     help="annotated frames per object in Bench-Q/D entries (0 = every frame)")
     ap.add_argument("--fixed-options", action="store_true", help="full option sets in a fixed order")
+    ap.add_argument("--question-kinds", default=",".join(SynthConfig.question_kinds),
+                    help=f"comma-separated, from: {', '.join(KIND_TYPES)}")
+    ap.add_argument("--captions-per-video", type=int, default=2, choices=[0, 1, 2])
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--no-tokenizer", action="store_true")
     return ap
@@ -669,8 +746,9 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     cfg = SynthConfig(num_frames=a.num_frames, size=a.size, min_objects=a.min_objects, max_objects=a.max_objects,
                       media=a.media, mask_frames=a.mask_frames, eval_mask_frames=a.eval_mask_frames,
-                      turns_per_sample=a.turns_per_sample,
-                      fixed_options=a.fixed_options)
+                      turns_per_sample=a.turns_per_sample, fixed_options=a.fixed_options,
+                      question_kinds=tuple(k.strip() for k in a.question_kinds.split(",") if k.strip()),
+                      captions_per_video=a.captions_per_video)
     summary = generate(a.out, seed=a.seed, train_videos=a.train_videos, eval_videos=a.eval_videos, cfg=cfg,
                        vocab_size=a.vocab_size, tokenizer=not a.no_tokenizer)
     print(json.dumps(summary, indent=1))

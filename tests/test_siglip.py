@@ -176,3 +176,27 @@ def test_position_init_sincos2d():
     np.testing.assert_allclose(low[:, :4], sincos_2d_table(g, d, 1.0)[:, [0, 4, 8, 12]])
     with pytest.raises(ValueError, match="num_freqs"):
         sincos_2d_table(g, d, 1.0, num_freqs=5)
+
+
+def test_patch_init_scale():
+    """`patch_init_scale` multiplies the patch conv's init std (0.02), nothing else."""
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=35,
+              patch_size=7)
+    init = lambda c: nn.meta.unbox(SiglipVisionTower(c).init(jax.random.key(0), jnp.zeros((1, 35, 35, 3)))["params"])
+    base, big = init(VisionConfig(**kw)), init(VisionConfig(**kw, patch_init_scale=3.0))
+    k0, k1 = (np.asarray(p["embeddings"]["patch_embedding"]["kernel"]) for p in (base, big))
+    np.testing.assert_allclose(k1, 3.0 * k0, rtol=1e-6)
+    np.testing.assert_allclose(k0.std(), 0.02, rtol=0.05)
+    rest = lambda p: jax.tree_util.tree_leaves({k: v for k, v in p.items() if k != "embeddings"})
+    for a, b in zip(rest(base), rest(big)):
+        np.testing.assert_array_equal(a, b)
+    # disjoint: the patch conv starts at zero on the sincos table's channels, the table is zero elsewhere
+    dis = VisionConfig(**kw, position_init="sincos2d", position_init_freqs=3, patch_init_disjoint=True)
+    assert dis.position_channels == 12
+    p = init(dis)["embeddings"]
+    kernel, table = np.asarray(p["patch_embedding"]["kernel"]), np.asarray(p["position_embedding"]["embedding"])
+    assert not kernel[..., :12].any() and kernel[..., 12:].std() > 0.01
+    assert table[:, :12].std() > 0.01 and not table[:, 12:].any()
+    for bad in (dict(patch_init_disjoint=True), dict(position_init="sincos2d", patch_init_disjoint=True)):
+        with pytest.raises(ValueError, match="patch_init_disjoint"):
+            VisionConfig(**kw, **bad)  # needs sincos2d, and free channels (default freqs fill all 32)

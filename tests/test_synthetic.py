@@ -1,5 +1,6 @@
 """data_pipeline.synthetic: determinism, exact masks, correct answers, official formats, tokenizer, scorer."""
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -14,7 +15,7 @@ from PIL import Image
 from data_pipeline import bench_formats, convert, masks, records, schema
 from data_pipeline import synthetic as syn
 
-CFG = syn.SynthConfig(num_frames=16, size=64, mask_frames=4)
+CFG = syn.SynthConfig(num_frames=16, size=64, mask_frames=4, question_kinds=tuple(syn.KIND_TYPES))  # every kind
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,8 @@ def test_deterministic_by_seed_and_split():
     d = syn.make_video(7, "eval", 2, CFG)
     assert np.array_equal(a.frames, b.frames) and np.array_equal(a.masks, b.masks)
     assert not np.array_equal(a.frames, c.frames) and not np.array_equal(a.frames, d.frames)
-    qa = syn.make_questions(a, np.random.default_rng(0), CFG.size)
-    qb = syn.make_questions(b, np.random.default_rng(0), CFG.size)
+    qa = syn.make_questions(a, np.random.default_rng(0), CFG)
+    qb = syn.make_questions(b, np.random.default_rng(0), CFG)
     assert qa == qb
 
 
@@ -171,9 +172,17 @@ def test_answers_match_ground_truth(data):
                 want = {"To the left of it": d[:, 0] < 0, "To the right of it": d[:, 0] > 0,
                         "Above it": d[:, 1] < 0, "Below it": d[:, 1] > 0}[ans]
                 assert want.all()
-        elif t == "Reasoning Questions":
+        elif t == "Reasoning Questions" and e["kind"] == "speed":
             sp = [np.linalg.norm(x[-1] - x[0]) for x in c]
             assert ans == ("<object0>" if sp[0] > sp[1] else "<object1>")
+        elif t == "Reasoning Questions":  # exit edge: first edge crossed at the mean velocity
+            v = (c[0][-1] - c[0][0]) / (len(c[0]) - 1)
+            steps = np.linspace(0, 400, 40001)[:, None]
+            path = c[0][-1] + steps * v
+            first = int(np.argmax(((path < 0) | (path > 64)).any(axis=1)))
+            x, y = path[first]
+            want = "left" if x < 0 else "right" if x > 64 else "top" if y < 0 else "bottom"
+            assert ans == f"The {want} edge"
         else:
             T = len(c[0])
             p = np.clip(c[0][-1] + (c[0][-1] - c[0][0]) / (T - 1) * T / 4, 0, 64)
@@ -213,7 +222,7 @@ def test_multi_round_conversations(tmp_path):
     from vrefer_jax.text.tokenizer import load_tokenizer
 
     one = syn.train_samples(syn.make_video(5, "train", 0, CFG), "videos/train/v", np.random.default_rng(1), CFG)
-    cfg3 = syn.SynthConfig(num_frames=16, size=64, mask_frames=4, turns_per_sample=3)
+    cfg3 = dataclasses.replace(CFG, turns_per_sample=3)
     multi = syn.train_samples(syn.make_video(5, "train", 0, cfg3), "videos/train/v", np.random.default_rng(1), cfg3)
     assert [len(m["conversations"]) // 2 for m in multi] == [3, 3, len(one) - 6][: len(multi)]
     pairs = lambda ss: sorted((c[0]["value"].removeprefix("<video>\n"), c[1]["value"])
@@ -289,10 +298,21 @@ def test_cli_and_config_errors(tmp_path, capsys):
                      "--num-frames", "32", "--size", "128"]) == 0
     assert json.loads(capsys.readouterr().out)["train_videos"] == 1
     assert len(os.listdir(tmp_path / "videos" / "train" / "train_000000")) == 32
+    assert syn.main(["--out", str(tmp_path / "k"), "--train-videos", "2", "--eval-videos", "2", "--no-tokenizer",
+                     "--question-kinds", "shape, size", "--captions-per-video", "0"]) == 0
+    capsys.readouterr()
+    train = json.load(open(tmp_path / "k" / "train.json"))
+    assert {s["type"] for s in train} <= {"Basic Questions", "Relationship Questions"} and train
+    with pytest.raises(ValueError):
+        syn.main(["--out", str(tmp_path / "x"), "--question-kinds", "hue"])
     with pytest.raises(ValueError):
         syn.SynthConfig(num_frames=33)
     with pytest.raises(ValueError):
         syn.SynthConfig(size=256)
+    for bad in (dict(question_kinds=("hue",)), dict(question_kinds=()), dict(travel=(0.5, 0.2)),
+                dict(min_speed_ratio=0.5)):
+        with pytest.raises(ValueError):
+            syn.SynthConfig(**bad)
 
 
 def test_question_kinds(data):
@@ -300,9 +320,31 @@ def test_question_kinds(data):
     _, _, bq, _, _ = data
     words = {"colour": "What colour", "shape": "What shape", "direction": "In which direction",
              "position": "relative to", "size": "larger or smaller", "speed": "moves faster",
-             "future position": "keeps moving"}
-    types = {"colour": 0, "shape": 0, "direction": 1, "position": 2, "size": 2, "speed": 3, "future position": 4}
+             "exit edge": "which edge", "future position": "which part of the frame"}
+    types = {"colour": 0, "shape": 0, "direction": 1, "position": 2, "size": 2, "speed": 3, "exit edge": 3,
+             "future position": 4}
     for e in bq:
         assert words[e["kind"]] in e["Question"], e
         assert e["type"] == syn.QUESTION_TYPES[types[e["kind"]]], e
     assert {"colour", "direction", "future position"} <= {e["kind"] for e in bq}
+
+
+def test_question_kinds_select_what_is_asked():
+    """`question_kinds` decides what is asked (a type with none of its kinds is not asked);
+    `min_speed_ratio` and `travel` shape the speed questions and the tracks."""
+    default = syn.SynthConfig()
+    assert set(default.question_kinds) == set(syn.KIND_TYPES) - {"shape", "size", "speed"}
+    only = syn.SynthConfig(question_kinds=("shape", "speed"), min_speed_ratio=2.0, travel=(0.4, 0.9))
+    kinds, types = set(), set()
+    for i in range(30):
+        v = syn.make_video(4, "train", i, only)
+        for tr in v.tracks:  # travel share of the free span (clipped start keeps it exact)
+            free = 64 - 2 * (tr.radius + 1)
+            assert 0.4 - 1e-6 <= tr.speed * 15 / free <= 0.9 + 1e-6
+        for q in syn.make_questions(v, np.random.default_rng(i), only):
+            kinds.add(q["kind"])
+            types.add(q["type"])
+            if q["kind"] == "speed":
+                sp = sorted(v.tracks[k].speed for k in q["objects"])
+                assert sp[1] / sp[0] >= 2.0
+    assert kinds == {"shape", "speed"} and types == {"Basic Questions", "Reasoning Questions"}

@@ -39,10 +39,22 @@ class VisionConfig:
     position_init: str = "normal"
     position_init_scale: float = 1.0  # x the normal init's per-entry RMS (hidden_size ** -0.5)
     position_init_freqs: int = 0  # sincos2d: frequencies per axis (0 = hidden_size // 4; rest zero)
+    patch_init_scale: float = 1.0  # x the patch conv's init std (0.02): the demo tower's colour salience
+    # sincos2d only: the patch conv starts at zero on the table's nonzero channels, so appearance and
+    # position start in disjoint channels (and per-coordinate optimizers learn both at one pace).
+    patch_init_disjoint: bool = False
 
     def __post_init__(self):
         if self.position_init not in ("normal", "sincos2d"):
             raise ValueError(f"position_init must be 'normal' or 'sincos2d', got {self.position_init!r}")
+        if self.patch_init_disjoint and (self.position_init != "sincos2d" or self.position_channels >= self.hidden_size):
+            raise ValueError("patch_init_disjoint needs position_init='sincos2d' with position_init_freqs leaving "
+                             "channels free (4 * freqs < hidden_size)")
+
+    @property
+    def position_channels(self) -> int:
+        """Channels the sincos2d table fills (4 per frequency: sin/cos of x and y)."""
+        return 4 * (self.position_init_freqs or self.hidden_size // 4)
 
     @property
     def grid(self) -> int:

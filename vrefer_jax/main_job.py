@@ -41,6 +41,11 @@ class SyntheticJob:
     eval_mask_frames: int = 4
     turns_per_sample: int = 1
     fixed_options: bool = True  # see data_pipeline.synthetic.SynthConfig.fixed_options
+    # Defaults: data_pipeline.synthetic.SynthConfig's.
+    question_kinds: tuple[str, ...] = ("colour", "direction", "position", "exit edge", "future position")
+    travel: tuple[float, float] = (0.15, 0.7)
+    min_speed_ratio: float = 1.5
+    captions_per_video: int = 2
     vocab_size: int = 512
     convert_shards: int = 4
     eval_mode: str = "single"
@@ -178,7 +183,9 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
             data_dir, seed=job.seed, train_videos=job.train_videos, eval_videos=job.eval_videos,
             cfg=synthetic.SynthConfig(num_frames=job.video_frames, size=job.video_size, mask_frames=job.mask_frames,
                                       eval_mask_frames=job.eval_mask_frames, turns_per_sample=job.turns_per_sample,
-                                      fixed_options=job.fixed_options),
+                                      fixed_options=job.fixed_options, question_kinds=tuple(job.question_kinds),
+                                      travel=tuple(job.travel), min_speed_ratio=job.min_speed_ratio,
+                                      captions_per_video=job.captions_per_video),
             vocab_size=job.vocab_size)
         print(f"      {summary['train_samples']} training samples, {summary['bench_q']} Bench-Q, "
               f"{summary['bench_d']} Bench-D items", flush=True)
@@ -242,6 +249,7 @@ def ask_one(checkpoint: str, data_dir: str, num_frames: int) -> dict[str, str]:
     import contextlib
     import io
 
+    from data_pipeline.bench_formats import bench_q_prompt
     from vrefer_jax.inference import cli as infer_cli
 
     entry = json.load(open(os.path.join(data_dir, "bench_q.json")))[0]
@@ -252,9 +260,9 @@ def ask_one(checkpoint: str, data_dir: str, num_frames: int) -> dict[str, str]:
         with open(path, "w") as f:
             json.dump(obj[fidx]["segmentation"], f)
         masks += ["--rle", path]
-    question = entry["Question"] + " " + " ".join(entry["options"])
+    question = bench_q_prompt(entry["Question"], entry["options"])  # the prompt the model was trained on
     argv = ["--checkpoint", checkpoint, "--video", os.path.join(data_dir, entry["video"]), "--question", question,
-            "--frame", fidx, "--num-frames", str(num_frames), "--bench-q-style", "--max-new-tokens", "4",
+            "--frame", fidx, "--num-frames", str(num_frames), "--max-new-tokens", "8",
             "--use-stored-vision-tower", *masks]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

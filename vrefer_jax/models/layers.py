@@ -16,7 +16,8 @@ Dtype = Any
 
 # PyTorch's nn.Linear default init is kaiming-uniform; for fresh (non-imported) weights we use a
 # truncated normal, as the official code's `initializer_range` does for the LLM.
-default_kernel_init = nn.initializers.normal(stddev=0.02)
+INIT_STD = 0.02  # HF initializer_range
+default_kernel_init = nn.initializers.normal(stddev=INIT_STD)
 
 
 class DenseGeneral(nn.Module):

@@ -66,6 +66,17 @@ def _position_init(cfg: VisionConfig):
     return init
 
 
+def _patch_init(cfg: VisionConfig):
+    base = nn.initializers.normal(stddev=layers.INIT_STD * cfg.patch_init_scale)
+    if not cfg.patch_init_disjoint:
+        return base
+
+    def init(key, shape, dtype=jnp.float32):  # [p, p, C, D]: zero on the position table's channels
+        return base(key, shape, dtype).at[..., : cfg.position_channels].set(0)
+
+    return init
+
+
 class SiglipEmbeddings(nn.Module):
     """Patch conv + learned position table.
 
@@ -91,7 +102,8 @@ class SiglipEmbeddings(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(
-                layers.default_kernel_init, ("vit_patch_h", "vit_patch_w", "vit_channels", "vit_embed")),
+                _patch_init(cfg),
+                ("vit_patch_h", "vit_patch_w", "vit_channels", "vit_embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vit_embed",)),
             name="patch_embedding",
         )(pixel_values)
