@@ -4,7 +4,7 @@ vrefer-infer.
 `test_main_job_short` (CI) runs a shortened job: fewer videos and steps, and Basic (colour)
 questions only, the kind a few hundred steps learn; it checks the pipeline end to end, that the loss
 drops and that Basic accuracy beats both chance and the zeroed-object-token ablation by a clear
-margin. `test_main_job_full` (the default job, about 9.5 min on 2 cores, marked slow,
+margin. `test_main_job_full` (the default job, about 10 min on 2 cores, marked slow,
 `make test-all`) asserts every question type above chance and above the ablation."""
 
 import os
