@@ -41,7 +41,7 @@ class VisionConfig:
     position_init_freqs: int = 0  # sincos2d: frequencies per axis (0 = hidden_size // 4; rest zero)
     patch_init_scale: float = 1.0  # x the patch conv's init std (0.02): the demo tower's colour salience
     # sincos2d only: the patch conv starts at zero on the table's nonzero channels, so appearance and
-    # position start in disjoint channels (and per-coordinate optimizers learn both at one pace).
+    # position start in disjoint channels of the demo tower's features.
     patch_init_disjoint: bool = False
 
     def __post_init__(self):
