@@ -5,7 +5,8 @@ vrefer-infer.
 questions only, the kind a few hundred steps learn; it checks the pipeline end to end, that the loss
 drops and that Basic accuracy beats both chance and the zeroed-object-token ablation by a clear
 margin. `test_main_job_full` (the default job, about 10 min on 2 cores, marked slow,
-`make test-all`) asserts every question type above chance and above the ablation."""
+`make test-all`) asserts every question type above chance and above the ablation; it holds for
+the default seed, not for every seed (README, "The main job")."""
 
 import os
 
