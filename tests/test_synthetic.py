@@ -321,11 +321,10 @@ def test_question_kinds(data):
     words = {"colour": "What colour", "shape": "What shape", "direction": "In which direction",
              "position": "relative to", "size": "larger or smaller", "speed": "moves faster",
              "exit edge": "which edge", "future position": "which part of the frame"}
-    types = {"colour": 0, "shape": 0, "direction": 1, "position": 2, "size": 2, "speed": 3, "exit edge": 3,
-             "future position": 4}
+    assert set(words) == set(syn.KIND_TYPES)
     for e in bq:
         assert words[e["kind"]] in e["Question"], e
-        assert e["type"] == syn.QUESTION_TYPES[types[e["kind"]]], e
+        assert e["type"] == syn.KIND_TYPES[e["kind"]], e
     assert {"colour", "direction", "future position"} <= {e["kind"] for e in bq}
 
 

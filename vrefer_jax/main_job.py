@@ -41,11 +41,11 @@ class SyntheticJob:
     eval_mask_frames: int = 4
     turns_per_sample: int = 1
     fixed_options: bool = True  # see data_pipeline.synthetic.SynthConfig.fixed_options
-    # Defaults: data_pipeline.synthetic.SynthConfig's.
-    question_kinds: tuple[str, ...] = ("colour", "direction", "position", "exit edge", "future position")
-    travel: tuple[float, float] = (0.15, 0.7)
-    min_speed_ratio: float = 1.5
-    captions_per_video: int = 2
+    # None: data_pipeline.synthetic.SynthConfig's default.
+    question_kinds: tuple[str, ...] | None = None
+    travel: tuple[float, float] | None = None
+    min_speed_ratio: float | None = None
+    captions_per_video: int | None = None
     vocab_size: int = 512
     convert_shards: int = 4
     eval_mode: str = "single"
@@ -179,13 +179,14 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
     # 1. data
     if not (resume and _done(os.path.join(data_dir, "summary.json"))):
         print("[1/5] generating synthetic videos, questions and tokenizer ...", flush=True)
+        optional = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+                    for k in ("question_kinds", "travel", "min_speed_ratio", "captions_per_video")
+                    if (v := getattr(job, k)) is not None}
         summary = synthetic.generate(
             data_dir, seed=job.seed, train_videos=job.train_videos, eval_videos=job.eval_videos,
             cfg=synthetic.SynthConfig(num_frames=job.video_frames, size=job.video_size, mask_frames=job.mask_frames,
                                       eval_mask_frames=job.eval_mask_frames, turns_per_sample=job.turns_per_sample,
-                                      fixed_options=job.fixed_options, question_kinds=tuple(job.question_kinds),
-                                      travel=tuple(job.travel), min_speed_ratio=job.min_speed_ratio,
-                                      captions_per_video=job.captions_per_video),
+                                      fixed_options=job.fixed_options, **optional),
             vocab_size=job.vocab_size)
         print(f"      {summary['train_samples']} training samples, {summary['bench_q']} Bench-Q, "
               f"{summary['bench_d']} Bench-D items", flush=True)
