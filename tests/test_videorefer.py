@@ -252,6 +252,27 @@ def test_7b_abstract_init_matches_checkpoint_parameter_count():
           f"(+30,480,160 unused SigLIP tensors = 8,434,723,296 in the checkpoint)")
 
 
+def test_initializer_range_sets_the_decoder_and_object_encoder_init():
+    """`TextConfig.initializer_range` is the std of every decoder kernel, the embedding, the
+    lm_head and the object encoder's MLP; the tower and the connector keep their own inits."""
+    import dataclasses
+
+    base = tiny_cfg()
+    wide = base.replace(text=dataclasses.replace(base.text, initializer_range=0.1))
+    p0, p1 = (videorefer.init_params(c, jax.random.key(0)) for c in (base, wide))
+    leaf = lambda p, *path: np.asarray(functools.reduce(lambda t, k: t[k], path, p))  # noqa: E731
+    scaled = [("llm", "embed_tokens", "embedding"), ("lm_head", "kernel"),
+              ("llm", "layers", "self_attn", "q_proj", "kernel"), ("llm", "layers", "mlp", "down_proj", "kernel"),
+              ("region_encoder", "feat_linear_0", "kernel"), ("region_encoder", "feat_linear_2", "kernel")]
+    for path in scaled:
+        a, b = leaf(p0, *path), leaf(p1, *path)
+        np.testing.assert_allclose(a.std(), 0.02, rtol=0.15, err_msg=str(path))
+        np.testing.assert_allclose(b.std(), 0.1, rtol=0.15, err_msg=str(path))
+    for part in ("vision_tower", "mm_projector"):
+        for a, b in zip(jax.tree_util.tree_leaves(p0[part]), jax.tree_util.tree_leaves(p1[part])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_sharded_init_and_forward_on_8_fake_devices(tiny):
     """Every parameter's logical names resolve through the rules table onto a (2, 2, 2) mesh; the
     sharded forward equals the single-device one."""

@@ -113,6 +113,9 @@ class TextConfig:
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
+    # std of the normal init of every decoder weight, and of the object encoder's (HF's
+    # `initializer_range`); only a model trained from scratch sees it.
+    initializer_range: float = 0.02
 
     @property
     def head_dim(self) -> int:

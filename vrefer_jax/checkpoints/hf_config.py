@@ -32,7 +32,7 @@ ENDOFTEXT = "<|endoftext|>"
 # transformers' Qwen2Config / SiglipVisionConfig defaults, for fields a config.json leaves out.
 _QWEN2_DEFAULTS = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                        num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=32768,
-                       tie_word_embeddings=False)
+                       tie_word_embeddings=False, initializer_range=0.02)
 _SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                         num_channels=3, image_size=224, patch_size=16, layer_norm_eps=1e-6)
 
@@ -91,7 +91,7 @@ def text_config_from_hf(d: dict) -> TextConfig:
         num_attention_heads=heads, num_key_value_heads=int(g.get("num_key_value_heads", heads)),
         rms_norm_eps=float(g["rms_norm_eps"]), rope_theta=_rope_theta(d),
         max_position_embeddings=int(g["max_position_embeddings"]),
-        tie_word_embeddings=bool(g["tie_word_embeddings"]))
+        tie_word_embeddings=bool(g["tie_word_embeddings"]), initializer_range=float(g["initializer_range"]))
 
 
 def vision_config_from_hf(d: dict, select_layer: int = -2) -> VisionConfig:
@@ -168,7 +168,7 @@ def text_config_to_hf(t: TextConfig) -> dict:
         num_key_value_heads=t.num_key_value_heads, hidden_act="silu", rms_norm_eps=t.rms_norm_eps,
         rope_theta=t.rope_theta, max_position_embeddings=t.max_position_embeddings,
         max_window_layers=t.num_hidden_layers, use_sliding_window=False,
-        attention_dropout=0.0, initializer_range=0.02, tie_word_embeddings=t.tie_word_embeddings,
+        attention_dropout=0.0, initializer_range=t.initializer_range, tie_word_embeddings=t.tie_word_embeddings,
         use_cache=True)
 
 

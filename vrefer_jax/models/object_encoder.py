@@ -43,6 +43,7 @@ class ObjectEncoder(nn.Module):
     vis_dim: int
     out_dim: int
     grid: int
+    init_std: float = 0.02  # the LLM's initializer_range (HF's init of the whole model)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -92,7 +93,7 @@ class ObjectEncoder(nn.Module):
 
         x = constrain(tokens.astype(self.dtype),
                       ("activation_batch", "activation_objects", None, "activation_vit_embed"))
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.normal(self.init_std))
         x = dense(self.out_dim, ("vit_embed", "mlp"), name="feat_linear_0", **kw)(x)
         x = nn.gelu(x, approximate=False)
         x = constrain(x, ("activation_batch", "activation_objects", None, "activation_mlp"))

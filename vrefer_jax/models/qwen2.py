@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from vrefer_jax.checkpoints.key_map import KeyRule, prefixed
 from vrefer_jax.config import TextConfig
 from vrefer_jax.models import layers
-from vrefer_jax.models.layers import Dtype, dense, default_kernel_init
+from vrefer_jax.models.layers import Dtype, dense
 from vrefer_jax.sharding import constrain
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
@@ -73,6 +73,10 @@ def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype: Dtype = jnp.flo
 
 
 # ----------------------------------------------------------------------------- rotary
+
+
+def _init(cfg: TextConfig):
+    return nn.initializers.normal(stddev=cfg.initializer_range)
 
 
 def rotary_tables(positions: jax.Array, head_dim: int, theta: float, dtype: Dtype):
@@ -141,7 +145,7 @@ class Qwen2Attention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, cos, sin, slots, kv):
         c = self.cfg
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_init(c))
         H = c.head_dim
         q = dense((c.num_attention_heads, H), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
         k = dense((c.num_key_value_heads, H), ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
@@ -172,7 +176,7 @@ class Qwen2MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False, kernel_init=_init(self.cfg))
         m = self.cfg.intermediate_size
         gate = dense(m, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(m, ("embed", "mlp"), name="up_proj", **kw)(x)
@@ -215,7 +219,7 @@ class Qwen2Model(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(
             c.vocab_size, c.hidden_size,
-            embedding_init=nn.with_logical_partitioning(default_kernel_init, ("vocab", "embed")), **kw)
+            embedding_init=nn.with_logical_partitioning(_init(c), ("vocab", "embed")), **kw)
         body = layers.maybe_remat(Qwen2DecoderLayer, self.remat_policy)
         self.layers = nn.scan(
             body,
@@ -276,7 +280,7 @@ class LMHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param(
-            "kernel", nn.with_logical_partitioning(default_kernel_init, ("embed", "vocab")),
+            "kernel", nn.with_logical_partitioning(_init(self.cfg), ("embed", "vocab")),
             (self.cfg.hidden_size, self.cfg.vocab_size), self.param_dtype)
         logits = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32)
         return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

@@ -50,7 +50,7 @@ class VideoRefer(nn.Module):
             c.connector, in_features=c.vision.hidden_size, out_features=c.text.hidden_size, **kw)
         self.region_encoder = object_encoder_lib.ObjectEncoder(
             c.object_encoder, vis_dim=c.vision.hidden_size, out_dim=c.text.hidden_size,
-            grid=c.vision.grid, **kw)
+            grid=c.vision.grid, init_std=c.text.initializer_range, **kw)
         self.llm = qwen2.Qwen2Model(
             c.text, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
         self.lm_head = qwen2.LMHead(c.text, **kw)

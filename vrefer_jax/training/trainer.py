@@ -137,7 +137,8 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
           opt_cfg: opt_lib.OptimizerConfig | None = None, step_cfg: StepConfig | None = None,
           mesh_cfg: mesh_lib.MeshConfig | None = None, tokenizer=None, on_step=None) -> dict[str, Any]:
     """Run (or resume) a training job in `workdir`. Configs default to their gin bindings.
-    `on_step(step, metrics)` is called after every step (hooks, tests)."""
+    `on_step(step, metrics)` is called for every step as its metrics are read back, which is while
+    the next step runs: the host never waits on the device except to read the previous step."""
     from data_pipeline.loader import to_global
     from vrefer_jax.text.tokenizer import load_tokenizer
 
@@ -209,57 +210,75 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
 
     preempted = False
     last_t, last_step, tokens_acc, flops_acc = time.perf_counter(), start, 0, 0.0
+    pending: list[tuple[int, Any, int]] = []  # (done, device metrics, region frames) not yet read back
+    done = start
+
+    def record(step_done: int, m_dev, region_frames: int) -> None:
+        """Read one step's metrics back and log them (the host is one step behind the device)."""
+        nonlocal last_t, last_step, tokens_acc, flops_acc
+        m = jax.device_get(m_dev)
+        tokens_acc += int(m["tokens"])
+        flops_acc += flop_model.step_flops(tc.global_batch_size, int(m["tokens"]), region_frames)
+        if int(m["nonfinite"]) >= tc.max_nonfinite:
+            save(done, force=True)
+            ckpt.wait()
+            raise FloatingPointError(f"{int(m['nonfinite'])} non-finite steps in a row at step {step_done}")
+        if step_done == start + 1 and main:
+            with open(os.path.join(workdir, "operative_config.gin"), "w") as f:
+                f.write(gin.operative_config_str())
+        if step_done % tc.log_every == 0 or step_done == tc.total_steps:
+            now = time.perf_counter()
+            dt = (now - last_t) / max(step_done - last_step, 1)
+            rec = dict(step=step_done, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]),
+                       learning_rate=float(m["learning_rate"]), step_time=dt,
+                       tokens_per_s=tokens_acc / max(now - last_t, 1e-9),
+                       skipped_steps=int(not m["finite"]), skipped_samples=sum(it.skipped.values()))
+            if tc.peak_flops_per_device:
+                rec["mfu"] = flops_acc / max(now - last_t, 1e-9) / (tc.peak_flops_per_device * jax.device_count())
+            last_t, last_step, tokens_acc, flops_acc = now, step_done, 0, 0.0
+            history.append(rec)
+            if main:
+                for k, v in rec.items():
+                    if k != "step":
+                        writer.add_scalar(f"train/{k}", v, step_done)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['learning_rate']:.2e}")
+        if bar is not None:
+            bar.update(1)
+        if on_step is not None:
+            on_step(step_done, m)
+
+    def flush() -> None:
+        while pending:
+            record(*pending.pop(0))
+
     with _Preemption() as pre:
         for step in range(start, tc.total_steps):
             host_batch = next(it)
             batch = to_global(host_batch, mesh, DATA_AXES)
-            state, m = step_fn(state, batch)
-            m = jax.device_get(m)
-            tokens_acc += int(m["tokens"])
-            flops_acc += flop_model.step_flops(tc.global_batch_size, int(m["tokens"]), host_batch["region_frames"].shape[1])
-            if int(m["nonfinite"]) >= tc.max_nonfinite:
-                save(step + 1, force=True)
-                ckpt.wait()
-                raise FloatingPointError(f"{int(m['nonfinite'])} non-finite steps in a row at step {step + 1}")
-            if step == start and main:
-                with open(os.path.join(workdir, "operative_config.gin"), "w") as f:
-                    f.write(gin.operative_config_str())
+            state, m = step_fn(state, batch)  # dispatched; runs while the host reads the last metrics
             done = step + 1
-            if done % tc.log_every == 0 or done == tc.total_steps:
-                now = time.perf_counter()
-                dt = (now - last_t) / max(done - last_step, 1)
-                rec = dict(step=done, loss=float(m["loss"]), grad_norm=float(m["grad_norm"]),
-                           learning_rate=float(m["learning_rate"]), step_time=dt,
-                           tokens_per_s=tokens_acc / max(now - last_t, 1e-9),
-                           skipped_steps=int(not m["finite"]), skipped_samples=sum(it.skipped.values()))
-                if tc.peak_flops_per_device:
-                    rec["mfu"] = flops_acc / max(now - last_t, 1e-9) / (tc.peak_flops_per_device * jax.device_count())
-                last_t, last_step, tokens_acc, flops_acc = now, done, 0, 0.0
-                history.append(rec)
-                if main:
-                    for k, v in rec.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, done)
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['learning_rate']:.2e}")
-            if eval_fn is not None and done % tc.eval_every == 0:
+            flush()
+            pending.append((done, m, host_batch["region_frames"].shape[1]))
+            evaluating = eval_fn is not None and done % tc.eval_every == 0
+            if evaluating or done == tc.total_steps:
+                flush()
+            if evaluating:
                 ev = evaluate_loss(eval_fn, state.params, data, cfg, tc, sc, tok, mesh)
                 history.append(dict(step=done, eval_loss=ev))
                 if main:
                     writer.add_scalar("eval/loss", ev, done)
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(dict(step=done, eval_loss=ev)) + "\n")
-            if bar is not None:
-                bar.update(1)
-            if on_step is not None:
-                on_step(done, m)
             save(done, force=False)
             if pre.agreed():
+                flush()
                 save(done, force=True)
                 preempted = True
                 break
+        flush()
     if bar is not None:
         bar.close()
     final_step = int(state.step)
