@@ -1,6 +1,6 @@
 # Two entry points that do all the set-up on a fresh machine (Python 3.11 or 3.12 with pip):
 #   make demo   the main job: synthetic data -> TFRecords -> Grain -> tiny VideoRefer trained on the
-#               local devices -> Bench-Q runner + ablation -> HF export -> vrefer-infer (about 10 min on 2 CPU cores)
+#               local devices -> Bench-Q runner + ablation -> HF export -> vrefer-infer (about 8 min on 2 CPU cores)
 #   make test   the test suite
 PY ?= python3
 VENV ?= .venv

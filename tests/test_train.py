@@ -142,8 +142,10 @@ def _configs(d):
     return cfg, data, opt, step, tok
 
 
-def _train(workdir, d, steps, resume=True, on_step=None, mesh=(1, 1, 1), eval_every=0):
+def _train(workdir, d, steps, resume=True, on_step=None, mesh=(1, 1, 1), eval_every=0, lr=None):
     cfg, data, opt, step, tok = _configs(d)
+    if lr is not None:
+        opt = dataclasses.replace(opt, learning_rate=lr)
     if eval_every:
         data = dataclasses.replace(data, eval=data.train[0])
     tc = trainer.TrainConfig(total_steps=steps, global_batch_size=4, seed=1, log_every=1, checkpoint_every=2,
@@ -176,6 +178,17 @@ def test_sigterm_then_resume_is_bit_exact_and_loss_drops(records, tmp_path):
     assert resumed == losses
     assert os.path.isdir(str(tmp_path / "cut" / "final" / "params"))
     assert os.path.isfile(str(tmp_path / "cut" / "operative_config.gin"))
+
+
+def test_diverged_run_stops_after_max_nonfinite_and_saves(records, tmp_path):
+    """A step at lr 1e38 makes the weights inf; the next steps' losses are non-finite, their updates
+    are skipped, and after `max_nonfinite` (5) in a row the run saves a checkpoint and raises."""
+    seen = []
+    with pytest.raises(FloatingPointError, match="5 non-finite steps in a row at step 6"):
+        _train(str(tmp_path / "run"), records, 12, lr=1e38, on_step=lambda s, m: seen.append(bool(m["finite"])))
+    assert seen == [True, False, False, False, False]  # step 6 raises before its hook
+    # the save lands on the step in flight when the host read step 6's metrics
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))[-1] == "7"
 
 
 def test_two_process_training_on_localhost(records, tmp_path):

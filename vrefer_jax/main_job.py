@@ -213,6 +213,8 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
         out = trainer.train(train_dir, resume=resume, model_cfg=cfg, data_cfg=data, tokenizer=tok)
     losses = [h["loss"] for h in out["history"] if "loss" in h]
     print("      loss curve: " + " ".join(f"{x:.3f}" for x in losses), flush=True)
+    skipped = [h["skipped_samples"] for h in out["history"] if "skipped_samples" in h]
+    print(f"      samples skipped for exceeding a DataConfig cap: {skipped[-1] if skipped else 0}", flush=True)
 
     # 4. evaluation
     print("[4/5] evaluating (Bench-Q runner, ablation, Bench-D attributes) ...", flush=True)
@@ -235,6 +237,7 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
     answer = ask_one(hf_dir, data_dir, fcfg.num_frames)
 
     result = {"table": table, "trained": trained, "ablated": ablated, "chance": chance, "loss_curve": losses,
+              "skipped_samples": skipped[-1] if skipped else 0,
               "answer": answer, "seconds": time.perf_counter() - t0}
     with open(os.path.join(workdir, "result.json"), "w") as f:
         json.dump({k: v for k, v in result.items()}, f, indent=1, default=str)
