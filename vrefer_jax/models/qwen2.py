@@ -72,11 +72,12 @@ def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype: Dtype = jnp.flo
                    valid=jnp.zeros((batch, max_len), bool))
 
 
-# ----------------------------------------------------------------------------- rotary
-
-
 def _init(cfg: TextConfig):
+    """HF's init of the decoder's weights: N(0, initializer_range)."""
     return nn.initializers.normal(stddev=cfg.initializer_range)
+
+
+# ----------------------------------------------------------------------------- rotary
 
 
 def rotary_tables(positions: jax.Array, head_dim: int, theta: float, dtype: Dtype):
