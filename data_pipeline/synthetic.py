@@ -85,7 +85,8 @@ class SynthConfig:
     # not asked. Shape and size are off by default: a mask-pooled region token is a mean over the
     # object's patches, which keeps colour and where the object is but averages its outline away.
     # Speed (which of two moves faster) is off too: the demo's tiny decoder did not learn it in its
-    # budget; Reasoning asks for the exit edge instead (README, "The main job"). Captions and
+    # budget (runs before its `initializer_range` was set; not retried since); Reasoning asks for
+    # the exit edge instead (README, "The main job"). Captions and
     # Bench-D always name colour, shape and size.
     question_kinds: tuple[str, ...] = ("colour", "direction", "position", "exit edge", "future position")
     # Travel over the clip as a share of the free span: [lo, hi] (speeds differ, objects stay in view).

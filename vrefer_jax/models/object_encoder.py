@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from vrefer_jax.checkpoints.key_map import KeyRule
 from vrefer_jax.config import ObjectEncoderConfig
-from vrefer_jax.models import mask_ops
+from vrefer_jax.models import layers, mask_ops
 from vrefer_jax.models.layers import dense
 from vrefer_jax.sharding import constrain
 
@@ -43,7 +43,7 @@ class ObjectEncoder(nn.Module):
     vis_dim: int
     out_dim: int
     grid: int
-    init_std: float = 0.02  # the LLM's initializer_range (HF's init of the whole model)
+    init_std: float = layers.INIT_STD  # the LLM's initializer_range (HF inits the whole model with it)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
