@@ -30,10 +30,6 @@ def bench_q_prompt(question: str, options: list[str]) -> str:
     return question.replace("<region>", "[<region>]") + " " + " ".join(options) + BENCH_Q_SUFFIX
 
 
-def _sid(raw: Mapping, index: int) -> str:
-    return str(raw["id"]) if raw.get("id") is not None else f"#{index}"
-
-
 def _require(raw: Mapping, key: str, kind: type, sid: str) -> Any:
     value = raw.get(key)
     if not isinstance(value, kind):
@@ -70,7 +66,7 @@ def _to_sample(raw: Any, index: int, mode: str, prompt_fn, answer_key: str, extr
     if not isinstance(raw, Mapping):
         raise schema.SampleError("bad_sample", f"#{index}", "<sample>",
                                  f"expected a JSON object, got {type(raw).__name__}")
-    sid = _sid(raw, index)
+    sid = schema.sample_id(raw, index)
     frame_idx = _frame_idx(raw, sid)
     prompt = prompt_fn(raw, sid)
     answer = _require(raw, answer_key, str, sid)

@@ -7,7 +7,10 @@
     vrefer-data inspect  --records DIR [--index i ...]          record count and a summary of records
 
 `convert` prints the merged report's totals and exits 0 when it finished its shard range (skipped
-samples are not failures; they are in `<out>/<prefix>.report.json`).
+samples are not failures; they are in `<out>/<prefix>.report.json`). `validate` exits 1 when any
+sample is invalid (duplicate ids included) unless `--allow-invalid`. An input that cannot be used
+at all (unparseable JSON list, missing file, an output folder started from other input) prints one
+line to stderr and exits 2.
 """
 
 from __future__ import annotations
@@ -42,13 +45,18 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bench-mode", default="single", choices=bench_formats.MODES,
                    help="benchmarks: masks at frame_idx only (single) or all annotated frames (multi)")
     p.add_argument("--allow-text-only", action="store_true", help="accept samples without video/image")
+    p.add_argument("--allow-absolute-media", action="store_true",
+                   help="read absolute video/image/frame-folder paths from the data as they are (default: "
+                        "skip them as media_outside_root); relative paths must stay inside the media root "
+                        "either way, so a '../' escape is always skipped")
 
 
 def cmd_convert(args) -> int:
     cfg = convert.ConvertConfig(
         num_frames=args.num_frames, image_size=args.image_size, aspect=args.aspect,
         image_format=args.image_format, jpeg_quality=args.jpeg_quality, output_format=args.output_format,
-        allow_text_only=args.allow_text_only, decode_threads=args.decode_threads)
+        allow_text_only=args.allow_text_only, decode_threads=args.decode_threads,
+        allow_absolute_media=args.allow_absolute_media)
     entries = convert.load_entries(args.json)
     prefix = args.prefix or os.path.splitext(os.path.basename(args.json))[0]
     report = convert.convert(
@@ -63,17 +71,26 @@ def cmd_convert(args) -> int:
 
 def cmd_validate(args) -> int:
     entries = convert.load_entries(args.json)
-    parse = _parser_for(args.format, args.bench_mode, args.allow_text_only)
+    # The same whole-input checks as `convert` (bad lines, repeated ids), then the media path's
+    # form. The check is lexical, so it needs no media on disk; without --media-root, a root whose
+    # name no data path re-enters stands in (then `a/../../root/x` counts as leaving it).
+    parse = schema.CheckedParse.over(_parser_for(args.format, args.bench_mode, args.allow_text_only), entries)
+    root = args.media_root or os.path.join(os.sep, "<media-root>")
     counts, examples = Counter(), {}
     for i, raw in enumerate(entries):
         try:
-            parse(raw, i)
+            convert.media_path(parse(raw, i), root, args.allow_absolute_media)
         except schema.SampleError as e:
             counts[e.reason] += 1
             examples.setdefault(e.reason, str(e))
-    print(json.dumps({"samples": len(entries), "valid": len(entries) - sum(counts.values()),
-                      "invalid": dict(sorted(counts.items())), "first_of_each": examples}, indent=1))
-    return 0
+    dups: dict[str, list[int]] = {}
+    for i, (sid, first) in sorted(parse.duplicates.items()):
+        dups.setdefault(sid, [first]).append(i)
+    invalid = sum(counts.values())
+    print(json.dumps({"samples": len(entries), "valid": len(entries) - invalid,
+                      "invalid": dict(sorted(counts.items())), "duplicate_ids": dups,
+                      "first_of_each": examples}, indent=1))
+    return 1 if invalid and not args.allow_invalid else 0
 
 
 def cmd_inspect(args) -> int:
@@ -96,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vrefer-data", description="VideoRefer data conversion and checks")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="JSON + media -> record shards")
+    p = sub.add_parser(
+        "convert", help="JSON + media -> record shards",
+        description="JSON + media -> record shards. Unusable samples are skipped and counted by reason in "
+                    "<out>/<prefix>.report.json: a repeated sample id keeps its first sample (duplicate_id), "
+                    "an unreadable JSON Lines line is one bad_json_line skip, a media path that is absolute "
+                    "or leaves --media-root is media_outside_root. Resuming into a folder whose manifest was "
+                    "written for other input (its samples' SHA-256), source or options is refused.")
     _add_source_args(p)
     p.add_argument("--media-root", required=True, help="folder the samples' video/image paths are relative to")
     p.add_argument("--out", required=True, help="output folder")
@@ -114,8 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("validate", help="schema checks only (no media access)")
+    p = sub.add_parser("validate", help="schema checks only (no media access)",
+                       description="Schema checks only (no media access). Exits 1 when any sample is invalid "
+                                   "(a repeated id counts: convert keeps only the first), 2 when the file "
+                                   "cannot be read.")
     _add_source_args(p)
+    p.add_argument("--allow-invalid", action="store_true", help="exit 0 even when some samples are invalid")
+    p.add_argument("--media-root", default=None,
+                   help="check media paths against this root exactly as convert does (nothing is read); "
+                        "default: a path must not be absolute or climb above where it starts")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("inspect", help="summarise converted records")
@@ -135,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return synthetic.main(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (convert.InputError, OSError) as e:  # the user's input, not a bug: one line, no traceback
+        print(f"vrefer-data {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,10 +13,14 @@ across machines by shard ranges. A shard is written under `<name>.tmp` names and
 complete (index and report first, the records last); on restart, shards whose three files exist
 are skipped and stale temporary files are overwritten. Output is deterministic: the same inputs
 and config give byte-identical shards. The manifest guards against resuming with a different
-source or config.
+source, config or input: it records the SHA-256 of the samples (`entries_sha256`), so a JSON file
+edited between runs is refused instead of mixing shards of both versions.
 
 Every unusable sample is skipped, counted by reason (`schema.REASONS`) and listed; nothing is
-replaced by another sample.
+replaced by another sample. A repeated sample id keeps its first sample (`duplicate_id` for the
+others); an unreadable JSON Lines line is one `bad_json_line` skip; a media path that is absolute
+or leaves `media_root` is `media_outside_root` (absolute paths are read only with
+`ConvertConfig.allow_absolute_media`).
 
 Worker processes are started with 'spawn' (safe when JAX is imported), so a script that calls
 `convert(..., workers>0)` needs the usual `if __name__ == "__main__":` guard; the CLI has it.
@@ -24,8 +28,10 @@ Worker processes are started with 'spawn' (safe when JAX is imported), so a scri
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import functools
+import hashlib
 import json
 import multiprocessing
 import os
@@ -39,6 +45,7 @@ from data_pipeline import masks as masks_lib
 from data_pipeline import records as records_lib
 from data_pipeline import schema
 from data_pipeline import video as video_lib
+from vrefer_jax import paths as paths_lib
 
 ParseFn = Callable[[Any, int], schema.Sample]
 
@@ -54,6 +61,8 @@ class ConvertConfig:
       untouched (then the loader pads and resizes).
     image_format: 'jpeg' (4:4:4, `jpeg_quality`) or 'png' (lossless, larger).
     output_format: 'tfrecord' (with offset indexes) or 'array_record'.
+    allow_absolute_media: read absolute video/image paths from the data as they are; relative
+      paths must stay inside the media root either way (else `media_outside_root`).
     """
 
     num_frames: int = 16
@@ -64,6 +73,7 @@ class ConvertConfig:
     output_format: str = "tfrecord"
     allow_text_only: bool = False
     decode_threads: int = 1
+    allow_absolute_media: bool = False
 
     def __post_init__(self):
         if not 1 <= self.num_frames <= video_lib.MAX_FRAMES:
@@ -87,10 +97,22 @@ class ConvertConfig:
 # ----------------------------------------------------------------------------- one sample
 
 
+def media_path(sample: schema.Sample, media_root: str, allow_absolute: bool = False) -> str:
+    """The sample's video / image / frame folder inside `media_root` ("" for text). Raises
+    `schema.SampleError` (`media_outside_root`) for a path that is absolute (unless allowed) or
+    leaves the root with `..`: data must not make the converter read arbitrary files."""
+    if not sample.media:
+        return ""
+    try:
+        return paths_lib.resolve_under(media_root, sample.media, allow_absolute=allow_absolute)
+    except paths_lib.PathOutsideRoot as e:
+        raise schema.SampleError(e.reason, sample.sample_id, sample.modality, str(e)) from None
+
+
 def build_record(sample: schema.Sample, media_root: str, cfg: ConvertConfig, source: str = "") -> records_lib.Record:
     """Decode, check and encode one validated sample. Raises `schema.SampleError`."""
     sid = sample.sample_id
-    path = os.path.join(media_root, sample.media) if sample.media else ""
+    path = media_path(sample, media_root, cfg.allow_absolute_media)
     all_frames, ann_indices = sample.region_layout()
     try:
         if sample.modality == "video":
@@ -245,15 +267,72 @@ class _ShardWriter:
 # ----------------------------------------------------------------------------- driver
 
 
+class InputError(ValueError):
+    """An input that cannot be used at all (unparseable JSON list, changed input on resume, ...):
+    the message names the file and what is wrong; the CLI prints it as one line."""
+
+
 def load_entries(path: str) -> list:
-    """A JSON list (or JSON Lines file) of samples."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        data = json.load(f)
+    """A JSON list (or JSON Lines file, `.jsonl`) of samples.
+
+    JSON Lines: blank lines are ignored; a line that is not UTF-8 JSON becomes a `schema.BadLine`
+    (one `bad_json_line` skip naming its line) and the rest is read. A JSON list that cannot be
+    parsed raises `InputError` naming the file and the position. A UTF-8 byte-order mark is allowed.
+    """
+    if path.endswith(".jsonl"):
+        return _load_jsonl(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}: not UTF-8 at byte {e.start} (line {line})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to parse") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+        raise InputError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
     return data
+
+
+def _load_jsonl(path: str) -> list:
+    entries: list = []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line.decode("utf-8")))
+                continue
+            except UnicodeDecodeError as e:
+                why = f"not UTF-8 at byte {e.start} of the line"
+            except json.JSONDecodeError as e:
+                why = f"invalid JSON at column {e.colno}: {e.msg}"
+            except RecursionError:
+                why = "JSON nested too deeply to parse"
+            text = line.decode("utf-8", "backslashreplace").rstrip("\r\n")
+            entries.append(schema.BadLine(lineno, f"{path}:{lineno}: {why}", text))
+    return entries
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, schema.BadLine):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON data")
+
+
+def entries_sha256(entries: Sequence[Any]) -> str:
+    """SHA-256 of the samples as data (keys kept in their order: frame-key order is meaningful),
+    independent of the file's formatting."""
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(json.dumps(e, ensure_ascii=False, separators=(",", ":"), default=_json_default).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def _check_manifest(path: str, manifest: dict) -> None:
@@ -262,7 +341,13 @@ def _check_manifest(path: str, manifest: dict) -> None:
             old = json.load(f)
         if old != manifest:
             diff = {k: (old.get(k), manifest.get(k)) for k in set(old) | set(manifest) if old.get(k) != manifest.get(k)}
-            raise ValueError(f"{path} was written for a different conversion (old, new): {diff}; "
+            if set(diff) == {"input_sha256"}:
+                raise InputError(
+                    f"{path} was written for a different conversion: the input samples changed since it was "
+                    f"started (sha256 {str(old.get('input_sha256'))[:12]}... then, {manifest['input_sha256'][:12]}... "
+                    "now); resuming would mix records of both. Restore the original input, or use another "
+                    "--out or --prefix")
+            raise InputError(f"{path} was written for a different conversion (old, new): {diff}; "
                              "use another --out or --prefix")
     else:
         _write_json(path, manifest)
@@ -301,7 +386,8 @@ def convert(
     parse_name = f"{func.__module__}.{func.__qualname__}{sorted(getattr(parse, 'keywords', {}).items())}"
     _check_manifest(os.path.join(out_dir, f"{prefix}.manifest.json"), {
         "source": source, "num_samples": n, "num_shards": num_shards, "parse": parse_name,
-        "config": dataclasses.asdict(config)})
+        "config": dataclasses.asdict(config), "input_sha256": entries_sha256(entries)})
+    parse = schema.CheckedParse.over(parse, entries)  # duplicate ids, unreadable lines
 
     pending = [s for s in range(a, b) if not shard_done(out_dir, prefix, s, num_shards, config)]
     total = sum(hi - lo for lo, hi in (shard_bounds(n, num_shards, s) for s in pending))

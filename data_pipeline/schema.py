@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from data_pipeline import masks as masks_lib
+from vrefer_jax.paths import OUTSIDE_ROOT
 
 REGION_TOKEN = "<region>"
 MODAL_TOKENS = {"video": "<video>", "image": "<image>"}
@@ -30,9 +31,13 @@ ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 # Reason code -> what it means. The converter counts skipped samples by these codes.
 REASONS: dict[str, str] = {
+    "bad_json_line": "a line of a JSON Lines file is not valid UTF-8 JSON (its line number is the field)",
     "bad_sample": "the sample is not a JSON object",
+    "duplicate_id": "the sample's id was already used by an earlier sample (the first one is kept)",
     "bad_media": "not exactly one of `video` / `image`, or its value is not a non-empty string",
     "media_not_found": "the video / image / frame folder does not exist",
+    OUTSIDE_ROOT: "the media path is absolute or leaves the media root with `..` (absolute paths need "
+                  "an explicit option)",
     "unreadable_media": "the media cannot be opened or a needed frame cannot be decoded",
     "bad_clip_bound": "the clip bound (start, end seconds; MVBench) admits no frame of the video",
     "bad_conversations": "conversations missing, empty, malformed, or not alternating human/gpt",
@@ -105,6 +110,65 @@ class Sample:
         return union, [[pos[f] for f in obj.frames] for obj in self.objects]
 
 
+# ----------------------------------------------------------------------------- whole-input checks
+
+
+def sample_id(raw: Any, index: int) -> str:
+    """The id a sample is known by (in records, reports and predictions): `str(raw["id"])` when
+    the entry is an object with a non-null `id`, else `"#<index>"`."""
+    if isinstance(raw, Mapping) and raw.get("id") is not None:
+        return str(raw["id"])
+    return f"#{index}"
+
+
+@dataclasses.dataclass(frozen=True)
+class BadLine:
+    """Stands in for a JSON Lines line that could not be read, so sample indices stay aligned with
+    the file's lines and the line becomes one `bad_json_line` skip instead of aborting the file."""
+
+    line: int  # 1-based line number in the file
+    message: str  # names the file, the line and what is wrong
+    text: str  # the line as read (undecodable bytes escaped), so the input hash sees it
+
+
+def duplicate_ids(entries: Sequence[Any]) -> dict[int, tuple[str, int]]:
+    """{index of a later sample: (its id, index of the first sample with that id)} (see `sample_id`;
+    entries without an id are `#<index>`, unique unless another entry is given that id)."""
+    first: dict[str, int] = {}
+    dups: dict[int, tuple[str, int]] = {}
+    for i, raw in enumerate(entries):
+        if isinstance(raw, BadLine):
+            continue
+        sid = sample_id(raw, i)
+        if sid in first:
+            dups[i] = (sid, first[sid])
+        else:
+            first[sid] = i
+    return dups
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedParse:
+    """`parse` preceded by the checks that need the whole input: an unreadable line is a
+    `bad_json_line` skip and a repeated id a `duplicate_id` skip (the first sample with an id is
+    kept; later ones are skipped whatever else they hold). Picklable for worker processes."""
+
+    parse: Callable[[Any, int], Sample]
+    duplicates: Mapping[int, tuple[str, int]]
+
+    @classmethod
+    def over(cls, parse: Callable[[Any, int], Sample], entries: Sequence[Any]) -> "CheckedParse":
+        return cls(parse, duplicate_ids(entries))
+
+    def __call__(self, raw: Any, index: int) -> Sample:
+        if isinstance(raw, BadLine):
+            raise SampleError("bad_json_line", f"#{index}", f"line {raw.line}", raw.message)
+        if index in self.duplicates:
+            sid, first = self.duplicates[index]
+            raise SampleError("duplicate_id", sid, "id", f"id {sid!r} is already used by sample #{first}")
+        return self.parse(raw, index)
+
+
 # ----------------------------------------------------------------------------- parsing
 
 
@@ -124,7 +188,7 @@ def parse_sample(raw: Any, index: int, extra: Mapping[str, Any] | None = None,
     """
     if not isinstance(raw, Mapping):
         raise SampleError("bad_sample", f"#{index}", "<sample>", f"expected a JSON object, got {type(raw).__name__}")
-    sid = str(raw["id"]) if raw.get("id") is not None else f"#{index}"
+    sid = sample_id(raw, index)
 
     modality, media = _parse_media(raw, sid, allow_text_only)
     conversations = _parse_conversations(raw.get("conversations"), sid)

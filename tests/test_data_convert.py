@@ -304,3 +304,190 @@ def test_cli_shard_ranges_validate_inspect_and_bench(tmp_path, capsys):
         assert r[0].extra["answer"] == "(A) x" and r[0].extra["mode"] == mode
         rep = json.load(open(out / "bench_q.report.json"))
         assert rep["skipped"] == ({"missing_segmentation": 1} if mode == "single" else {})
+
+
+# ----------------------------------------------------------------------------- hostile inputs (issue #15)
+
+
+def _image_media(root, names=("img.png",)):
+    """Small images (30x50) under `root`, for fast image samples."""
+    rs = np.random.RandomState(1)
+    for n in names:
+        p = root / n
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rs.rand(30, 50, 3) * 255).astype(np.uint8)).save(p)
+
+
+def _img_sample(sid, media="img.png", question="Describe it."):
+    s = {"video" if not media.endswith(".png") else "image": media,
+         "conversations": _conv(question, tag="<image>" if media.endswith(".png") else "<video>")}
+    if sid is not None:
+        s["id"] = sid
+    return s
+
+
+FAST = convert.ConvertConfig(num_frames=2, image_size=8, image_format="png")
+
+
+def _all_records(out):
+    reader = records.RecordReader(out)
+    return [reader[i] for i in range(len(reader))]
+
+
+def test_duplicate_ids_keep_the_first_and_validate_lists_them(tmp_path, capsys):
+    _image_media(tmp_path)
+    entries = [_img_sample("a", question="first a"), _img_sample("b"), _img_sample("a", question="second a"),
+               _img_sample(7), _img_sample("7"), _img_sample(None), _img_sample("a", question="third a")]
+    report = convert.convert(entries, str(tmp_path / "out"), media_root=str(tmp_path), num_shards=3,
+                             config=FAST, progress=False)
+    assert report["written"] == 4 and report["skipped"] == {"duplicate_id": 3}
+    assert [(s["index"], s["id"], s["field"]) for s in report["skips"]] == [(2, "a", "id"), (4, "7", "id"),
+                                                                            (6, "a", "id")]
+    assert "sample #0" in report["skips"][0]["message"]
+    recs = _all_records(str(tmp_path / "out"))
+    assert [r.sample_id for r in recs] == ["a", "b", "7", "#5"]  # ids unique; the first "a" is kept
+    assert "first a" in recs[0].conversations[0]["value"]
+
+    js = tmp_path / "dup.json"
+    js.write_text(json.dumps(entries))
+    capsys.readouterr()
+    assert cli.main(["validate", "--json", str(js)]) == 1
+    v = json.loads(capsys.readouterr().out)
+    assert v["duplicate_ids"] == {"a": [0, 2, 6], "7": [3, 4]}
+    assert v["invalid"] == {"duplicate_id": 3} and v["valid"] == 4
+    assert cli.main(["validate", "--json", str(js), "--allow-invalid"]) == 0
+
+
+def test_media_outside_root_is_skipped_unless_absolute_allowed(tmp_path, capsys):
+    root = tmp_path / "root"
+    _image_media(root, ["img.png", "sub/in.png"])
+    _image_media(tmp_path, ["secret.png"])  # outside the media root, readable
+    frames = tmp_path / "frames"  # a frame folder outside the root
+    _image_media(frames, [f"{i:05d}.png" for i in range(3)])
+    secret = str(tmp_path / "secret.png")
+    entries = [_img_sample("ok", "sub/../img.png"),  # normalises inside the root: fine
+               _img_sample("dotdot", "../secret.png"),
+               _img_sample("abs", secret),
+               _img_sample("folder", "sub/../../frames"),
+               _img_sample("absfolder", str(frames)),
+               _img_sample("back", "sub/../../root/img.png")]  # normalises back inside: fine
+    out = str(tmp_path / "out")
+    report = convert.convert(entries, out, media_root=str(root), num_shards=1, config=FAST, progress=False)
+    assert report["written"] == 2 and report["skipped"] == {"media_outside_root": 4}
+    by_id = {s["id"]: s for s in report["skips"]}
+    assert by_id["abs"]["field"] == "image" and "is absolute" in by_id["abs"]["message"]
+    assert by_id["folder"]["field"] == "video" and "leaves its root" in by_id["folder"]["message"]
+    assert [r.sample_id for r in _all_records(out)] == ["ok", "back"]
+
+    allowed = dataclasses.replace(FAST, allow_absolute_media=True)
+    rep = convert.convert(entries, str(tmp_path / "abs"), media_root=str(root), num_shards=1, config=allowed,
+                          progress=False)
+    assert rep["written"] == 4 and rep["skipped"] == {"media_outside_root": 2}  # relative escapes stay refused
+    assert sorted(r.sample_id for r in _all_records(str(tmp_path / "abs"))) == ["abs", "absfolder", "back", "ok"]
+
+    # The CLI option, and validate's lexical check (no media root needed).
+    js = tmp_path / "media.json"
+    js.write_text(json.dumps(entries))
+    common = ["--json", str(js), "--media-root", str(root), "--num-shards", "1", "--workers", "0",
+              "--num-frames", "2", "--image-size", "8", "--no-progress"]
+    assert cli.main(["convert", *common, "--out", str(tmp_path / "c1")]) == 0
+    assert json.load(open(tmp_path / "c1" / "media.report.json"))["skipped"] == {"media_outside_root": 4}
+    assert cli.main(["convert", *common, "--out", str(tmp_path / "c2"), "--allow-absolute-media"]) == 0
+    assert json.load(open(tmp_path / "c2" / "media.report.json"))["skipped"] == {"media_outside_root": 2}
+    capsys.readouterr()
+    assert cli.main(["validate", "--json", str(js), "--media-root", str(root)]) == 1
+    assert json.loads(capsys.readouterr().out)["invalid"] == {"media_outside_root": 4}
+    assert cli.main(["validate", "--json", str(js), "--media-root", str(root), "--allow-absolute-media"]) == 1
+    assert json.loads(capsys.readouterr().out)["invalid"] == {"media_outside_root": 2}
+    assert cli.main(["validate", "--json", str(js)]) == 1  # without a root, climbing out and back counts too
+    assert json.loads(capsys.readouterr().out)["invalid"] == {"media_outside_root": 5}
+
+
+def test_jsonl_bad_lines_are_counted_skips(tmp_path, capsys):
+    _image_media(tmp_path)
+    good = [json.dumps(_img_sample(f"g{i}")).encode() for i in range(3)]
+    js = tmp_path / "data.jsonl"
+    js.write_bytes(b"\xef\xbb\xbf" + good[0] + b"\n"  # a byte-order mark is fine
+                   + b'{"id": "cut", "image": "img.png", "conv\n'  # truncated line
+                   + b"\n"  # blank: ignored
+                   + good[1].replace(b"Describe", b"D\xe9crire") + b"\n"  # Latin-1, not UTF-8
+                   + good[2] + b"\n")
+    entries = convert.load_entries(str(js))
+    assert len(entries) == 4 and [type(e).__name__ for e in entries] == ["dict", "BadLine", "BadLine", "dict"]
+    report = convert.convert(entries, str(tmp_path / "out"), media_root=str(tmp_path), num_shards=2, config=FAST,
+                             progress=False)
+    assert report["written"] == 2 and report["skipped"] == {"bad_json_line": 2}
+    s1, s2 = report["skips"]
+    assert (s1["index"], s1["field"], s2["index"], s2["field"]) == (1, "line 2", 2, "line 4")
+    assert s1["message"].startswith(f"{js}:2: invalid JSON") and s2["message"].startswith(f"{js}:4: not UTF-8")
+    assert [r.sample_id for r in _all_records(str(tmp_path / "out"))] == ["g0", "g2"]
+    capsys.readouterr()
+    assert cli.main(["validate", "--json", str(js)]) == 1
+    v = json.loads(capsys.readouterr().out)
+    assert v["samples"] == 4 and v["invalid"] == {"bad_json_line": 2}
+
+
+@pytest.mark.parametrize("content, where", [
+    (b'[{"id": "a"},\n {"id": "b",\n  "video": }]', "line 3 column 12"),
+    (b'[{"id": "a", "video": "x\xff.mp4"}]', "not UTF-8 at byte 24"),
+    (b"[" * 100000, "nested too deeply"),
+    (b'{"id": "a"}', "expected a JSON list"),
+])
+def test_unreadable_json_list_is_one_line_naming_file_and_position(tmp_path, capsys, content, where):
+    js = tmp_path / "bad.json"
+    js.write_bytes(content)
+    with pytest.raises(convert.InputError, match=where):
+        convert.load_entries(str(js))
+    for cmd in (["validate", "--json", str(js)],
+                ["convert", "--json", str(js), "--media-root", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--num-shards", "1", "--workers", "0", "--no-progress"]):
+        capsys.readouterr()
+        assert cli.main(cmd) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(js) in err and where in err and "Traceback" not in err
+    capsys.readouterr()
+    assert cli.main(["validate", "--json", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+def test_validate_exit_status(tmp_path, capsys):
+    js = tmp_path / "v.json"
+    js.write_text(json.dumps([_img_sample("ok"), {"id": "bad", "image": "img.png", "conversations": []}]))
+    assert cli.main(["validate", "--json", str(js)]) == 1
+    assert json.loads(capsys.readouterr().out)["invalid"] == {"bad_conversations": 1}
+    assert cli.main(["validate", "--json", str(js), "--allow-invalid"]) == 0
+    js.write_text(json.dumps([_img_sample("ok")]))
+    assert cli.main(["validate", "--json", str(js)]) == 0
+
+
+def test_resume_with_changed_input_is_refused(tmp_path, capsys):
+    """Shard 0 from one version of the JSON, then a resume after it changed (same sample count):
+    mixing would give records of both versions, so the manifest's input hash refuses it."""
+    _image_media(tmp_path)
+    v1 = [_img_sample(f"s{i}") for i in range(4)]
+    v2 = [_img_sample(f"t{i}") for i in range(4)]
+    out = str(tmp_path / "out")
+    convert.convert(v1, out, media_root=str(tmp_path), num_shards=2, shard_range=(0, 1), config=FAST, progress=False)
+    manifest = json.load(open(os.path.join(out, "data.manifest.json")))
+    assert manifest["input_sha256"] == convert.entries_sha256(v1) != convert.entries_sha256(v2)
+    with pytest.raises(convert.InputError, match="input samples changed"):
+        convert.convert(v2, out, media_root=str(tmp_path), num_shards=2, config=FAST, progress=False)
+    # Frame-key order is data (it orders an object's masks), so reordering keys is a change too.
+    assert convert.entries_sha256([{"a": 1, "b": 2}]) != convert.entries_sha256([{"b": 2, "a": 1}])
+    # The same samples, reformatted on disk, resume fine.
+    rep = convert.convert(json.loads(json.dumps(v1, indent=3)), out, media_root=str(tmp_path), num_shards=2,
+                          config=FAST, progress=False)
+    assert rep["run"]["converted_shards"] == [1] and [r.sample_id for r in _all_records(out)] == [f"s{i}" for i in range(4)]
+
+    # The CLI: one line, exit 2, nothing written.
+    js = tmp_path / "data.json"
+    js.write_text(json.dumps(v1))
+    common = ["--json", str(js), "--media-root", str(tmp_path), "--out", str(tmp_path / "cli"), "--num-shards", "2",
+              "--workers", "0", "--num-frames", "2", "--image-size", "8", "--image-format", "png", "--no-progress"]
+    assert cli.main(["convert", *common, "--shard-range", "0:1"]) == 0
+    js.write_text(json.dumps(v2))
+    capsys.readouterr()
+    assert cli.main(["convert", *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "input samples changed" in err
+    assert not glob.glob(str(tmp_path / "cli" / "data-00001-*"))

@@ -183,3 +183,22 @@ def test_bench_errors():
     s = bench_formats.parse_bench_d(d2, 0)
     assert s.conversations[0]["value"] == "<video>\n" + bench_formats.BENCH_D_PROMPT
     assert s.conversations[1]["value"] == "A dog runs." and s.extra["caption"] == "A dog runs."
+
+
+def test_duplicate_ids_and_the_checked_parse():
+    """Ids are `sample_id`: the `id` field as a string (so 7 and "7" collide), else `#<index>`."""
+    base = _base()
+    entries = [dict(base, id="x"), dict(base, id=7), dict(base, id="7"), dict(base, id=None), dict(base, id="x"),
+               dict(base, id="#3"), schema.BadLine(7, "f.jsonl:7: invalid JSON", "{")]
+    assert [schema.sample_id(e, i) for i, e in enumerate(entries[:6])] == ["x", "7", "7", "#3", "x", "#3"]
+    assert schema.duplicate_ids(entries) == {2: ("7", 1), 4: ("x", 0), 5: ("#3", 3)}
+    parse = schema.CheckedParse.over(schema.parse_sample, entries)
+    assert parse(entries[0], 0).sample_id == "x"
+    with pytest.raises(schema.SampleError) as e:
+        parse(entries[4], 4)
+    assert (e.value.reason, e.value.sample_id, e.value.field) == ("duplicate_id", "x", "id")
+    assert "sample #0" in e.value.message
+    with pytest.raises(schema.SampleError) as e:
+        parse(entries[6], 6)
+    assert (e.value.reason, e.value.sample_id, e.value.field) == ("bad_json_line", "#6", "line 7")
+    assert schema.REASONS["media_outside_root"] and schema.REASONS["duplicate_id"]

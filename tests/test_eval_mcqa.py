@@ -334,6 +334,24 @@ def test_perception_test_reader_submission_and_score(tmp_path, monkeypatch):
     assert (rep["n"], rep["correct"]) == (2, 1) and rep["per"]["area"]["memory"]["accuracy"] == 1.0
 
 
+def test_video_ids_outside_the_video_folder_are_refused(tmp_path):
+    """A video id from the data that leaves the video folder is not looked up there (issue #15):
+    its questions are `media_outside_root` errors, even when the file it names exists."""
+    vdir = tmp_path / "pt"
+    _touch(str(vdir / "video_1.mp4"))
+    _touch(str(tmp_path / "elsewhere" / "v.mp4"))
+    q = {"id": 0, "question": "?", "options": ["a", "b", "c"], "answer_id": 0}
+    data = {k: {"metadata": {"video_id": vid}, "mc_question": [q]}
+            for k, vid in (("1", "video_1"), ("2", "../elsewhere/v"), ("3", str(tmp_path / "elsewhere" / "v")))}
+    items = mcqa.load_perception_test(data, str(vdir))
+    assert isinstance(items[0], schema.Sample)
+    assert [(e.reason, e.field) for e in items[1:]] == [("media_outside_root", "metadata.video_id")] * 2
+    recs = [{"video_id": "9", "url": "https://www.youtube.com/watch?v=../elsewhere/v", "questions": [
+        {"question_id": "9-1", "question": "?", "choices": ["A. a", "B. b", "C. c", "D. d"], "answer": "A"}]}]
+    (item,) = mcqa.load_videomme(recs, str(vdir), subtitle_folder=str(tmp_path / "subs"))
+    assert (item.reason, item.sample_id, item.field) == ("media_outside_root", "9-1", "url")
+
+
 def test_cli_mcqa_sharded_then_score(tmp_path, monkeypatch, capsys):
     qdir, vdir = _mvbench(tmp_path)
     monkeypatch.setattr(mcqa, "MVBENCH_TASKS", TASKS)

@@ -40,6 +40,7 @@ import numpy as np
 
 from data_pipeline import schema
 from data_pipeline import video as video_lib
+from vrefer_jax import paths as paths_lib
 from vrefer_jax.evaluation import runner
 
 MCQA_SUFFIX = "Answer with the option's letter from the given choices directly and only give the best option."
@@ -87,13 +88,22 @@ def _sample(sid: str, index: int, media: str, instruct: str, answer: str, extra:
 
 def _find_video(folder: str | None, stem: str) -> str | None:
     """`stem + ext` for the first official extension present under `folder` (None if none is);
-    without a folder, `stem.mp4`."""
+    without a folder, `stem.mp4`. `stem` comes from the data: one that leaves `folder` (`..`, an
+    absolute path) raises `paths.PathOutsideRoot` rather than probing files elsewhere."""
     if folder is None:
         return stem + ".mp4"
     for ext in VIDEO_FORMATS:
-        if os.path.exists(os.path.join(folder, stem + ext)):
+        if os.path.exists(paths_lib.resolve_under(folder, stem + ext)):
             return stem + ext
     return None
+
+
+def _video_or_error(folder: str | None, stem: str) -> str | schema.SampleError | None:
+    """`_find_video`, with a path outside `folder` as the `media_outside_root` error for its questions."""
+    try:
+        return _find_video(folder, stem)
+    except paths_lib.PathOutsideRoot as e:
+        return schema.SampleError(e.reason, stem, "video", str(e))
 
 
 # ----------------------------------------------------------------------------- MVBench
@@ -234,12 +244,16 @@ def load_videomme(data: str | Sequence[Mapping], video_folder: str | None = None
     items: list[runner.Item] = []
     for rec in records:
         ytid = rec["url"].split("watch?v=")[-1]
-        media = _find_video(video_folder, ytid)
-        if subtitle_folder is not None and media is not None and ytid not in subtitles:
+        media = _video_or_error(video_folder, ytid)
+        if subtitle_folder is not None and isinstance(media, str) and ytid not in subtitles:
+            # `ytid` passed `_find_video`'s check, so it stays inside the subtitle folder too.
             subtitles[ytid] = videomme_subtitles(os.path.join(video_folder, media),
-                                                 os.path.join(subtitle_folder, ytid + ".srt"), num_frames)
+                                                 paths_lib.resolve_under(subtitle_folder, ytid + ".srt"), num_frames)
         for q in rec["questions"]:
             sid, idx = str(q["question_id"]), len(items)
+            if isinstance(media, schema.SampleError):
+                items.append(schema.SampleError(media.reason, sid, "url", media.message))
+                continue
             if media is None:
                 items.append(schema.SampleError("media_not_found", sid, "url", f"no video file for {ytid!r}"))
                 continue
@@ -303,9 +317,12 @@ def load_perception_test(data: str | Mapping, video_folder: str | None = None) -
     items: list[runner.Item] = []
     for v in videos.values():
         vid = v["metadata"]["video_id"]
-        media = _find_video(video_folder, vid)
+        media = _video_or_error(video_folder, vid)
         for q in v["mc_question"]:
             sid, idx = f"{vid}/{q['id']}", len(items)
+            if isinstance(media, schema.SampleError):
+                items.append(schema.SampleError(media.reason, sid, "metadata.video_id", media.message))
+                continue
             if media is None:
                 items.append(schema.SampleError("media_not_found", sid, "metadata.video_id",
                                                 f"no video file for {vid!r}"))
