@@ -341,6 +341,9 @@ def _check_manifest(path: str, manifest: dict) -> None:
             old = json.load(f)
         if old != manifest:
             diff = {k: (old.get(k), manifest.get(k)) for k in set(old) | set(manifest) if old.get(k) != manifest.get(k)}
+            if set(diff) == {"input_sha256"} and "input_sha256" not in old:
+                raise InputError(f"{path} was written for a different conversion: by a version that did not record "
+                                 "its input's hash, so resuming cannot be checked; use another --out or --prefix")
             if set(diff) == {"input_sha256"}:
                 raise InputError(
                     f"{path} was written for a different conversion: the input samples changed since it was "

@@ -472,6 +472,14 @@ def test_resume_with_changed_input_is_refused(tmp_path, capsys):
     assert manifest["input_sha256"] == convert.entries_sha256(v1) != convert.entries_sha256(v2)
     with pytest.raises(convert.InputError, match="input samples changed"):
         convert.convert(v2, out, media_root=str(tmp_path), num_shards=2, config=FAST, progress=False)
+    old = dict(manifest)
+    del old["input_sha256"]  # a folder started before the manifest recorded the input
+    with open(os.path.join(out, "data.manifest.json"), "w") as f:
+        json.dump(old, f)
+    with pytest.raises(convert.InputError, match="did not record its input's hash"):
+        convert.convert(v1, out, media_root=str(tmp_path), num_shards=2, config=FAST, progress=False)
+    with open(os.path.join(out, "data.manifest.json"), "w") as f:
+        json.dump(manifest, f)
     # Frame-key order is data (it orders an object's masks), so reordering keys is a change too.
     assert convert.entries_sha256([{"a": 1, "b": 2}]) != convert.entries_sha256([{"b": 2, "a": 1}])
     # The same samples, reformatted on disk, resume fine.
