@@ -39,16 +39,18 @@ def _shard_range(text: str | None, num_shards: int) -> tuple[int, int]:
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", required=True, help="sample list (.json list or .jsonl)")
+    p.add_argument("--json", required=True,
+                   help="sample list: a .json list (one that cannot be parsed stops with the file and position) "
+                        "or .jsonl (a line that is not UTF-8 JSON is one bad_json_line skip; the rest is read)")
     p.add_argument("--format", default="train", choices=["train", *bench_formats.PARSERS],
                    help="training JSON (VideoRefer-700K style) or a benchmark file")
     p.add_argument("--bench-mode", default="single", choices=bench_formats.MODES,
                    help="benchmarks: masks at frame_idx only (single) or all annotated frames (multi)")
     p.add_argument("--allow-text-only", action="store_true", help="accept samples without video/image")
     p.add_argument("--allow-absolute-media", action="store_true",
-                   help="read absolute video/image/frame-folder paths from the data as they are (default: "
-                        "skip them as media_outside_root); relative paths must stay inside the media root "
-                        "either way, so a '../' escape is always skipped")
+                   help="accept absolute video/image/frame-folder paths in the data and read them as they "
+                        "are (default: skip them as media_outside_root); relative paths must stay inside the "
+                        "media root either way, so a '../' escape is always skipped")
 
 
 def cmd_convert(args) -> int:
