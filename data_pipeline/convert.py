@@ -126,7 +126,11 @@ def build_record(sample: schema.Sample, media_root: str, cfg: ConvertConfig, sou
             if (mh, mw) != (fh, fw):
                 raise schema.SampleError("mask_size_mismatch", sid, f"annotation[{k}][{key!r}].segmentation",
                                          f"mask is {mh}x{mw} but frame {f} is {fh}x{fw}")
-            counts, size = masks_lib.to_compressed(seg, mh, mw)
+            try:
+                counts, size = masks_lib.to_compressed(seg, mh, mw)
+            except masks_lib.MaskFormatError as e:
+                raise schema.SampleError(e.reason, sid, f"annotation[{k}][{key!r}].segmentation{e.subfield}",
+                                         e.message) from None
             rles.append(counts)
             sizes.append(size)
             nulls.append(seg.kind == "null")

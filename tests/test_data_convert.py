@@ -304,3 +304,18 @@ def test_cli_shard_ranges_validate_inspect_and_bench(tmp_path, capsys):
         assert r[0].extra["answer"] == "(A) x" and r[0].extra["mode"] == mode
         rep = json.load(open(out / "bench_q.report.json"))
         assert rep["skipped"] == ({"missing_segmentation": 1} if mode == "single" else {})
+
+
+def test_polygon_far_outside_the_frame_is_skipped_with_its_field(tmp_path):
+    _make_media(tmp_path)
+    entries = [{"id": "far", "video": "synthetic.mp4", "conversations": _conv("<region>?"),
+                "annotation": [{"3": {"segmentation": [[1, 1, 9, 1, 9, 9]]},
+                                "5": {"segmentation": [[1, 1, 1e4, 1, 9, 9]]}}]},  # frame is 48x64
+               {"id": "ok", "video": "synthetic.mp4", "conversations": _conv("<region>?"),
+                "annotation": [{"3": {"segmentation": [[-64, -48, 128, -48, 128, 96]]}}]}]
+    report = convert.convert(entries, str(tmp_path / "out"), media_root=str(tmp_path), num_shards=1, workers=0,
+                             config=convert.ConvertConfig(num_frames=2, image_size=8), progress=False)
+    assert report["written"] == 1 and report["skipped"] == {"polygon_out_of_bounds": 1}
+    (skip,) = report["skips"]
+    assert (skip["id"], skip["field"]) == ("far", "annotation[0]['5'].segmentation[0]")
+    assert "(10000, 1)" in skip["message"] and "48x64 frame" in skip["message"]
