@@ -36,7 +36,8 @@ MAX_FRAMES = 32  # official MAX_FRAMES: `process_video` keeps at most this many 
 
 
 class MediaError(RuntimeError):
-    """Media that cannot be used: `reason` is "media_not_found" or "unreadable_media"."""
+    """Media that cannot be used: `reason` is "media_not_found", "unreadable_media" or
+    "truncated_media"."""
 
     def __init__(self, reason: str, message: str):
         self.reason, self.message = reason, message
@@ -100,10 +101,16 @@ class VideoReader:
                 rate = s.average_rate or s.guessed_rate
                 self.fps = GIF_FPS if self.is_gif else (float(rate) if rate else 0.0)
                 packets = [(p.pts, p.is_keyframe) for p in c.demux(s) if p.size > 0]
+                declared = s.frames  # the container's own count (mp4 sample table); 0 = not stored
         except MediaError:
             raise
         except (av.error.FFmpegError, OSError, ValueError) as e:
             raise MediaError("unreadable_media", f"{path}: {e}") from None
+        # A cut-off file whose index survived (mp4 with the moov atom first) demuxes only the
+        # packets that are still there: without this check it would pass for a shorter video.
+        if declared and len(packets) < declared:
+            raise MediaError("truncated_media", f"{path}: {len(packets)} of the {declared} frames the container "
+                                                "declares are present (truncated file?)")
         self.num_frames = len(packets)
         # Timestamp index for seeking: frame i <-> i-th smallest packet pts. Without usable
         # timestamps (or for GIFs) frames are counted while decoding from the start instead.

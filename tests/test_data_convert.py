@@ -319,3 +319,16 @@ def test_polygon_far_outside_the_frame_is_skipped_with_its_field(tmp_path):
     (skip,) = report["skips"]
     assert (skip["id"], skip["field"]) == ("far", "annotation[0]['5'].segmentation[0]")
     assert "(10000, 1)" in skip["message"] and "48x64 frame" in skip["message"]
+
+
+def test_truncated_video_is_skipped_not_written_shorter(tmp_path):
+    from test_data_video import _faststart_video
+
+    _faststart_video(tmp_path / "v.mp4")
+    data = (tmp_path / "v.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) * 2 // 3])
+    entries = [{"id": v, "video": f"{v}.mp4", "conversations": _conv("hi")} for v in ("v", "cut")]
+    report = convert.convert(entries, str(tmp_path / "out"), media_root=str(tmp_path), num_shards=1, workers=0,
+                             config=convert.ConvertConfig(num_frames=4, image_size=8), progress=False)
+    assert report["written"] == 1 and report["skipped"] == {"truncated_media": 1}
+    assert (report["skips"][0]["id"], report["skips"][0]["field"]) == ("cut", "video")
