@@ -16,7 +16,9 @@ and config give byte-identical shards. The manifest guards against resuming with
 source or config.
 
 Every unusable sample is skipped, counted by reason (`schema.REASONS`) and listed; nothing is
-replaced by another sample.
+replaced by another sample. A worker process that dies (a crash in a decoder, an OOM kill) never
+hangs the run: the samples it may have held are re-run alone, the one that kills its worker again is
+skipped as `worker_died`, and the run goes on with a fresh pool.
 
 Worker processes are started with 'spawn' (safe when JAX is imported), so a script that calls
 `convert(..., workers>0)` needs the usual `if __name__ == "__main__":` guard; the CLI has it.
@@ -25,14 +27,18 @@ Worker processes are started with 'spawn' (safe when JAX is imported), so a scri
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import functools
+import itertools
 import json
 import multiprocessing
 import os
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from data_pipeline import masks as masks_lib
@@ -161,6 +167,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(parse: ParseFn, media_root: str, cfg: ConvertConfig, source: str) -> None:
+    faulthandler.enable()  # a worker killed by a signal (segfault in a decoder) leaves a traceback on stderr
     _WORKER.update(parse=parse, media_root=media_root, cfg=cfg, source=source)
 
 
@@ -179,6 +186,94 @@ def _process(task: tuple[int, Any]) -> tuple[str, Any]:
         where = traceback.extract_tb(e.__traceback__)[-1]
         msg = f"{type(e).__name__}: {e} (at {os.path.basename(where.filename)}:{where.lineno})"
         return "skip", dict(index=index, id=sid, reason="unexpected_error", field="<sample>", message=msg)
+
+
+def _process_chunk(chunk: list[tuple[int, Any]]) -> list[tuple[str, Any]]:
+    return [_process(t) for t in chunk]
+
+
+def _worker_died(task: tuple[int, Any]) -> tuple[str, dict]:
+    index, raw = task
+    sid = str(raw["id"]) if isinstance(raw, dict) and raw.get("id") is not None else f"#{index}"
+    return "skip", dict(index=index, id=sid, reason="worker_died", field="<sample>",
+                        message="the worker process died while converting this sample, also when run alone "
+                                "(a crash in a decoder, or killed; see the worker's stderr)")
+
+
+# After this many samples in a row kill their worker even when run alone, the workers cannot work at
+# all (an unpicklable `parse`, a broken install): stop rather than spawn a process per sample.
+_MAX_DEATHS_IN_A_ROW = 8
+
+
+def _parallel_results(tasks: Iterator[tuple[int, Any]], workers: int, mp_context, init_args: tuple,
+                      chunksize: int) -> Iterator[tuple[str, Any]]:
+    """`_process` over `tasks` in worker processes, results in task order.
+
+    A worker that dies (segfault, os._exit, OOM kill) breaks the whole `ProcessPoolExecutor`, which
+    fails every chunk in flight. Those samples are then re-run one at a time in a single-worker pool:
+    each that completes is kept, each that kills its worker again is skipped as `worker_died`, and
+    a fresh pool takes over the rest. The output is therefore the same as if nothing had died,
+    apart from the culprits, and does not depend on which samples happened to share the pool.
+    """
+    def pool(n: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(n, mp_context=mp_context, initializer=_init_worker, initargs=init_args)
+
+    def chunks() -> Iterator[list[tuple[int, Any]]]:
+        it = iter(tasks)
+        while chunk := list(itertools.islice(it, chunksize)):
+            yield chunk
+
+    def isolated(chunk: list[tuple[int, Any]]) -> Iterator[tuple[str, Any]]:
+        nonlocal deaths
+        solo = pool(1)
+        try:
+            for task in chunk:
+                try:
+                    (res,) = solo.submit(_process_chunk, [task]).result()
+                    deaths = 0
+                except BrokenProcessPool:
+                    deaths += 1
+                    if deaths >= _MAX_DEATHS_IN_A_ROW:
+                        raise RuntimeError(f"{deaths} samples in a row killed their worker process, the last "
+                                           f"one sample index {task[0]}: the workers cannot run (see their "
+                                           "stderr)") from None
+                    solo.shutdown(wait=True)
+                    solo, res = pool(1), _worker_died(task)
+                yield res
+        finally:
+            solo.shutdown(wait=True, cancel_futures=True)
+
+    deaths = 0
+    window = 4 * workers  # chunks in flight: enough to keep every worker busy, bounded memory
+    source = chunks()
+    inflight: deque = deque()
+    ex = pool(workers)
+    try:
+        while True:
+            while len(inflight) < window and (chunk := next(source, None)) is not None:
+                inflight.append((chunk, ex.submit(_process_chunk, chunk)))
+            if not inflight:
+                return
+            chunk, fut = inflight.popleft()
+            try:
+                yield from fut.result()
+                continue
+            except BrokenProcessPool:
+                pass
+            # The pool is dead. Chunks that finished before it died keep their results; the others
+            # (this one included) are re-run sample by sample, in order.
+            ex.shutdown(wait=True, cancel_futures=True)
+            for c, f in [(chunk, fut), *inflight]:
+                if f.done() and not f.cancelled() and f.exception() is None:
+                    yield from f.result()
+                else:
+                    yield from isolated(c)
+            inflight.clear()
+            ex = pool(workers)
+    finally:  # also reached when the caller stops early (an error, Ctrl-C): kill what still runs
+        ex.shutdown(wait=False, cancel_futures=True)
+        for proc in list((getattr(ex, "_processes", None) or {}).values()):
+            proc.terminate()
 
 
 # ----------------------------------------------------------------------------- shards
@@ -317,12 +412,11 @@ def convert(
                 yield i, entries[i]
 
     init_args = (parse, media_root, config, source)
-    pool = None
     if workers > 0:
-        pool = multiprocessing.get_context(start_method).Pool(workers, _init_worker, init_args)
-        results = pool.imap(_process, tasks(), chunksize=chunksize)
+        results = _parallel_results(tasks(), workers, multiprocessing.get_context(start_method), init_args,
+                                    chunksize)
     else:
-        _init_worker(*init_args)
+        _WORKER.update(parse=parse, media_root=media_root, cfg=config, source=source)
         results = map(_process, tasks())
 
     t0 = time.perf_counter()
@@ -342,9 +436,8 @@ def convert(
             w.finish()
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if workers > 0:
+            results.close()  # shuts the worker pool down
     elapsed = time.perf_counter() - t0
     report = merge_reports(out_dir, prefix, num_shards, config)
     report["run"] = {"shards": [a, b], "converted_shards": pending, "samples": done, "seconds": round(elapsed, 3),

@@ -332,3 +332,49 @@ def test_truncated_video_is_skipped_not_written_shorter(tmp_path):
                              config=convert.ConvertConfig(num_frames=4, image_size=8), progress=False)
     assert report["written"] == 1 and report["skipped"] == {"truncated_media": 1}
     assert (report["skips"][0]["id"], report["skips"][0]["field"]) == ("cut", "video")
+
+
+def _killing_parse(raw, index):
+    """Kills the worker process on samples whose id starts with "kill" (as a segfault would)."""
+    if str(raw.get("id", "")).startswith("kill"):
+        os.kill(os.getpid(), 9)
+    return schema.parse_sample(raw, index)
+
+
+def test_worker_that_dies_is_named_skipped_and_replaced(tmp_path):
+    """A sample that kills its worker is skipped as worker_died; every other sample, including
+    those in flight in the dead pool, is converted exactly as without workers, and the run ends."""
+    import signal
+
+    clip = _make_media(tmp_path)
+    syn, _ = _synthetic_entries(clip)
+    good = [dict(e, id=f"{e['id']}{j}") for j in range(2) for e in syn[:4]]
+    entries = good[:3] + [dict(syn[2], id="kill-a")] + good[3:6] + [dict(syn[2], id="kill-b")] + good[6:]
+    cfg = convert.ConvertConfig(num_frames=4, image_size=16, image_format="png")
+
+    def on_alarm(*_):
+        raise TimeoutError("the converter hung on a dead worker")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(240)
+    try:
+        report = convert.convert(entries, str(tmp_path / "out"), media_root=str(tmp_path), num_shards=3, workers=2,
+                                 config=cfg, parse=_killing_parse, progress=False, chunksize=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert report["skipped"] == {"mask_size_mismatch": 2, "worker_died": 2} and report["shards_done"] == 3
+    died = [s for s in report["skips"] if s["reason"] == "worker_died"]
+    assert [(s["index"], s["id"], s["field"]) for s in died] == [(3, "kill-a", "<sample>"), (7, "kill-b", "<sample>")]
+    # Everything else is byte-identical to an in-process run in which the killers merely fail.
+    ref = str(tmp_path / "ref")
+    convert.convert(entries, ref, media_root=str(tmp_path), num_shards=3, workers=0, config=cfg,
+                    parse=_failing_parse, progress=False)
+    got, want = records.RecordReader(str(tmp_path / "out"), parse=False), records.RecordReader(ref, parse=False)
+    assert len(got) == len(want) == 6 and [got[i] for i in range(6)] == [want[i] for i in range(6)]
+
+
+def _failing_parse(raw, index):
+    if str(raw.get("id", "")).startswith("kill"):
+        raise ValueError("would kill")
+    return schema.parse_sample(raw, index)
