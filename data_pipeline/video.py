@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from collections.abc import Iterable, Sequence
 
 import av
@@ -278,8 +279,19 @@ def resize_frame(frame: np.ndarray, size: int, aspect: str = "square") -> np.nda
     return np.asarray(Image.fromarray(frame).resize((size, size), Image.BICUBIC))
 
 
-def encode_image(frame: np.ndarray, image_format: str = "jpeg", quality: int = 95) -> bytes:
-    """uint8 RGB -> JPEG (4:4:4 chroma, `quality`) or PNG (lossless) bytes."""
+IMAGE_FORMATS = ("png", "raw", "jpeg")
+# 'raw' frames are this magic, big-endian uint32 height and width, then the H*W*3 RGB bytes.
+RAW_MAGIC = b"RAWRGB8\0"
+
+
+def encode_image(frame: np.ndarray, image_format: str = "png", quality: int = 95) -> bytes:
+    """uint8 RGB -> PNG (lossless, zlib level 1), raw (lossless, uncompressed) or JPEG (4:4:4
+    chroma, `quality`; lossy) bytes."""
+    if image_format == "raw":
+        frame = np.ascontiguousarray(frame, np.uint8)
+        if frame.ndim != 3 or frame.shape[2] != 3:
+            raise ValueError(f"raw frames are [H, W, 3] uint8, got shape {frame.shape}")
+        return RAW_MAGIC + struct.pack(">II", *frame.shape[:2]) + frame.tobytes()
     buf = io.BytesIO()
     im = Image.fromarray(frame)
     if image_format == "jpeg":
@@ -287,11 +299,17 @@ def encode_image(frame: np.ndarray, image_format: str = "jpeg", quality: int = 9
     elif image_format == "png":
         im.save(buf, format="PNG", compress_level=1)
     else:
-        raise ValueError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     return buf.getvalue()
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """JPEG/PNG bytes -> [H, W, 3] uint8 RGB."""
+    """PNG/raw/JPEG bytes (as `encode_image` writes them) -> [H, W, 3] uint8 RGB."""
+    if data[:len(RAW_MAGIC)] == RAW_MAGIC:
+        h, w = struct.unpack_from(">II", data, len(RAW_MAGIC))
+        pixels = memoryview(data)[len(RAW_MAGIC) + 8:]
+        if len(pixels) != h * w * 3:
+            raise ValueError(f"raw frame of {h}x{w} needs {h * w * 3} bytes, got {len(pixels)}")
+        return np.frombuffer(pixels, np.uint8).reshape(h, w, 3)
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))

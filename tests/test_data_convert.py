@@ -195,9 +195,10 @@ def test_convert_real_videos_report_and_resume(tmp_path):
     src = V.open_video(os.path.join(SHARED_VIDEOS, os.path.basename(PEOPLE))).get([people.frame_indices[3]])
     ours = V.decode_image(people.frames[3]).astype(int)
     ref = V.resize_frame(src[people.frame_indices[3]], 64).astype(int)
-    print(f"\nJPEG q95 stored frame vs exact resize: max |diff| {np.abs(ours - ref).max()}, "
+    print(f"\ndefault ({cfg.image_format}) stored frame vs exact resize: max |diff| {np.abs(ours - ref).max()}, "
           f"mean {np.abs(ours - ref).mean():.3f} (uint8 levels)")
     assert np.abs(ours - ref).mean() < 4.0  # 64x64 thumbnails are all detail; at 384 the mean is ~1.3
+    np.testing.assert_array_equal(ours, ref)  # the default format is lossless
 
     # Resume: a finished shard deleted, another never finished (stale temp files only).
     before = _files(out)
@@ -378,3 +379,26 @@ def _failing_parse(raw, index):
     if str(raw.get("id", "")).startswith("kill"):
         raise ValueError("would kill")
     return schema.parse_sample(raw, index)
+
+
+def test_default_frame_format_is_lossless(tmp_path):
+    """Frames are stored as exactly the resized pixels by default (PNG); 'raw' holds the same pixels,
+    uncompressed; JPEG stays available and is lossy."""
+    clip = _make_media(tmp_path)
+    entries = [{"id": "f", "video": clip, "conversations": _conv("hi")}]  # noise frames: JPEG cannot be exact
+    assert convert.ConvertConfig().image_format == "png"
+    src = V.open_video(str(tmp_path / clip))
+    decoded, sizes = {}, {}
+    for fmt in ("default", "raw", "jpeg"):
+        cfg = convert.ConvertConfig(num_frames=4, image_size=32, **({} if fmt == "default" else {"image_format": fmt}))
+        out = str(tmp_path / fmt)
+        assert convert.convert(entries, out, media_root=str(tmp_path), num_shards=1, workers=0, config=cfg,
+                               progress=False)["written"] == 1
+        rec = records.RecordReader(out)[0]
+        decoded[fmt], sizes[fmt] = rec.decode_frames(), sum(map(len, rec.frames))
+    got = src.get(rec.frame_indices)
+    exact = np.stack([V.resize_frame(got[i], 32) for i in rec.frame_indices])
+    np.testing.assert_array_equal(decoded["default"], exact)
+    np.testing.assert_array_equal(decoded["raw"], exact)
+    assert np.abs(decoded["jpeg"].astype(int) - exact).max() > 0
+    assert sizes["raw"] == 4 * (len(V.RAW_MAGIC) + 8 + 32 * 32 * 3)

@@ -180,6 +180,17 @@ def test_image_codecs():
     assert y.shape == x.shape and np.abs(y.astype(int) - smooth).mean() < 3
 
 
+def test_raw_frames_are_lossless_and_checked():
+    x = (np.random.RandomState(1).rand(40, 60, 3) * 255).astype(np.uint8)
+    b = V.encode_image(x, "raw")
+    assert len(b) == len(V.RAW_MAGIC) + 8 + x.size
+    np.testing.assert_array_equal(V.decode_image(b), x)
+    with pytest.raises(ValueError, match="needs 7200 bytes"):
+        V.decode_image(b[:-1])
+    with pytest.raises(ValueError, match="image_format"):
+        V.encode_image(x, "webp")
+
+
 def _faststart_video(path, n=20):
     """An mp4 with its index (moov) before the data, frame i a flat grey of level 8*i."""
     with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
