@@ -255,6 +255,7 @@ def _parallel_results(tasks: Iterator[tuple[int, Any]], workers: int, mp_context
             while len(inflight) < window and (chunk := next(source, None)) is not None:
                 inflight.append((chunk, ex.submit(_process_chunk, chunk)))
             if not inflight:
+                ex.shutdown(wait=True)
                 return
             chunk, fut = inflight.popleft()
             try:
@@ -272,9 +273,10 @@ def _parallel_results(tasks: Iterator[tuple[int, Any]], workers: int, mp_context
                     yield from isolated(c)
             inflight.clear()
             ex = pool(workers)
-    finally:  # also reached when the caller stops early (an error, Ctrl-C): kill what still runs
+    finally:  # after a normal end this is a no-op; if the caller stopped early (an error, Ctrl-C), kill what runs
+        procs = list((getattr(ex, "_processes", None) or {}).values())  # shutdown() forgets them
         ex.shutdown(wait=False, cancel_futures=True)
-        for proc in list((getattr(ex, "_processes", None) or {}).values()):
+        for proc in procs:
             proc.terminate()
 
 
