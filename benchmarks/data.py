@@ -3,9 +3,12 @@ pipeline (decode the mp4 at load time with PyAV, PIL resize + SigLIP normalisati
 decode at full resolution) on the same samples, both with 2 worker processes.
 
     python benchmarks/data.py [--videos ../shared/data/videos] [--samples 8] [--measure 48]
+                              [--formats png,raw,jpeg]
 
 Samples: 16 frames at 384x384, 3 objects with 3 annotated frames each (9 region frames), real
-1280x720 videos. Conversion time is reported separately (it is paid once, not per epoch).
+1280x720 videos. Conversion time is reported separately (it is paid once, not per epoch). Each
+stored frame format (`--formats`) is converted and loaded in turn, with its record size and its
+largest pixel error against the exact resized frame (0 for the lossless png and raw).
 """
 
 from __future__ import annotations
@@ -128,12 +131,23 @@ def bench_loader(records_dir, tokenizer, measure: int, workers: int) -> float:
     return measure / dt
 
 
+def max_pixel_error(records_dir: str, media_root: str) -> int:
+    """Largest |stored - exact resize| over the sampled frames of the first record (uint8 levels)."""
+    from data_pipeline import records as records_lib
+
+    rec = records_lib.RecordReader(records_dir)[0]
+    src = video_lib.open_video(os.path.join(media_root, rec.media)).get(rec.frame_indices)
+    exact = np.stack([video_lib.resize_frame(src[i], S) for i in rec.frame_indices]).astype(int)
+    return int(np.abs(rec.decode_frames().astype(int) - exact).max())
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--videos", default=os.path.join(ROOT, "..", "shared", "data", "videos"))
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--measure", type=int, default=48)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--formats", default="png,raw,jpeg", help="stored frame formats to compare, comma-separated")
     a = p.parse_args(argv)
     from absl import flags
 
@@ -141,22 +155,27 @@ def main(argv=None) -> None:
     videos = sorted(os.path.join(a.videos, f) for f in os.listdir(a.videos) if f.endswith(".mp4"))
     if not videos:
         raise SystemExit(f"no mp4 in {a.videos}")
+    media_root = os.path.abspath(a.videos)
     entries = make_entries(videos, a.samples)
     tok = tiny_tokenizer()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "records")
-        t0 = time.perf_counter()
-        convert.convert(entries, out, media_root=os.path.abspath(a.videos), num_shards=2, workers=a.workers,
-                        config=convert.ConvertConfig(num_frames=T, image_size=S), progress=False)
-        conv = a.samples / (time.perf_counter() - t0)
-        ours = bench_loader(out, tok, a.measure, a.workers)
-    official = bench_official(entries, os.path.abspath(a.videos), tok, a.measure, a.workers)
+    rows = []
+    for fmt in a.formats.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "records")
+            t0 = time.perf_counter()
+            convert.convert(entries, out, media_root=media_root, num_shards=2, workers=a.workers,
+                            config=convert.ConvertConfig(num_frames=T, image_size=S, image_format=fmt), progress=False)
+            conv = a.samples / (time.perf_counter() - t0)
+            mb = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".tfrecord"))
+            err = max_pixel_error(out, media_root)
+            rows.append((fmt, conv, mb / a.samples / 1e6, err, bench_loader(out, tok, a.measure, a.workers)))
+    official = bench_official(entries, media_root, tok, a.measure, a.workers)
     print(f"{len(videos)} real videos, {a.samples} samples x {T} frames at {S}x{S}, {K} objects x {FPO} frames, "
           f"{a.workers} workers, {os.cpu_count()} CPUs")
-    print(f"one-off conversion          : {conv:7.2f} samples/s")
-    print(f"grain loader (records)      : {ours:7.2f} samples/s")
-    print(f"official-style (decode mp4) : {official:7.2f} samples/s")
-    print(f"ratio                       : {ours / official:7.1f}x")
+    print("frames  conversion   record size  max pixel err  grain loader   vs official")
+    for fmt, conv, mb, err, ours in rows:
+        print(f"{fmt:6s} {conv:6.2f} smp/s {mb:8.2f} MB {err:10d}/255 {ours:8.2f} smp/s {ours / official:8.1f}x")
+    print(f"official-style (decode mp4 at load time): {official:.2f} samples/s")
 
 
 if __name__ == "__main__":

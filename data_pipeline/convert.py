@@ -20,7 +20,9 @@ Every unusable sample is skipped, counted by reason (`schema.REASONS`) and liste
 replaced by another sample. A repeated sample id keeps its first sample (`duplicate_id` for the
 others); an unreadable JSON Lines line is one `bad_json_line` skip; a media path that is absolute
 or leaves `media_root` is `media_outside_root` (absolute paths are read only with
-`ConvertConfig.allow_absolute_media`).
+`ConvertConfig.allow_absolute_media`). A worker process that dies (a crash in a decoder, an OOM
+kill) never hangs the run: the samples it may have held are re-run alone, the one that kills its
+worker again is skipped as `worker_died`, and the run goes on with a fresh pool.
 
 Worker processes are started with 'spawn' (safe when JAX is imported), so a script that calls
 `convert(..., workers>0)` needs the usual `if __name__ == "__main__":` guard; the CLI has it.
@@ -30,15 +32,19 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import faulthandler
 import functools
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from data_pipeline import masks as masks_lib
@@ -59,7 +65,9 @@ class ConvertConfig:
     image_size: side S of the stored frames, resized exactly as SiglipImageProcessor does (PIL
       bicubic, after centring on a grey square canvas in 'pad' mode); 0 stores the decoded frames
       untouched (then the loader pads and resizes).
-    image_format: 'jpeg' (4:4:4, `jpeg_quality`) or 'png' (lossless, larger).
+    image_format: 'png' (default: lossless, the exact resized pixels), 'raw' (lossless, uncompressed:
+      ~2.3x PNG's size, no decode cost) or 'jpeg' (4:4:4, `jpeg_quality`; lossy: at q95 pixels are
+      off by up to ~25/255 and a tiny model's logits by up to ~1.9 against the official decode).
     output_format: 'tfrecord' (with offset indexes) or 'array_record'.
     allow_absolute_media: read absolute video/image paths from the data as they are; relative
       paths must stay inside the media root either way (else `media_outside_root`).
@@ -68,7 +76,7 @@ class ConvertConfig:
     num_frames: int = 16
     image_size: int = 384
     aspect: str = "square"
-    image_format: str = "jpeg"
+    image_format: str = "png"
     jpeg_quality: int = 95
     output_format: str = "tfrecord"
     allow_text_only: bool = False
@@ -82,8 +90,8 @@ class ConvertConfig:
             raise ValueError(f"image_size must be >= 0, got {self.image_size}")
         if self.aspect not in ("square", "pad"):
             raise ValueError(f"aspect must be 'square' or 'pad', got {self.aspect!r}")
-        if self.image_format not in ("jpeg", "png"):
-            raise ValueError(f"image_format must be 'jpeg' or 'png', got {self.image_format!r}")
+        if self.image_format not in video_lib.IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {video_lib.IMAGE_FORMATS}, got {self.image_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if self.output_format not in ("tfrecord", "array_record"):
@@ -148,7 +156,11 @@ def build_record(sample: schema.Sample, media_root: str, cfg: ConvertConfig, sou
             if (mh, mw) != (fh, fw):
                 raise schema.SampleError("mask_size_mismatch", sid, f"annotation[{k}][{key!r}].segmentation",
                                          f"mask is {mh}x{mw} but frame {f} is {fh}x{fw}")
-            counts, size = masks_lib.to_compressed(seg, mh, mw)
+            try:
+                counts, size = masks_lib.to_compressed(seg, mh, mw)
+            except masks_lib.MaskFormatError as e:
+                raise schema.SampleError(e.reason, sid, f"annotation[{k}][{key!r}].segmentation{e.subfield}",
+                                         e.message) from None
             rles.append(counts)
             sizes.append(size)
             nulls.append(seg.kind == "null")
@@ -179,6 +191,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(parse: ParseFn, media_root: str, cfg: ConvertConfig, source: str) -> None:
+    faulthandler.enable()  # a worker killed by a signal (segfault in a decoder) leaves a traceback on stderr
     _WORKER.update(parse=parse, media_root=media_root, cfg=cfg, source=source)
 
 
@@ -197,6 +210,96 @@ def _process(task: tuple[int, Any]) -> tuple[str, Any]:
         where = traceback.extract_tb(e.__traceback__)[-1]
         msg = f"{type(e).__name__}: {e} (at {os.path.basename(where.filename)}:{where.lineno})"
         return "skip", dict(index=index, id=sid, reason="unexpected_error", field="<sample>", message=msg)
+
+
+def _process_chunk(chunk: list[tuple[int, Any]]) -> list[tuple[str, Any]]:
+    return [_process(t) for t in chunk]
+
+
+def _worker_died(task: tuple[int, Any]) -> tuple[str, dict]:
+    index, raw = task
+    sid = str(raw["id"]) if isinstance(raw, dict) and raw.get("id") is not None else f"#{index}"
+    return "skip", dict(index=index, id=sid, reason="worker_died", field="<sample>",
+                        message="the worker process died while converting this sample, also when run alone "
+                                "(a crash in a decoder, or killed; see the worker's stderr)")
+
+
+# After this many samples in a row kill their worker even when run alone, the workers cannot work at
+# all (an unpicklable `parse`, a broken install): stop rather than spawn a process per sample.
+_MAX_DEATHS_IN_A_ROW = 8
+
+
+def _parallel_results(tasks: Iterator[tuple[int, Any]], workers: int, mp_context, init_args: tuple,
+                      chunksize: int) -> Iterator[tuple[str, Any]]:
+    """`_process` over `tasks` in worker processes, results in task order.
+
+    A worker that dies (segfault, os._exit, OOM kill) breaks the whole `ProcessPoolExecutor`, which
+    fails every chunk in flight. Those samples are then re-run one at a time in a single-worker pool:
+    each that completes is kept, each that kills its worker again is skipped as `worker_died`, and
+    a fresh pool takes over the rest. The output is therefore the same as if nothing had died,
+    apart from the culprits, and does not depend on which samples happened to share the pool.
+    """
+    def pool(n: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(n, mp_context=mp_context, initializer=_init_worker, initargs=init_args)
+
+    def chunks() -> Iterator[list[tuple[int, Any]]]:
+        it = iter(tasks)
+        while chunk := list(itertools.islice(it, chunksize)):
+            yield chunk
+
+    def isolated(chunk: list[tuple[int, Any]]) -> Iterator[tuple[str, Any]]:
+        nonlocal deaths
+        solo = pool(1)
+        try:
+            for task in chunk:
+                try:
+                    (res,) = solo.submit(_process_chunk, [task]).result()
+                    deaths = 0
+                except BrokenProcessPool:
+                    deaths += 1
+                    if deaths >= _MAX_DEATHS_IN_A_ROW:
+                        raise RuntimeError(f"{deaths} samples in a row killed their worker process, the last "
+                                           f"one sample index {task[0]}: the workers cannot run (see their "
+                                           "stderr)") from None
+                    solo.shutdown(wait=True)
+                    solo, res = pool(1), _worker_died(task)
+                yield res
+        finally:
+            solo.shutdown(wait=True, cancel_futures=True)
+
+    deaths = 0
+    window = 4 * workers  # chunks in flight: enough to keep every worker busy, bounded memory
+    source = chunks()
+    inflight: deque = deque()
+    ex = pool(workers)
+    try:
+        while True:
+            while len(inflight) < window and (chunk := next(source, None)) is not None:
+                inflight.append((chunk, ex.submit(_process_chunk, chunk)))
+            if not inflight:
+                ex.shutdown(wait=True)
+                return
+            chunk, fut = inflight.popleft()
+            try:
+                yield from fut.result()
+                continue
+            except BrokenProcessPool:
+                pass
+            # The pool is dead. Chunks that finished before it died keep their results; the others
+            # (this one included) are re-run sample by sample, in order.
+            ex.shutdown(wait=True, cancel_futures=True)
+            for c, f in [(chunk, fut), *inflight]:
+                if f.done() and not f.cancelled() and f.exception() is None:
+                    yield from f.result()
+                else:
+                    yield from isolated(c)
+            inflight.clear()
+            ex = pool(workers)
+    finally:  # after a normal end this is a no-op; if the caller stopped early (an error, Ctrl-C), kill what runs
+        procs = list((getattr(ex, "_processes", None) or {}).values())  # shutdown() forgets them
+        ex.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.terminate()
 
 
 # ----------------------------------------------------------------------------- shards
@@ -402,12 +505,11 @@ def convert(
                 yield i, entries[i]
 
     init_args = (parse, media_root, config, source)
-    pool = None
     if workers > 0:
-        pool = multiprocessing.get_context(start_method).Pool(workers, _init_worker, init_args)
-        results = pool.imap(_process, tasks(), chunksize=chunksize)
+        results = _parallel_results(tasks(), workers, multiprocessing.get_context(start_method), init_args,
+                                    chunksize)
     else:
-        _init_worker(*init_args)
+        _WORKER.update(parse=parse, media_root=media_root, cfg=config, source=source)
         results = map(_process, tasks())
 
     t0 = time.perf_counter()
@@ -427,9 +529,8 @@ def convert(
             w.finish()
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if workers > 0:
+            results.close()  # shuts the worker pool down
     elapsed = time.perf_counter() - t0
     report = merge_reports(out_dir, prefix, num_shards, config)
     report["run"] = {"shards": [a, b], "converted_shards": pending, "samples": done, "seconds": round(elapsed, 3),

@@ -26,6 +26,14 @@ from pycocotools import mask as mask_utils
 
 KINDS = ("rle", "uncompressed_rle", "polygon", "null")
 
+# Polygon coordinates are bounded before pycocotools sees them: its rasteriser (`rleFrPoly`) scales
+# them by 5 into C ints and allocates one entry per upsampled edge pixel, so coordinates near 1e9
+# overflow and segfault, and ~1e7 ones take gigabytes. Any coordinate beyond MAX_POLYGON_COORD is
+# refused at parse time (no frame needed); against the frame, a vertex may lie at most one frame
+# size outside it (x in [-W, 2W], y in [-H, 2H]): annotation tools clip polygons at or near the
+# border, so anything further is a unit or scale error, not a shape.
+MAX_POLYGON_COORD = 1 << 16
+
 
 class MaskFormatError(ValueError):
     """A malformed segmentation: `reason` (a schema reason code), `subfield` (path below
@@ -113,9 +121,17 @@ def parse_segmentation(seg: Any) -> Segmentation:
             if len(poly) < 6 or len(poly) % 2:
                 raise MaskFormatError("bad_segmentation", f"[{i}]",
                                       f"a polygon needs an even number >= 6 of coordinates, got {len(poly)}")
-            if not all(np.isfinite(poly)):
+            try:  # an int too big for a float (e.g. 10**400) is as unusable as inf
+                coords = tuple(float(v) for v in poly)
+            except OverflowError:
+                coords = (np.inf,)
+            if not all(np.isfinite(coords)):
                 raise MaskFormatError("bad_segmentation", f"[{i}]", "non-finite coordinate")
-            polys.append(tuple(float(v) for v in poly))
+            big = max(abs(v) for v in coords)
+            if big > MAX_POLYGON_COORD:
+                raise MaskFormatError("polygon_out_of_bounds", f"[{i}]",
+                                      f"coordinate {big:g} beyond +-{MAX_POLYGON_COORD} pixels")
+            polys.append(coords)
         return Segmentation("polygon", polygons=tuple(polys))
     if isinstance(seg, dict):
         if "counts" not in seg or "size" not in seg:
@@ -123,7 +139,12 @@ def parse_segmentation(seg: Any) -> Segmentation:
         h, w = _check_size(seg["size"])
         counts = seg["counts"]
         if isinstance(counts, (str, bytes)):
-            raw = counts.encode("ascii", "replace") if isinstance(counts, str) else bytes(counts)
+            try:  # never "replace": '?' is itself an RLE character, so that would change the mask
+                raw = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+            except UnicodeEncodeError as e:
+                raise MaskFormatError("bad_segmentation", ".counts",
+                                      f"non-ASCII character {counts[e.start]!r} at position {e.start} "
+                                      "of a compressed RLE string") from None
             if not raw:
                 raise MaskFormatError("empty_rle", ".counts", "compressed RLE with empty counts")
             try:
@@ -159,6 +180,20 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return mask_utils.encode(m)[0]["counts"]
 
 
+def check_polygon_bounds(seg: Segmentation, height: int, width: int) -> None:
+    """Raise `MaskFormatError` ("polygon_out_of_bounds") if a vertex lies more than one frame size
+    outside a `height` x `width` frame (see MAX_POLYGON_COORD)."""
+    for i, poly in enumerate(seg.polygons or ()):
+        xy = np.asarray(poly, np.float64).reshape(-1, 2)
+        bad = ~((xy[:, 0] >= -width) & (xy[:, 0] <= 2 * width) & (xy[:, 1] >= -height) & (xy[:, 1] <= 2 * height))
+        if bad.any():
+            x, y = xy[np.argmax(bad)]
+            raise MaskFormatError("polygon_out_of_bounds", f"[{i}]",
+                                  f"vertex ({x:g}, {y:g}) is more than one frame size outside the "
+                                  f"{height}x{width} frame (x must be in [{-width}, {2 * width}], "
+                                  f"y in [{-height}, {2 * height}])")
+
+
 def to_compressed(seg: Segmentation, height: int, width: int) -> tuple[bytes, tuple[int, int]]:
     """Compressed RLE counts and (h, w) of a segmentation, as the official `annToMask` would decode
     it with `annToMask(seg, height, width)` (polygons and null use (height, width))."""
@@ -168,6 +203,7 @@ def to_compressed(seg: Segmentation, height: int, width: int) -> tuple[bytes, tu
         h, w = seg.size
         return mask_utils.frPyObjects({"size": [h, w], "counts": list(seg.counts)}, h, w)["counts"], (h, w)
     if seg.kind == "polygon":
+        check_polygon_bounds(seg, height, width)
         rles = mask_utils.frPyObjects([list(p) for p in seg.polygons], height, width)
         return mask_utils.merge(rles)["counts"], (height, width)
     if seg.kind == "null":

@@ -12,7 +12,7 @@ One record = one sample. Features (T sampled frames, F region frames, K objects,
     orig_size                              int64[2]   (H, W) of the first sampled frame (masks of null segmentations)
     num_source_frames                      int64      frames in the video (1 for an image, 0 for text)
     stored_size                            int64      side S of the stored frames; 0 = original resolution
-    aspect, image_format                   bytes      square|pad ; jpeg|png
+    aspect, image_format                   bytes      square|pad ; png|raw|jpeg
     frame_indices / frames                 int64[T] / bytes[T]   'v1'-sampled absolute indices / encoded frames
     region_frame_indices / region_frames   int64[F] / bytes[F]   `all_frames` (ascending) / encoded frames
     object_num_masks                       int64[K]   masks per object; the flat arrays below are object-major

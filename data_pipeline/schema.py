@@ -39,6 +39,7 @@ REASONS: dict[str, str] = {
     OUTSIDE_ROOT: "the media path is absolute or leaves the media root with `..` (absolute paths need "
                   "an explicit option)",
     "unreadable_media": "the media cannot be opened or a needed frame cannot be decoded",
+    "truncated_media": "the video has fewer frames than its container declares (a cut-off file)",
     "bad_clip_bound": "the clip bound (start, end seconds; MVBench) admits no frame of the video",
     "bad_conversations": "conversations missing, empty, malformed, or not alternating human/gpt",
     "modal_token_mismatch": "a video/image sample needs its tag in exactly one turn; no other tag",
@@ -50,9 +51,11 @@ REASONS: dict[str, str] = {
     "missing_segmentation": "an annotated frame has no `segmentation` entry",
     "bad_segmentation": "a segmentation is malformed (unknown format, bad counts, bad polygon)",
     "empty_rle": "an RLE has empty counts",
+    "polygon_out_of_bounds": "a polygon vertex lies more than one frame size outside the frame",
     "bad_size": "height/width are not both positive integers",
     "mask_size_mismatch": "a mask's size differs from its frame's size",
     "bad_benchmark_entry": "a benchmark entry lacks or mistypes Question/options/Answer/caption/frame_idx",
+    "worker_died": "the converter worker process died on this sample (e.g. a crash in a decoder)",
     "unexpected_error": "an exception no check anticipated (type and message are kept): please report it",
 }
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from collections.abc import Iterable, Sequence
 
 import av
@@ -36,7 +37,8 @@ MAX_FRAMES = 32  # official MAX_FRAMES: `process_video` keeps at most this many 
 
 
 class MediaError(RuntimeError):
-    """Media that cannot be used: `reason` is "media_not_found" or "unreadable_media"."""
+    """Media that cannot be used: `reason` is "media_not_found", "unreadable_media" or
+    "truncated_media"."""
 
     def __init__(self, reason: str, message: str):
         self.reason, self.message = reason, message
@@ -100,10 +102,16 @@ class VideoReader:
                 rate = s.average_rate or s.guessed_rate
                 self.fps = GIF_FPS if self.is_gif else (float(rate) if rate else 0.0)
                 packets = [(p.pts, p.is_keyframe) for p in c.demux(s) if p.size > 0]
+                declared = s.frames  # the container's own count (mp4 sample table); 0 = not stored
         except MediaError:
             raise
         except (av.error.FFmpegError, OSError, ValueError) as e:
             raise MediaError("unreadable_media", f"{path}: {e}") from None
+        # A cut-off file whose index survived (mp4 with the moov atom first) demuxes only the
+        # packets that are still there: without this check it would pass for a shorter video.
+        if declared and len(packets) < declared:
+            raise MediaError("truncated_media", f"{path}: {len(packets)} of the {declared} frames the container "
+                                                "declares are present (truncated file?)")
         self.num_frames = len(packets)
         # Timestamp index for seeking: frame i <-> i-th smallest packet pts. Without usable
         # timestamps (or for GIFs) frames are counted while decoding from the start instead.
@@ -271,8 +279,19 @@ def resize_frame(frame: np.ndarray, size: int, aspect: str = "square") -> np.nda
     return np.asarray(Image.fromarray(frame).resize((size, size), Image.BICUBIC))
 
 
-def encode_image(frame: np.ndarray, image_format: str = "jpeg", quality: int = 95) -> bytes:
-    """uint8 RGB -> JPEG (4:4:4 chroma, `quality`) or PNG (lossless) bytes."""
+IMAGE_FORMATS = ("png", "raw", "jpeg")
+# 'raw' frames are this magic, big-endian uint32 height and width, then the H*W*3 RGB bytes.
+RAW_MAGIC = b"RAWRGB8\0"
+
+
+def encode_image(frame: np.ndarray, image_format: str = "png", quality: int = 95) -> bytes:
+    """uint8 RGB -> PNG (lossless, zlib level 1), raw (lossless, uncompressed) or JPEG (4:4:4
+    chroma, `quality`; lossy) bytes."""
+    if image_format == "raw":
+        frame = np.ascontiguousarray(frame, np.uint8)
+        if frame.ndim != 3 or frame.shape[2] != 3:
+            raise ValueError(f"raw frames are [H, W, 3] uint8, got shape {frame.shape}")
+        return RAW_MAGIC + struct.pack(">II", *frame.shape[:2]) + frame.tobytes()
     buf = io.BytesIO()
     im = Image.fromarray(frame)
     if image_format == "jpeg":
@@ -280,11 +299,17 @@ def encode_image(frame: np.ndarray, image_format: str = "jpeg", quality: int = 9
     elif image_format == "png":
         im.save(buf, format="PNG", compress_level=1)
     else:
-        raise ValueError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     return buf.getvalue()
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """JPEG/PNG bytes -> [H, W, 3] uint8 RGB."""
+    """PNG/raw/JPEG bytes (as `encode_image` writes them) -> [H, W, 3] uint8 RGB."""
+    if data[:len(RAW_MAGIC)] == RAW_MAGIC:
+        h, w = struct.unpack_from(">II", data, len(RAW_MAGIC))
+        pixels = memoryview(data)[len(RAW_MAGIC) + 8:]
+        if len(pixels) != h * w * 3:
+            raise ValueError(f"raw frame of {h}x{w} needs {h * w * 3} bytes, got {len(pixels)}")
+        return np.frombuffer(pixels, np.uint8).reshape(h, w, 3)
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))

@@ -195,9 +195,10 @@ def test_convert_real_videos_report_and_resume(tmp_path):
     src = V.open_video(os.path.join(SHARED_VIDEOS, os.path.basename(PEOPLE))).get([people.frame_indices[3]])
     ours = V.decode_image(people.frames[3]).astype(int)
     ref = V.resize_frame(src[people.frame_indices[3]], 64).astype(int)
-    print(f"\nJPEG q95 stored frame vs exact resize: max |diff| {np.abs(ours - ref).max()}, "
+    print(f"\ndefault ({cfg.image_format}) stored frame vs exact resize: max |diff| {np.abs(ours - ref).max()}, "
           f"mean {np.abs(ours - ref).mean():.3f} (uint8 levels)")
     assert np.abs(ours - ref).mean() < 4.0  # 64x64 thumbnails are all detail; at 384 the mean is ~1.3
+    np.testing.assert_array_equal(ours, ref)  # the default format is lossless
 
     # Resume: a finished shard deleted, another never finished (stale temp files only).
     before = _files(out)
@@ -499,3 +500,100 @@ def test_resume_with_changed_input_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "input samples changed" in err
     assert not glob.glob(str(tmp_path / "cli" / "data-00001-*"))
+
+
+def test_polygon_far_outside_the_frame_is_skipped_with_its_field(tmp_path):
+    _make_media(tmp_path)
+    entries = [{"id": "far", "video": "synthetic.mp4", "conversations": _conv("<region>?"),
+                "annotation": [{"3": {"segmentation": [[1, 1, 9, 1, 9, 9]]},
+                                "5": {"segmentation": [[1, 1, 1e4, 1, 9, 9]]}}]},  # frame is 48x64
+               {"id": "ok", "video": "synthetic.mp4", "conversations": _conv("<region>?"),
+                "annotation": [{"3": {"segmentation": [[-64, -48, 128, -48, 128, 96]]}}]}]
+    report = convert.convert(entries, str(tmp_path / "out"), media_root=str(tmp_path), num_shards=1, workers=0,
+                             config=convert.ConvertConfig(num_frames=2, image_size=8), progress=False)
+    assert report["written"] == 1 and report["skipped"] == {"polygon_out_of_bounds": 1}
+    (skip,) = report["skips"]
+    assert (skip["id"], skip["field"]) == ("far", "annotation[0]['5'].segmentation[0]")
+    assert "(10000, 1)" in skip["message"] and "48x64 frame" in skip["message"]
+
+
+def test_truncated_video_is_skipped_not_written_shorter(tmp_path):
+    from test_data_video import _faststart_video
+
+    _faststart_video(tmp_path / "v.mp4")
+    data = (tmp_path / "v.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) * 2 // 3])
+    entries = [{"id": v, "video": f"{v}.mp4", "conversations": _conv("hi")} for v in ("v", "cut")]
+    report = convert.convert(entries, str(tmp_path / "out"), media_root=str(tmp_path), num_shards=1, workers=0,
+                             config=convert.ConvertConfig(num_frames=4, image_size=8), progress=False)
+    assert report["written"] == 1 and report["skipped"] == {"truncated_media": 1}
+    assert (report["skips"][0]["id"], report["skips"][0]["field"]) == ("cut", "video")
+
+
+def _killing_parse(raw, index):
+    """Kills the worker process on samples whose id starts with "kill" (as a segfault would)."""
+    if str(raw.get("id", "")).startswith("kill"):
+        os.kill(os.getpid(), 9)
+    return schema.parse_sample(raw, index)
+
+
+def test_worker_that_dies_is_named_skipped_and_replaced(tmp_path):
+    """A sample that kills its worker is skipped as worker_died; every other sample, including
+    those in flight in the dead pool, is converted exactly as without workers, and the run ends."""
+    import signal
+
+    clip = _make_media(tmp_path)
+    syn, _ = _synthetic_entries(clip)
+    good = [dict(e, id=f"{e['id']}{j}") for j in range(2) for e in syn[:4]]
+    entries = good[:3] + [dict(syn[2], id="kill-a")] + good[3:6] + [dict(syn[2], id="kill-b")] + good[6:]
+    cfg = convert.ConvertConfig(num_frames=4, image_size=16, image_format="png")
+
+    def on_alarm(*_):
+        raise TimeoutError("the converter hung on a dead worker")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(240)
+    try:
+        report = convert.convert(entries, str(tmp_path / "out"), media_root=str(tmp_path), num_shards=3, workers=2,
+                                 config=cfg, parse=_killing_parse, progress=False, chunksize=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert report["skipped"] == {"mask_size_mismatch": 2, "worker_died": 2} and report["shards_done"] == 3
+    died = [s for s in report["skips"] if s["reason"] == "worker_died"]
+    assert [(s["index"], s["id"], s["field"]) for s in died] == [(3, "kill-a", "<sample>"), (7, "kill-b", "<sample>")]
+    # Everything else is byte-identical to an in-process run in which the killers merely fail.
+    ref = str(tmp_path / "ref")
+    convert.convert(entries, ref, media_root=str(tmp_path), num_shards=3, workers=0, config=cfg,
+                    parse=_failing_parse, progress=False)
+    got, want = records.RecordReader(str(tmp_path / "out"), parse=False), records.RecordReader(ref, parse=False)
+    assert len(got) == len(want) == 6 and [got[i] for i in range(6)] == [want[i] for i in range(6)]
+
+
+def _failing_parse(raw, index):
+    if str(raw.get("id", "")).startswith("kill"):
+        raise ValueError("would kill")
+    return schema.parse_sample(raw, index)
+
+
+def test_default_frame_format_is_lossless(tmp_path):
+    """Frames are stored as exactly the resized pixels by default (PNG); 'raw' holds the same pixels,
+    uncompressed; JPEG stays available and is lossy."""
+    clip = _make_media(tmp_path)
+    entries = [{"id": "f", "video": clip, "conversations": _conv("hi")}]  # noise frames: JPEG cannot be exact
+    assert convert.ConvertConfig().image_format == "png"
+    src = V.open_video(str(tmp_path / clip))
+    decoded, sizes = {}, {}
+    for fmt in ("default", "raw", "jpeg"):
+        cfg = convert.ConvertConfig(num_frames=4, image_size=32, **({} if fmt == "default" else {"image_format": fmt}))
+        out = str(tmp_path / fmt)
+        assert convert.convert(entries, out, media_root=str(tmp_path), num_shards=1, workers=0, config=cfg,
+                               progress=False)["written"] == 1
+        rec = records.RecordReader(out)[0]
+        decoded[fmt], sizes[fmt] = rec.decode_frames(), sum(map(len, rec.frames))
+    got = src.get(rec.frame_indices)
+    exact = np.stack([V.resize_frame(got[i], 32) for i in rec.frame_indices])
+    np.testing.assert_array_equal(decoded["default"], exact)
+    np.testing.assert_array_equal(decoded["raw"], exact)
+    assert np.abs(decoded["jpeg"].astype(int) - exact).max() > 0
+    assert sizes["raw"] == 4 * (len(V.RAW_MAGIC) + 8 + 32 * 32 * 3)

@@ -446,8 +446,8 @@ def test_original_resolution_records_match_direct_conversion(wide, tok, mcfg):
             np.testing.assert_array_equal(orig[k], direct[k], err_msg=f"{aspect} {k}")
     # JPEG: both are re-encoded, at different resolutions, so they only agree within a tolerance.
     cfg = _cfg(mcfg, batch_size=1, image_size=S, grid=g, aspect="pad")
-    direct = _one(conv(f"jpeg{S}", image_size=S, aspect="pad"), cfg, tok)
-    orig = _one(conv("jpeg0", image_size=0, aspect="pad"), cfg, tok)
+    direct = _one(conv(f"jpeg{S}", image_size=S, aspect="pad", image_format="jpeg"), cfg, tok)
+    orig = _one(conv("jpeg0", image_size=0, aspect="pad", image_format="jpeg"), cfg, tok)
     for k in ("frames", "region_frames"):
         d = np.abs(orig[k] - direct[k])
         print(f"\nJPEG q95, original-resolution vs direct S={S} ({k}): max abs {d.max():.4f}, mean {d.mean():.5f} "

@@ -103,6 +103,11 @@ def test_encode_roundtrip_large():
     ([[1, 1, 3, 3, 4, 4], [1, "a", 3, 3, 4, 4]], "bad_segmentation", "[1]"),
     ([1, 2, 3, 4, 5, 6], "bad_segmentation", "[0]"),
     ("abc", "bad_segmentation", ""),
+    ({"size": [4, 5], "counts": "5\u00e9"}, "bad_segmentation", ".counts"),  # was read as "5?": 5+15 px
+    ([[1, 1, 3, 3, 4, float("inf")]], "bad_segmentation", "[0]"),
+    ([[1, 1, 3, 3, 4, 10 ** 400]], "bad_segmentation", "[0]"),  # no float holds it
+    ([[0, 0, 1e9, 0, 1e9, 1e9]], "polygon_out_of_bounds", "[0]"),  # segfaulted pycocotools' rasteriser
+    ([[0, 0, 9, 0, 9, 9], [0, 0, -2e7, 0, 5, 5]], "polygon_out_of_bounds", "[1]"),
 ])
 def test_malformed_segmentations(seg, reason, sub):
     with pytest.raises(M.MaskFormatError) as e:
@@ -115,3 +120,36 @@ def test_short_compressed_rle_is_caught_where_pycocotools_is_not():
     mask_utils.decode(seg)  # pycocotools accepts it (and returns uninitialised pixels)
     with pytest.raises(M.MaskFormatError):
         M.parse_segmentation(seg)
+
+
+def test_non_ascii_rle_string_names_the_character():
+    with pytest.raises(M.MaskFormatError, match=r"non-ASCII character 'é' at position 1"):
+        M.parse_segmentation({"size": [4, 5], "counts": "5é"})
+
+
+def test_polygon_bounded_by_frame_before_rasterising():
+    h, w = 720, 1280
+    edge = [[-w, -h, 2 * w, -h, 2 * w, 2 * h, -w, 2 * h]]  # one frame size outside on every side: allowed
+    assert M.decode_segmentation(edge, h, w).all()
+    for poly, sub in (([[0, 0, 2 * w + 1, 0, 5, 5]], "[0]"), ([[0, 0, 9, 9, 0, 9], [0, -h - 0.5, 5, 5, 9, 0]], "[1]"),
+                      ([[0, 0, 6e4, 0, 6e4, 6e4]], "[0]")):
+        seg = M.parse_segmentation(poly)  # within the absolute bound: only the frame can refuse it
+        with pytest.raises(M.MaskFormatError) as e:
+            M.to_compressed(seg, h, w)
+        assert (e.value.reason, e.value.subfield) == ("polygon_out_of_bounds", sub), str(e.value)
+        assert f"{h}x{w} frame" in e.value.message
+        with pytest.raises(M.MaskFormatError):
+            M.decode_segmentation(poly, h, w)
+
+
+def test_huge_polygon_does_not_crash_the_process():
+    """pycocotools segfaults on such a polygon; the check must stop it before (run in a child so a
+    regression shows as a failed test, not a dead test runner)."""
+    import subprocess
+    import sys
+
+    code = ("from data_pipeline import masks as M\n"
+            "try:\n    M.decode_segmentation([[0, 0, 1e9, 0, 1e9, 1e9, 0, 1e9]], 720, 1280)\n"
+            "except M.MaskFormatError as e:\n    print(e.reason)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "polygon_out_of_bounds", (r.returncode, r.stderr[-500:])

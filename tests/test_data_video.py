@@ -178,3 +178,44 @@ def test_image_codecs():
     smooth = np.asarray(Image.fromarray(x).resize((15, 10)).resize((60, 40), Image.BICUBIC))
     y = V.decode_image(V.encode_image(smooth, "jpeg", 95))
     assert y.shape == x.shape and np.abs(y.astype(int) - smooth).mean() < 3
+
+
+def test_raw_frames_are_lossless_and_checked():
+    x = (np.random.RandomState(1).rand(40, 60, 3) * 255).astype(np.uint8)
+    b = V.encode_image(x, "raw")
+    assert len(b) == len(V.RAW_MAGIC) + 8 + x.size
+    np.testing.assert_array_equal(V.decode_image(b), x)
+    with pytest.raises(ValueError, match="needs 7200 bytes"):
+        V.decode_image(b[:-1])
+    with pytest.raises(ValueError, match="image_format"):
+        V.encode_image(x, "webp")
+
+
+def _faststart_video(path, n=20):
+    """An mp4 with its index (moov) before the data, frame i a flat grey of level 8*i."""
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.codec_context.gop_size = 4
+        for i in range(n):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 8 * i, np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_truncated_video_is_refused_not_shortened(tmp_path):
+    whole = tmp_path / "whole.mp4"
+    _faststart_video(whole)
+    r = V.open_video(str(whole))
+    assert r.num_frames == 20 and frame_level(r.get([19])[19]) == 19
+    with av.open(str(whole)) as c:
+        ends = [p.pos + p.size for p in c.demux(video=0) if p.size > 0]
+    data = whole.read_bytes()
+    # Cut in half, and cut cleanly after packet 11: the index still declares 20 frames and the
+    # surviving packets decode, so before the check this read as a whole 12-frame video.
+    for name, cut in (("half.mp4", len(data) // 2), ("clean.mp4", ends[11])):
+        (tmp_path / name).write_bytes(data[:cut])
+        with pytest.raises(V.MediaError) as e:
+            V.open_video(str(tmp_path / name))
+        assert e.value.reason == "truncated_media" and "of the 20 frames" in e.value.message, str(e.value)
