@@ -3,15 +3,22 @@ and a runner that either prints commands (dry run) or executes them.
 
 Commands are argv lists everywhere; a dry run prints each with `shlex.join`, one per line, so the
 printed text can be pasted into a shell and does exactly what a real run does.
+
+Secrets: every ``--env`` value counts as one (API keys, tokens travel that way). Values never appear
+in an argv (other users see argvs in `ps`, and the runner echoes them): they reach a remote
+machine on ssh's stdin or in a private (0600) temporary file copied over, and every printed
+command, dry run or script shows them as ``NAME=***``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, TextIO
@@ -118,22 +125,38 @@ def rq(path: str) -> str:
     return shlex.quote(path)
 
 
+MASK = "***"
+
+
 def parse_env(items: Iterable[str]) -> dict[str, str]:
-    """``["K=V", ...]`` -> ``{K: V}`` (command-line ``--env`` values)."""
+    """``["K=V", ...]`` -> ``{K: V}`` (command-line ``--env`` values; the error never shows a value)."""
     env = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
-            raise ValueError(f"--env needs NAME=VALUE, got {item!r}")
+            shown = f"{key[:40]!r}=..." if sep else "an item without '='"
+            raise ValueError(f"--env needs NAME=VALUE with NAME a shell identifier, got {shown}")
         env[key] = value
     return env
 
 
 def env_exports(env: Mapping[str, str]) -> str:
-    """``export A=1 B='x y'`` ('' for no variables)."""
+    """``export A=1 B='x y'`` ('' for no variables). Only for values that are not secrets."""
     if not env:
         return ""
     return "export " + " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items())
+
+
+def env_file_text(env: Mapping[str, str], masked: bool = False) -> str:
+    """Shell text with one ``export K=V`` line per variable (``K=***`` when `masked`)."""
+    return "".join(f"export {k}={MASK if masked else shlex.quote(str(v))}\n" for k, v in env.items())
+
+
+def mask_env_lines(text: str, env: Mapping[str, str]) -> str:
+    """`text` with each ``export K=<value>`` line of `env_file_text(env)` shown as ``export K=***``."""
+    for k, v in env.items():
+        text = text.replace(f"export {k}={shlex.quote(str(v))}\n", f"export {k}={MASK}\n")
+    return text
 
 
 def and_then(*parts: str) -> str:
@@ -193,14 +216,33 @@ class Parallel:
 
 @dataclasses.dataclass(frozen=True)
 class WriteFile:
-    """Write `text` to the local `path` (a generated script)."""
+    """Write `text` to the local `path` (a generated script), created with `mode` from the start.
+    A dry run prints `shown` (the text with secrets masked) when given."""
 
     path: str
     text: str
     mode: int = 0o644
+    shown: str | None = None
 
 
-Step = list  # a plain argv list, or one of Poll / Parallel / WriteFile
+# In a SecretInput argv, the argument that stands for the private temporary file.
+SECRET_FILE = "{secret-file}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretInput:
+    """Run `argv` with `text` (secrets) kept off every command line.
+
+    If `argv` holds `SECRET_FILE`, `text` goes to a fresh private temporary file (mkstemp: 0600)
+    whose path replaces that argument and which is removed afterwards; otherwise `text` is fed on
+    stdin. A dry run prints the steps as shell text with `masked` in place of `text`."""
+
+    argv: list[str]
+    text: str
+    masked: str
+
+
+Step = list  # a plain argv list, or one of Poll / Parallel / WriteFile / SecretInput
 
 
 class Runner:
@@ -265,15 +307,53 @@ class Runner:
     def write_file(self, step: WriteFile) -> None:
         if self.dry_run:
             self._show(f"# --- {step.path} ---")
-            self._show(step.text.rstrip("\n"))
+            self._show((step.text if step.shown is None else step.shown).rstrip("\n"))
             self._show(f"# --- end of {step.path} ---")
             return
         path = Path(step.path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(step.text)
-        path.chmod(step.mode)
+        # Created with its final mode (no window in which a private file is world-readable); an
+        # existing file gets the mode too.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, step.mode)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), step.mode)
+            f.write(step.text)
         if self.echo:
             self._show(f"+ wrote {path}")
+
+    def secret_input(self, step: SecretInput, check: bool = True) -> int:
+        via_file = SECRET_FILE in step.argv
+        if self.dry_run:
+            if via_file:
+                shown = " ".join('"$SECRET_FILE"' if a == SECRET_FILE else shlex.quote(a) for a in step.argv)
+                self._show("SECRET_FILE=$(mktemp) && cat > \"$SECRET_FILE\" <<'EOF'")
+                self._show(step.masked.rstrip("\n"))
+                self._show("EOF")
+                self._show(shown)
+                self._show('rm -f "$SECRET_FILE"')
+            else:
+                self._show(shlex.join(step.argv) + " <<'EOF'")
+                self._show(step.masked.rstrip("\n"))
+                self._show("EOF")
+            return 0
+        if not via_file:
+            if self.echo:
+                self._show("+ " + shlex.join(step.argv) + " < (secrets)")
+            rc = subprocess.run(list(step.argv), input=step.text, text=True).returncode
+        else:
+            fd, path = tempfile.mkstemp(prefix="vrefer-secret-")  # 0600
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(step.text)
+                argv = [path if a == SECRET_FILE else a for a in step.argv]
+                if self.echo:
+                    self._show("+ " + shlex.join(argv))
+                rc = subprocess.call(argv)
+            finally:
+                os.unlink(path)
+        if check and rc != 0:
+            raise subprocess.CalledProcessError(rc, list(step.argv))
+        return rc
 
     def execute(self, steps: Iterable[Any]) -> None:
         for step in steps:
@@ -283,5 +363,7 @@ class Runner:
                 self.parallel(step)
             elif isinstance(step, WriteFile):
                 self.write_file(step)
+            elif isinstance(step, SecretInput):
+                self.secret_input(step)
             else:
                 self.run(step)

@@ -84,15 +84,28 @@ def process_env(c: Cluster, index: int, port: int, coordinator_host: str | None 
 def train_steps(c: Cluster, gin_files: Sequence[str], bindings: Sequence[str], workdir: str, resume: bool = False,
                 port: int = DEFAULT_PORT, coordinator_host: str | None = None, remote_dir: str = REMOTE_DIR,
                 venv: str = VENV, log: str = LOG, env: dict | None = None, extra_args: Sequence[str] = ()) -> list:
-    """One background trainer per host; the coordinator (process 0) is started first."""
+    """One background trainer per host; the coordinator (process 0) is started first.
+
+    `env` values are secrets (common): each host's ssh reads them from stdin into a private
+    (mktemp, 0600) file that the trainer's shell sources and removes; no value is on a command line.
+    The per-process variables (coordinator address, process count and id) are not secret."""
     if not gin_files:
         raise ValueError("at least one --gin-file is needed")
     args = common.trainer_args(gin_files, bindings, workdir, resume, extra_args)
     train = f"{rq(venv)}/bin/python -m {common.TRAINER_MODULE} " + " ".join(shlex.quote(a) for a in args)
-    steps = []
+    steps: list = []
     for i, host in enumerate(c.hosts):
-        exports = common.env_exports({**(env or {}), **process_env(c, i, port, coordinator_host)})
-        steps.append(c.ssh(host, background(and_then(exports, train), log, cwd=remote_dir)))
+        exports = common.env_exports(process_env(c, i, port, coordinator_host))
+        if not env:
+            steps.append(c.ssh(host, background(and_then(exports, train), log, cwd=remote_dir)))
+            continue
+        load = '. "$VREFER_ENV_FILE" && rm -f "$VREFER_ENV_FILE"'
+        # braces: a trailing `&` would put the whole `&&` list, `cat` too, in the background,
+        # where stdin is /dev/null
+        start = and_then('VREFER_ENV_FILE="$(mktemp)"', 'cat > "$VREFER_ENV_FILE"',
+                         "{ " + background(and_then(load, exports, train), log, cwd=remote_dir) + " }")
+        steps.append(common.SecretInput(c.ssh(host, start), common.env_file_text(env),
+                                        common.env_file_text(env, masked=True)))
     return steps
 
 
@@ -125,7 +138,7 @@ def sbatch_script(gin_files: Sequence[str], bindings: Sequence[str], workdir: st
     argv = common.trainer_argv(python, gin_files, bindings, workdir, resume, extra_args)
     lines = ["#!/bin/bash", *[f"#SBATCH {d}" for d in directives], "set -euo pipefail"]
     lines += [f"cd {rq(chdir)}"] if chdir else []
-    lines += [f"export {k}={shlex.quote(str(v))}" for k, v in (env or {}).items()]
+    lines += common.env_file_text(env or {}).splitlines()
     lines += [
         f'export VREFER_COORDINATOR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):{int(port)}"',
         'export VREFER_NUM_PROCESSES="$SLURM_NTASKS"',
@@ -152,7 +165,10 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--binding", action="append", default=[], help="gin binding 'a.b = 1' (repeatable)")
     p.add_argument("--workdir", required=True, help="shared by all hosts (shared file system or gs://)")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--env", action="append", default=[], help="NAME=VALUE for the trainer (repeatable)")
+    p.add_argument("--env", action="append", default=[],
+                   help="NAME=VALUE for the trainer (repeatable). Every value is treated as a secret: sent on "
+                        "ssh's stdin (never on a command line), printed as NAME=***; a --script holding "
+                        "them is written 0700 (printed scripts show NAME=***, so write them with --script)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="coordinator port")
 
 
@@ -217,11 +233,14 @@ def steps_from_args(a: argparse.Namespace) -> tuple[list, str | None]:
         text = sbatch_script(a.gin_file, common.normalize_bindings(a.binding), a.workdir, a.nodes, a.job_name,
                              a.gpus_per_node, a.cpus_per_task, a.time, a.partition, a.account, a.output, a.chdir,
                              a.python, a.port, a.resume, a.requeue, common.parse_env(a.env))
+        env = common.parse_env(a.env)
+        shown = common.mask_env_lines(text, env)  # --env values are secrets: printed as NAME=***
         if not a.script:
             if a.submit:
                 raise ValueError("--submit needs --script")
-            return [], text
-        return [WriteFile(a.script, text, 0o755), *([["sbatch", a.script]] if a.submit else [])], None
+            return [], shown
+        mode = 0o700 if env else 0o755  # a script holding --env values is the owner's alone
+        return [WriteFile(a.script, text, mode, shown), *([["sbatch", a.script]] if a.submit else [])], None
     c = Cluster(tuple(read_hostfile(a.hostfile)), tuple(a.ssh_opt))
     if a.cmd == "sync":
         return sync_steps(c, a.repo, a.remote_dir, a.delete), None

@@ -15,7 +15,7 @@ A definition (JSON; YAML too when pyyaml is importable)::
      "grid": {"OptimizerConfig.learning_rate": [1e-3, 2e-4], "OptimizerConfig.warmup_ratio": [0.03]},
      # or "list": [{"OptimizerConfig.learning_rate": 1e-3}, {...}]   (explicit binding sets)
      "command": ["python", "-m", "vrefer_jax.training.cli"],   # optional (local backend)
-     "env": {"XLA_FLAGS": "..."}}                              # optional (local backend)
+     "env": {"XLA_FLAGS": "..."}}             # optional (local backend; recorded as *** in sweep.json)
 
 Grid order is the order of the keys, the last one varying fastest. Each run gets a folder
 ``<out>/<index>-<key>=<value>_...`` (index zero-padded; only bindings that vary across the sweep in
@@ -225,7 +225,9 @@ def write_runs(runs: list[Run], out: str, sweep: dict, cwd: str) -> None:
     """``<out>/sweep.json``, ``<out>/runs.jsonl`` and each run's ``run.json``/``bindings.gin``/``command.sh``."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.json").write_text(json.dumps(sweep, indent=1, default=repr) + "\n")
+    # "env" values may be secrets (common): the recorded copy shows them as ***
+    recorded = {**sweep, "env": {k: common.MASK for k in sweep["env"]}} if sweep.get("env") else sweep
+    (root / "sweep.json").write_text(json.dumps(recorded, indent=1, default=repr) + "\n")
     with open(root / "runs.jsonl", "w") as f:
         for r in runs:
             f.write(json.dumps(r.record(), default=repr) + "\n")

@@ -41,6 +41,7 @@ RUNTIME_VERSIONS = {
 REMOTE_DIR = "~/vrefer-jax"
 VENV = "~/vrefer-venv"
 LOG = "~/vrefer-train.log"
+ENV_FILE = "~/.vrefer-train.env"  # --env values on each worker, read and removed by the trainer start
 REMOTE_TARBALL = "/tmp/vrefer-jax-src.tgz"
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -148,8 +149,12 @@ def done_marker_command(path: str) -> str:
 def train_steps(tpu: Tpu, gin_files: Sequence[str], bindings: Sequence[str], workdir: str, resume: bool = False,
                 remote_dir: str = REMOTE_DIR, venv: str = VENV, log: str = LOG, env: dict | None = None,
                 done_marker: str | None = None, kill_existing: bool = False, allow_local_workdir: bool = False,
-                extra_args: Sequence[str] = ()) -> list:
-    """Start the trainer on all workers, detached (SIGHUP ignored, output appended to `log`)."""
+                extra_args: Sequence[str] = (), env_file: str = ENV_FILE) -> list:
+    """Start the trainer on all workers, detached (SIGHUP ignored, output appended to `log`).
+
+    `env` values are secrets (common): they are copied to every worker's `env_file` from a private
+    local temporary file (scp keeps its 0600 mode), and the trainer's shell sources that file and
+    removes it before starting; no value is on a command line."""
     if not gin_files:
         raise ValueError("at least one --gin-file is needed")
     if not workdir.startswith("gs://") and not allow_local_workdir:
@@ -157,12 +162,17 @@ def train_steps(tpu: Tpu, gin_files: Sequence[str], bindings: Sequence[str], wor
                          "(pass --allow-local-workdir for a single-host TPU VM)")
     args = common.trainer_args(gin_files, bindings, workdir, resume, extra_args)
     train = f"{rq(venv)}/bin/python -m {common.TRAINER_MODULE} " + " ".join(shlex.quote(a) for a in args)
-    command = and_then(common.env_exports(env or {}), train,
-                       done_marker_command(done_marker) if done_marker else "")
+    load_env = f". {rq(env_file)} && rm -f {rq(env_file)}" if env else ""
+    command = and_then(load_env, train, done_marker_command(done_marker) if done_marker else "")
     start = background(command, log, cwd=remote_dir)
     if kill_existing:  # a leftover trainer keeps the TPU chips busy
         start = f"{{ pkill -f {shlex.quote(common.TRAINER_PGREP)} && sleep 10 || true; }}; {start}"
-    return [tpu.ssh(start)]
+    steps: list = []
+    if env:
+        dst = env_file[2:] if env_file.startswith("~/") else env_file  # scp: relative to the home folder
+        steps.append(common.SecretInput(tpu.scp(common.SECRET_FILE, dst), common.env_file_text(env),
+                                        common.env_file_text(env, masked=True)))
+    return [*steps, tpu.ssh(start)]
 
 
 def logs_steps(tpu: Tpu, worker: str = "0", log: str = LOG, lines: int = 200, follow: bool = True) -> list:
@@ -245,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--binding", action="append", default=[], help="gin binding 'a.b = 1' (repeatable)")
     p.add_argument("--workdir", required=True, help="gs:// path shared by all workers")
     p.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
-    p.add_argument("--env", action="append", default=[], help="NAME=VALUE for the trainer (repeatable)")
+    p.add_argument("--env", action="append", default=[],
+                   help="NAME=VALUE for the trainer (repeatable). Every value is treated as a secret: it is "
+                        "copied to the workers in a 0600 file, never put on a command line, printed as NAME=***")
     p.add_argument("--log", default=LOG, help="log file on each worker (appended)")
     p.add_argument("--done-marker", default=None, help="write this file (gs:// or local) when training succeeds")
     p.add_argument("--kill-existing", action="store_true", help="stop a running trainer first")

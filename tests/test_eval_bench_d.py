@@ -21,10 +21,11 @@ class Server:
     """An OpenAI-compatible /v1/chat/completions on 127.0.0.1; the reply depends on a keyword in
     the predicted description: FLAKY (500 once, then fine), MALFORMED (reply text without
     scores), PARTIAL (one dimension missing), BADSCORE (score '.'), BADBODY (non-JSON body,
-    always), MARKDOWN (bold names), else GOOD."""
+    always), MARKDOWN (bold names), ONCEBAD (MALFORMED the first time, then GOOD), else GOOD."""
 
     def __init__(self):
         self.requests, self.bodies, self.headers, self.flaky_seen = 0, [], [], set()
+        self.oncebad_seen = set()
         outer = self
 
         class H(http.server.BaseHTTPRequestHandler):
@@ -45,7 +46,8 @@ class Server:
                 if "BADBODY" in user:
                     return self._send(200, b"<html>gateway</html>")
                 text = GOOD
-                if "MALFORMED" in user:
+                if "MALFORMED" in user or ("ONCEBAD" in user and user not in outer.oncebad_seen):
+                    outer.oncebad_seen.add(user)
                     text = "I cannot evaluate this."
                 elif "PARTIAL" in user:
                     text = GOOD.split("\n4.")[0]
@@ -120,16 +122,49 @@ def test_judge_scores_retries_and_cache(server, tmp_path):
     print("judge requests:", server.requests, "unparsed:", [(u["id"], u["reason"]) for u in rep["unparsed"]])
 
     before = server.requests
-    client2 = _client(server, cache)  # a new run reading the same cache
+    client2 = _client(server, cache)  # a new run reading the same cache: only the unparsed 3 are asked again
     rep2 = bench_d.score_judge(rows, client2)
-    assert server.requests == before and client2.requests == 0
+    assert server.requests == before + 3 and client2.requests == 3
     assert rep2["means"] == rep["means"] and rep2["unparsed"] == rep["unparsed"]
     keys = [json.loads(line)["key"] for line in open(cache)]
-    assert len(keys) == 7 and all(k.startswith("judge-x:") for k in keys)
+    assert len(keys) == 7 + 3 and all(k.startswith("judge-x:") for k in keys)
     # another judge model does not reuse the cache
     client3 = judge.JudgeClient(judge.JudgeConfig(base_url=server.url, model="judge-y", backoff=0.0), cache)
     client3.judge("cap", "A dog")
     assert client3.requests == 1
+
+
+def test_unparsed_reply_is_retried_next_run_bounded(server, tmp_path):
+    """An HTTP-200 reply without the four scores is not final: the next run asks again (and keeps a
+    good answer), up to `unparsed_attempts` requests in all; the item stays listed meanwhile."""
+    cache = str(tmp_path / "c.jsonl")
+    rows = [{"id": "ok", "caption": "c", "pred": "fine"}, {"id": "bad", "caption": "c", "pred": "MALFORMED"},
+            {"id": "once", "caption": "c", "pred": "ONCEBAD"}]
+    runs = []
+    for _ in range(4):
+        client = _client(server, cache, unparsed_attempts=3)
+        rep = bench_d.score_judge(rows, client)
+        runs.append((client.requests, [u["id"] for u in rep["unparsed"]]))
+    # run 1: all three asked; run 2: bad and once again (once now parses); run 3: bad a third time;
+    # run 4: bad has used its 3 attempts, its last reply stands and is still listed
+    assert runs == [(3, ["bad", "once"]), (2, ["bad"]), (1, ["bad"]), (0, ["bad"])]
+    assert rep["unparsed"][0]["reply"] == "I cannot evaluate this."
+    assert rep["n"]["Subject Correspondence"] == 2  # ok and once
+    rows_on_disk = [json.loads(line) for line in open(cache)]
+    assert [r["parsed"] for r in rows_on_disk].count(True) == 2 and len(rows_on_disk) == 6
+    # a cache written before the rule (no "parsed" field) is judged by its reply the same way
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "parsed"}) + "\n"
+                              for r in rows_on_disk[:5]))  # runs 1 and 2
+    client = _client(server, str(legacy), unparsed_attempts=3)
+    bench_d.score_judge(rows, client)
+    assert client.requests == 1  # bad: its third attempt; once and ok come from the cache
+
+
+def test_judge_config_repr_masks_api_key():
+    cfg = judge.JudgeConfig(base_url="http://h/v1", model="m", api_key="sk-secret-123")
+    assert "sk-secret-123" not in repr(cfg) and "api_key='***'" in repr(cfg) and "sk-secret" not in str(cfg)
+    assert "api_key=None" in repr(judge.JudgeConfig(base_url="http://h/v1", model="m"))
 
 
 def test_unusable_endpoint_reply_is_listed_not_dropped(server, tmp_path):

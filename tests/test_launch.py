@@ -129,7 +129,10 @@ def test_sbatch_snapshot_and_syntax(tmp_path):
     assert submit.rstrip().endswith("sbatch /shared/jobs/stage1.sbatch")
     script = tmp_path / "job.sbatch"
     assert gpu_cluster.main([*SBATCH, f"--script={script}"]) == 0  # no --submit: only writes
-    assert script.read_text() == text and os.access(script, os.X_OK)
+    # the printed script masks --env values, the written one holds them and is the owner's alone
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=***" in text and "0.9" not in text
+    assert script.read_text() == text.replace("FRACTION=***", "FRACTION=0.9") and os.access(script, os.X_OK)
+    assert script.stat().st_mode & 0o777 == 0o700
     subprocess.run(["bash", "-n", str(script)], check=True)
     assert "--ntasks-per-node=1" in text and 'VREFER_PROCESS_ID="$SLURM_PROCID"' in text
 
@@ -153,6 +156,8 @@ def test_sbatch_task_command_runs(tmp_path):
 def _remote_texts(steps) -> list[str]:
     texts = []
     for s in steps:
+        if isinstance(s, common.SecretInput):
+            s = s.argv
         for argv in (s.argvs if isinstance(s, common.Parallel) else [s] if isinstance(s, list) else []):
             if argv[0] == "gcloud" and "ssh" in argv:
                 texts.append(next(a for a in argv if a.startswith("--command=")).split("=", 1)[1])
@@ -203,16 +208,22 @@ def test_tpu_train_command_runs_detached(tmp_path):
     code.mkdir()
     marker, log = tmp_path / "DONE", tmp_path / "train.log"
     bindings = ["a.b = 'it''s'", 'c.d = "x y"', "e.f = [1, 2]"]
-    (step,) = tpu_vm.train_steps(tpu_vm.Tpu("pod", "z"), ["configs/x.gin"], bindings, str(tmp_path / "w"),
-                                 resume=True, remote_dir=str(code), venv=str(venv), log=str(log),
-                                 env={"MY_VAR": "a b"}, done_marker=str(marker), allow_local_workdir=True)
+    env_file = tmp_path / "env"
+    copy, step = tpu_vm.train_steps(tpu_vm.Tpu("pod", "z"), ["configs/x.gin"], bindings, str(tmp_path / "w"),
+                                    resume=True, remote_dir=str(code), venv=str(venv), log=str(log),
+                                    env={"MY_VAR": "a b"}, done_marker=str(marker), allow_local_workdir=True,
+                                    env_file=str(env_file))
+    assert copy.argv[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "a b" not in str(copy.argv)
+    env_file.write_text(copy.text)  # what the scp delivers
     (text,) = _remote_texts([step])
+    assert "a b" not in text
     subprocess.run(["bash", "-c", text], check=True, timeout=10)  # returns at once
     _wait_for(marker)
     got = json.loads((code / "fake_out.json").read_text())
     assert got["argv"] == ["-m", common.TRAINER_MODULE, "--gin_file=configs/x.gin",
                            *[f"--gin_bindings={b}" for b in bindings], f"--workdir={tmp_path / 'w'}", "--resume"]
     assert got["env"] == {"MY_VAR": "a b"} and got["cwd"] == str(code)
+    assert not env_file.exists()  # removed once read
 
 
 def test_gpu_train_sets_process_env(tmp_path, hostfile):
@@ -221,11 +232,12 @@ def test_gpu_train_sets_process_env(tmp_path, hostfile):
     assert c.hosts == ("gpu-a", "alice@gpu-b", "gpu-c")
     steps = gpu_cluster.train_steps(c, ["g.gin"], ["a.b = 1"], "/w", port=4321, venv=str(venv), env={"MY_X": "1"},
                                     remote_dir=str(tmp_path), log=str(tmp_path / "log"))
-    assert [s[1] for s in steps] == list(c.hosts)
+    assert [s.argv[1] for s in steps] == list(c.hosts)
     for i, step in enumerate(steps):
         out = tmp_path / "fake_out.json"
         out.unlink(missing_ok=True)
-        subprocess.run(["bash", "-c", step[-1]], check=True, timeout=10)
+        assert "MY_X" not in step.argv[-1]  # the value travels on stdin
+        subprocess.run(["bash", "-c", step.argv[-1]], input=step.text, text=True, check=True, timeout=10)
         _wait_for(out)
         got = json.loads(out.read_text())
         assert got["env"] == {"MY_X": "1", "VREFER_COORDINATOR": "gpu-a:4321", "VREFER_NUM_PROCESSES": "3",
@@ -263,6 +275,74 @@ def test_runner_executes_polls_and_parallel(tmp_path):
     outs = [tmp_path / f"p{i}" for i in range(3)]
     r.parallel(common.Parallel([[sys.executable, "-c", f"open({str(o)!r}, 'w')"] for o in outs]))
     assert all(o.exists() for o in outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# secrets: --env values stay off command lines and are masked wherever printed
+
+SECRET = "sk-live-5ecret"
+
+
+def _all_argvs(steps) -> list[list[str]]:
+    out = []
+    for s in steps:
+        if isinstance(s, common.Parallel):
+            out += s.argvs
+        elif isinstance(s, (common.SecretInput, common.Poll)):
+            out.append(s.argv)
+        elif isinstance(s, list):
+            out.append(s)
+    return out
+
+
+def test_env_values_never_on_command_lines_and_masked_in_dry_runs(hostfile, tmp_path):
+    tpu_text = dry(tpu_vm.main, ["train", *T, *TRAIN, f"--env=API_KEY={SECRET}", "--env=B=2"])
+    gpu_text = dry(gpu_cluster.main, ["train", f"--hostfile={hostfile}", *GPU_TRAIN, f"--env=API_KEY={SECRET}"])
+    sbatch_text = dry(gpu_cluster.main, [*SBATCH, f"--env=API_KEY={SECRET}", f"--script={tmp_path / 'j.sh'}"])
+    for text in (tpu_text, gpu_text, sbatch_text):
+        assert SECRET not in text and "API_KEY=***" in text
+    assert "B=***" in tpu_text
+    steps = [*tpu_vm.train_steps(tpu_vm.Tpu("pod", "z"), ["a.gin"], [], "gs://b/w", env={"API_KEY": SECRET}),
+             *gpu_cluster.train_steps(gpu_cluster.Cluster(("h1", "h2")), ["a.gin"], [], "/w", env={"API_KEY": SECRET})]
+    argvs = _all_argvs(steps)
+    assert len(argvs) == 4 and not any(SECRET in a for argv in argvs for a in argv)
+    assert all(isinstance(s, common.SecretInput) and SECRET in s.text and SECRET not in s.masked
+               for s in steps if not isinstance(s, list))
+    with pytest.raises(ValueError) as e:  # a malformed item is not echoed back
+        common.parse_env([f"API_KEY:{SECRET}"])
+    assert SECRET not in str(e.value)
+    with pytest.raises(SystemExit):
+        tpu_vm.main(["train", *T, *TRAIN, f"--env={SECRET}", "--dry-run"], out=io.StringIO())
+
+
+def test_secret_input_runs_via_stdin_and_private_file(tmp_path, capsys):
+    r = common.Runner()  # echoes what it runs to stderr
+    got = tmp_path / "stdin.txt"
+    r.secret_input(common.SecretInput(["sh", "-c", f"cat > {got}"], f"export K={SECRET}\n", "export K=***\n"))
+    assert got.read_text() == f"export K={SECRET}\n"
+    copy, mode = tmp_path / "copy.txt", tmp_path / "mode.txt"
+    probe = f'stat -c %a "$1" > {mode} && cp "$1" {copy} && echo "$1" >> {mode}'
+    r.secret_input(common.SecretInput(["sh", "-c", probe, "x", common.SECRET_FILE], SECRET, "***"))
+    perm, path = mode.read_text().split()
+    assert copy.read_text() == SECRET and perm == "600" and not os.path.exists(path)  # private, then removed
+    assert SECRET not in capsys.readouterr().err
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        r.secret_input(common.SecretInput(["sh", "-c", "exit 3"], SECRET, "***"))
+    assert SECRET not in str(e.value)
+
+
+def test_private_files_are_created_private(tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text("old")
+    script.chmod(0o644)
+    assert gpu_cluster.main([*SBATCH, f"--env=API_KEY={SECRET}", f"--script={script}"]) == 0
+    assert script.stat().st_mode & 0o777 == 0o700 and f"export API_KEY={SECRET}" in script.read_text()
+    definition = {"base": {"gin_files": ["a.gin"]}, "grid": {"x.y": [1, 2]}, "env": {"API_KEY": SECRET}}
+    runs = sweep.expand(definition, str(tmp_path / "sw"), command=["true"])
+    sweep.write_runs(runs, str(tmp_path / "sw"), definition, str(tmp_path))
+    recorded = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert recorded["env"] == {"API_KEY": "***"} and definition["env"] == {"API_KEY": SECRET}
+    assert not any(SECRET in p.read_text() for p in (tmp_path / "sw").rglob("*") if p.is_file())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -260,6 +260,52 @@ def test_token_merge_vs_loop():
     assert fewer > 0
 
 
+def _near_tie_cases(C, seed=5):
+    """Duplicated frames (uniform sampling of a short video repeats frames), a static object
+    (one vector plus sensor-level noise) and all-equal rows: every adjacent cosine is 1 up to the
+    last bits, so the grouping is decided by fp32 rounding."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for n in range(5, 17):
+        for k in (2, 3, 5):
+            base = rng.standard_normal((k, C)).astype(np.float32) + 0.5
+            idx = np.round(np.linspace(0, k - 1, n) + 1e-6).astype(int)
+            cases.append((f"dup n={n} k={k}", base[idx]))
+        base = rng.standard_normal(C).astype(np.float32) + 0.5
+        noise = rng.standard_normal((n, C)).astype(np.float32) * np.float32(3e-7)
+        cases.append((f"static n={n}", (base + noise).astype(np.float32)))
+        cases.append((f"equal n={n}", np.repeat(base[None], n, 0)))
+    return cases
+
+
+@pytest.mark.parametrize("C", [16, 1152])  # a small width and SigLIP's
+def test_token_merge_near_ties_match_torch(C):
+    """Same groupings (token count and members) as the torch reference where the cosines tie up to
+    the last bit, and the similarities themselves equal bit for bit."""
+    cases = _near_tie_cases(C)
+    M = 16
+    xs = np.zeros((len(cases), M, C), np.float32)
+    vs = np.zeros((len(cases), M), bool)
+    for i, (_, x) in enumerate(cases):
+        xs[i, :len(x)], vs[i, :len(x)] = x, True
+    tok, cnt = jax.jit(jax.vmap(lambda x, v: mask_ops.token_merge(x, v, R)))(jnp.asarray(xs), jnp.asarray(vs))
+    tok, cnt = np.asarray(tok), np.asarray(cnt)
+    wrong = []
+    for i, (name, x) in enumerate(cases):
+        ref = ref_token_merge(torch.from_numpy(x)[None], len(x) - R)[0].numpy()
+        if cnt[i] != ref.shape[0] or np.abs(tok[i, :cnt[i]] - ref).max() > 1e-6:
+            wrong.append(name)
+        if name.startswith("equal"):
+            assert cnt[i] == 1, name
+    assert not wrong, f"{len(wrong)}/{len(cases)} groupings differ from torch: {wrong}"
+    sims = np.asarray(jax.jit(jax.vmap(mask_ops.adjacent_cosine))(jnp.asarray(xs)))
+    for i, (name, x) in enumerate(cases):
+        t = torch.from_numpy(x)[None]
+        a = F_t.normalize(t[:, :-1], p=2, dim=-1, eps=1e-12)
+        b = F_t.normalize(t[:, 1:], p=2, dim=-1, eps=1e-12)
+        np.testing.assert_array_equal(sims[i, :len(x) - 1], (a * b).sum(-1)[0].numpy(), err_msg=name)
+
+
 def test_token_merge_fewer_slots_than_tokens():
     tok, cnt = jax.jit(mask_ops.token_merge, static_argnums=2)(jnp.ones((1, 3)), jnp.array([True]), R)
     assert tok.shape == (R, 3) and int(cnt) == 1

@@ -61,7 +61,8 @@ def _judge_client(args: argparse.Namespace) -> judge.JudgeClient:
             system = f.read()
     cfg = judge.JudgeConfig.from_env(base_url=args.judge_base_url, model=args.judge_model,
                                      workers=args.judge_workers, retries=args.judge_retries,
-                                     timeout=args.judge_timeout, system_prompt=system)
+                                     timeout=args.judge_timeout, system_prompt=system,
+                                     unparsed_attempts=args.judge_unparsed_attempts)
     cache = args.judge_cache or _stem(args.out) + ".judge_cache.jsonl"
     return judge.JudgeClient(cfg, cache)
 
@@ -150,6 +151,10 @@ def _add_judge(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge_retries", type=int, default=5)
     g.add_argument("--judge_timeout", type=float, default=120.0)
     g.add_argument("--judge_cache", help="JSONL cache of judge replies (default <out stem>.judge_cache.jsonl)")
+    g.add_argument("--judge_unparsed_attempts", type=int, default=3,
+                   help="only replies with all four scores are cached as final; a reply that cannot be parsed is "
+                        "asked again on later runs, up to this many requests per item over all runs sharing the "
+                        "cache, then its last reply is kept (and listed under 'unparsed')")
     g.add_argument("--judge_system_prompt", help="file with the system prompt (e.g. the official system.txt)")
 
 

@@ -9,7 +9,9 @@ text exactly, pass the official `system.txt` as `JudgeConfig.system_prompt`.
 Differences from the official scripts, on purpose: temperature 0 (official 0.7, so scores were
 not reproducible), a JSONL cache keyed by (model, hash of messages and sampling settings), retries
 with exponential backoff, and every item whose reply is missing or unreadable is listed
-(`2.extract_re.py` drops them silently).
+(`2.extract_re.py` drops them silently). Only replies that parse are final in the cache: one that
+does not (HTTP 200, but no four scores) is recorded as an attempt and asked again on the next run,
+up to `JudgeConfig.unparsed_attempts` times in all, then its last reply stands (still listed).
 
 Extraction follows `2.extract_re.py`: every match of "number, dot, whitespace, lazily-matched
 name, colon, whitespace, number" becomes `{name: float(score)}`; a score that is not a number
@@ -72,10 +74,12 @@ class JudgeError(RuntimeError):
     """The endpoint gave no usable reply (after the retries, or a non-retryable HTTP error)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class JudgeConfig:
     """Endpoint and sampling. `base_url` is the API root (`.../v1`; `/chat/completions` is added
-    unless already there). `backoff` seconds doubles per retry, capped at `max_backoff`."""
+    unless already there). `backoff` seconds doubles per retry, capped at `max_backoff`.
+    `unparsed_attempts`: how many requests, over all runs sharing a cache, an item whose reply
+    cannot be parsed gets before its last reply is kept as final. The repr masks `api_key`."""
 
     base_url: str
     model: str
@@ -88,6 +92,15 @@ class JudgeConfig:
     max_backoff: float = 60.0
     workers: int = 4
     system_prompt: str = SYSTEM_PROMPT
+    unparsed_attempts: int = 3
+
+    def __repr__(self) -> str:
+        def shown(name: str) -> str:
+            value = getattr(self, name)
+            return "'***'" if name == "api_key" and value else repr(value)
+
+        fields = ", ".join(f"{f.name}={shown(f.name)}" for f in dataclasses.fields(self))
+        return f"{type(self).__name__}({fields})"
 
     @classmethod
     def from_env(cls, **overrides) -> JudgeConfig:
@@ -104,24 +117,40 @@ class JudgeConfig:
         return u if u.endswith("/chat/completions") else u + "/chat/completions"
 
 
+def _parses(reply: str) -> bool:
+    return parse_scores(reply)[1] is None
+
+
 class JudgeClient:
     """Chat completions over urllib with retries and a JSONL cache (thread-safe).
 
-    `requests` counts HTTP attempts made (cache hits make none)."""
+    `requests` counts HTTP attempts made (cache hits make none). A cached reply is final only if
+    `accept(reply)` (default: it has the four scores); every other reply is appended with
+    `"parsed": false` and counts as one attempt, so that later runs ask again until
+    `cfg.unparsed_attempts` attempts were made. Acceptance is re-evaluated when the cache is read,
+    so caches written before this rule are handled the same way."""
 
-    def __init__(self, cfg: JudgeConfig, cache_path: str | None = None, sleep: Callable[[float], None] = time.sleep):
-        self.cfg, self.cache_path, self._sleep = cfg, cache_path, sleep
+    def __init__(self, cfg: JudgeConfig, cache_path: str | None = None, sleep: Callable[[float], None] = time.sleep,
+                 accept: Callable[[str], bool] = _parses):
+        self.cfg, self.cache_path, self._sleep, self._accept = cfg, cache_path, sleep, accept
         self._lock = threading.Lock()
         self.requests = 0
         self._cache: dict[str, str] = {}
+        self._unparsed: dict[str, tuple[int, str]] = {}  # key -> (attempts, last reply)
         if cache_path and os.path.exists(cache_path):
             with open(cache_path, encoding="utf-8") as f:
                 for line in f:
                     try:
                         row = json.loads(line)
-                    except json.JSONDecodeError:
+                        key, reply = row["key"], row["reply"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
                         continue  # a line cut short by a killed run
-                    self._cache[row["key"]] = row["reply"]
+                    if not isinstance(reply, str):
+                        continue
+                    if accept(reply):
+                        self._cache[key] = reply
+                    else:
+                        self._unparsed[key] = (self._unparsed.get(key, (0, ""))[0] + 1, reply)
 
     # -- requests
 
@@ -177,13 +206,20 @@ class JudgeClient:
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
+            tries, last = self._unparsed.get(key, (0, ""))
+            if tries >= max(1, self.cfg.unparsed_attempts):
+                return last  # bounded: the unparsed reply stands (and is listed by `aggregate`)
         reply = self.complete(msgs)
+        parsed = self._accept(reply)
         with self._lock:
-            self._cache[key] = reply
+            if parsed:
+                self._cache[key] = reply
+            else:
+                self._unparsed[key] = (self._unparsed.get(key, (0, ""))[0] + 1, reply)
             if self.cache_path:
                 os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
                 with open(self.cache_path, "a", encoding="utf-8") as f:
-                    row = {"key": key, "model": self.cfg.model, "reply": reply}
+                    row = {"key": key, "model": self.cfg.model, "reply": reply, "parsed": parsed}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
