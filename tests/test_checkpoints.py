@@ -613,6 +613,19 @@ def test_index_shard_outside_folder_refused(world, tmp_path, entry):
         st_io.SafetensorsReader(d)
 
 
+def test_cli_user_error_is_one_line(world, tmp_path, capsys):
+    from vrefer_jax.checkpoints import cli
+
+    d = _copy_folder(world["vr_dir"], tmp_path / "vr")
+    index = pathlib.Path(d, st_io.INDEX_NAME)
+    idx = json.loads(index.read_text())
+    idx["weight_map"]["model.norm.weight"] = "../../elsewhere.safetensors"
+    index.write_text(json.dumps(idx))
+    assert cli.main(["import", d, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "media_outside_root" in err and "'model.norm.weight'" in err, err
+
+
 def _generate(folder, n=32):
     """Tokens `transformers` generates from a VideoRefer folder's Qwen2 part with the folder's own
     generation_config.json (what `mm_infer` merges its kwargs into)."""
@@ -705,3 +718,10 @@ def test_exported_vision_tower_is_complete(world, imported, exported, tmp_path, 
         export_videorefer(params, cfg, str(tmp_path / "nosrc"), dtype="float32")
     assert "no SigLIP source folder" in caplog.text
     assert k0 in st_io.SafetensorsReader(str(tmp_path / "nosrc" / "siglip_vision_tower")).keys()
+    # a moved export (mm_vision_tower no longer there) still finds its own tower
+    import shutil
+
+    moved = shutil.copytree(exported, tmp_path / "moved")
+    hf_config.write_json(moved / "config.json", {**hf_config.read_json(moved / "config.json"),
+                                                 "mm_vision_tower": str(tmp_path / "gone" / "siglip")})
+    assert_same_tree(import_videorefer(str(moved))[1], params)

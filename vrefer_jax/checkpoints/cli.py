@@ -173,9 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command; a user error (bad or missing files, a path outside the checkpoint folder,
+    mismatched tensors) is one line on stderr and exit status 2."""
+    from vrefer_jax.checkpoints.key_map import KeyMappingError
+
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
-    args.fn(args)
+    try:
+        args.fn(args)
+    except (ValueError, OSError, KeyMappingError) as e:
+        msg = e.args[0] if isinstance(e, KeyMappingError) and e.args else e
+        print(f"vrefer-convert {args.command}: {msg}", file=sys.stderr)
+        return 2
     print(f"{args.command}: done in {time.perf_counter() - t0:.1f} s -> {args.out}", file=sys.stderr)
     return 0
 
