@@ -262,8 +262,9 @@ def siglip_preprocessor_config(image_size: int) -> dict:
     """siglip-so400m-patch14-384's `preprocessor_config.json` at `image_size` (what the official
     `SiglipVisionTower` loads its image processor from)."""
     return dict(do_normalize=True, do_rescale=True, do_resize=True, image_mean=[0.5, 0.5, 0.5],
-                image_processor_type="SiglipImageProcessor", image_std=[0.5, 0.5, 0.5], processor_class="SiglipProcessor",
-                resample=3, rescale_factor=1 / 255, size={"height": image_size, "width": image_size})
+                image_processor_type="SiglipImageProcessor", image_std=[0.5, 0.5, 0.5],
+                processor_class="SiglipProcessor", resample=3, rescale_factor=1 / 255,
+                size={"height": image_size, "width": image_size})
 
 
 # ----------------------------------------------------------------------------- our own config
