@@ -158,14 +158,15 @@ class LoaderConfig:
 
     @classmethod
     def for_model(cls, model_cfg, **kw) -> LoaderConfig:
-        """Take T, S, g, the pad id, the video token count (for T) and region_token_num from a
-        `vrefer_jax.config.ModelConfig`."""
+        """Take T, S, g, the pad id, the aspect mode (`image_aspect_ratio`), the video token count
+        (for T) and region_token_num from a `vrefer_jax.config.ModelConfig`."""
         from vrefer_jax.models.connector import num_video_tokens  # lazy: the model code is not needed otherwise
 
         kw.setdefault("num_frames", model_cfg.num_frames)
         kw.setdefault("image_size", model_cfg.vision.image_size)
         kw.setdefault("grid", model_cfg.vision.grid)
         kw.setdefault("pad_token_id", model_cfg.pad_token_id)
+        kw.setdefault("aspect", model_cfg.image_aspect_ratio)  # a 'pad' checkpoint pads frames and masks
         kw.setdefault("num_video_tokens",
                       num_video_tokens(model_cfg.connector, kw["num_frames"], model_cfg.vision.grid))
         kw.setdefault("region_tokens_per_object", model_cfg.object_encoder.region_token_num)

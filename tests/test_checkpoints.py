@@ -397,7 +397,9 @@ def test_export_layout_and_reload_with_transformers(world, imported, exported):
     assert gen["eos_token_id"] == [VOCAB - 2, VOCAB - 4] and gen["bos_token_id"] == VOCAB - 4
     assert gen["pad_token_id"] == VOCAB - 4 and gen["top_k"] == 20
     hf = hf_config.read_json(os.path.join(exported, "config.json"))
-    assert hf["mm_vision_tower"] == world["sig_dir"] and hf["eos_token_id"] == VOCAB - 2
+    # the complete tower is exported beside the weights and config.json points there (issue #15 item 19)
+    assert hf["mm_vision_tower"] == os.path.join(os.path.abspath(exported), "siglip_vision_tower")
+    assert hf["eos_token_id"] == VOCAB - 2
 
     # Qwen2 part through transformers' own loader (it skips the multimodal tensors)
     qcfg = transformers.Qwen2Config.from_dict({**hf, "model_type": "qwen2", "attn_implementation": "eager"})
@@ -432,8 +434,13 @@ def test_round_trip_bit_exact(world, imported, exported, tmp_path):
     again = tmp_path / "again"
     export_videorefer(p2, cfg2, str(again), tokenizer_folder=exported, dtype="float32", max_shard_size="120KB",
                       base_config=hf_config.read_json(os.path.join(exported, "config.json")))
-    for f in sorted(os.listdir(exported)):
-        assert pathlib.Path(exported, f).read_bytes() == (again / f).read_bytes(), f
+    files = sorted(str(p.relative_to(exported)) for p in pathlib.Path(exported).rglob("*") if p.is_file())
+    assert any(f.startswith("siglip_vision_tower/") and f.endswith(".safetensors") for f in files)
+    for f in files:
+        a, b = pathlib.Path(exported, f).read_bytes(), (again / f).read_bytes()
+        if f == "config.json":  # mm_vision_tower names each export's own tower folder
+            a, b = ({**json.loads(x), "mm_vision_tower": None} for x in (a, b))
+        assert a == b, f
     with pytest.raises(FileExistsError):
         export_videorefer(p2, cfg2, str(again))
     # half precision: exactly the rounded values
@@ -553,10 +560,168 @@ def test_cli_import_export(world, imported, tmp_path):
     assert cli.main(["export", str(parts), str(out2), "--dtype", "float32"]) == 0
     cfg3, p3 = import_videorefer(str(out2))
     assert cfg3.text.vocab_size == 130 and cfg3.region_token_id == 129 and cfg3.connector == cfg.connector
-    assert hf_config.read_json(out2 / "config.json")["mm_vision_tower"] == os.path.abspath(world["sig_dir"])
+    # the complete tower (kept at from-parts) is exported beside the weights (issue #15 item 19)
+    assert hf_config.read_json(out2 / "config.json")["mm_vision_tower"] == str(out2 / "siglip_vision_tower")
+    assert_same_tree(import_videorefer(str(out2), vision_tower_folder=world["sig_dir"])[1]["vision_tower"],
+                     p3["vision_tower"])
     for top in ("mm_projector", "region_encoder"):
         assert_same_tree(p3[top], params[top])
     np.testing.assert_array_equal(p3["lm_head"]["kernel"], world["qwen_sd"]["lm_head.weight"][:130].T)
     r = subprocess.run([sys.executable, "-m", "vrefer_jax.checkpoints.cli", "--help"], capture_output=True,
                        text=True, cwd=pathlib.Path(__file__).resolve().parents[1], timeout=120)
     assert r.returncode == 0 and "import" in r.stdout and "export" in r.stdout
+
+
+# ----------------------------------------------------------------------------- hardening (issue #15)
+
+
+def _copy_folder(src, dst, **config_edits):
+    """A copy of a checkpoint folder with config.json fields replaced."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg_json = hf_config.read_json(os.path.join(dst, "config.json"))
+    hf_config.write_json(os.path.join(dst, "config.json"), {**cfg_json, **config_edits})
+    return str(dst)
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_index_shard_outside_folder_refused(world, tmp_path, entry):
+    """Shard names in the index are data: each must stay inside the checkpoint folder."""
+    from vrefer_jax.paths import PathOutsideRoot
+
+    d = _copy_folder(world["vr_dir"], tmp_path / "vr")
+    (tmp_path / "outside.safetensors").write_bytes(pathlib.Path(d, "model-00001-of-00003.safetensors").read_bytes())
+    index = pathlib.Path(d, st_io.INDEX_NAME)
+    idx = json.loads(index.read_text())
+    name = next(iter(sorted(idx["weight_map"])))
+    idx["weight_map"][name] = entry
+    index.write_text(json.dumps(idx))
+    with pytest.raises(PathOutsideRoot, match=st_io.INDEX_NAME) as e:
+        import_videorefer(d)
+    assert e.value.reason == "media_outside_root" and repr(name) in str(e.value) and entry in str(e.value)
+    # a subfolder inside the checkpoint is fine; a malformed index is a clear error
+    os.mkdir(os.path.join(d, "sub"))
+    os.replace(os.path.join(d, "model-00001-of-00003.safetensors"), os.path.join(d, "sub", "s1.safetensors"))
+    idx["weight_map"] = {k: ("sub/s1.safetensors" if v == "model-00001-of-00003.safetensors" else v)
+                         for k, v in idx["weight_map"].items() if k != name}
+    idx["weight_map"][name] = "sub/s1.safetensors"
+    index.write_text(json.dumps(idx))
+    assert st_io.SafetensorsReader(d).file_of(name) == os.path.join(d, "sub", "s1.safetensors")
+    index.write_text('{"weight_map": ["x"]}')
+    with pytest.raises(ValueError, match="weight_map"):
+        st_io.SafetensorsReader(d)
+
+
+def test_cli_user_error_is_one_line(world, tmp_path, capsys):
+    from vrefer_jax.checkpoints import cli
+
+    d = _copy_folder(world["vr_dir"], tmp_path / "vr")
+    index = pathlib.Path(d, st_io.INDEX_NAME)
+    idx = json.loads(index.read_text())
+    idx["weight_map"]["model.norm.weight"] = "../../elsewhere.safetensors"
+    index.write_text(json.dumps(idx))
+    assert cli.main(["import", d, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "media_outside_root" in err and "'model.norm.weight'" in err, err
+
+
+def _generate(folder, n=32):
+    """Tokens `transformers` generates from a VideoRefer folder's Qwen2 part with the folder's own
+    generation_config.json (what `mm_infer` merges its kwargs into)."""
+    hf = hf_config.read_json(os.path.join(folder, "config.json"))
+    qcfg = transformers.Qwen2Config.from_dict({**hf, "model_type": "qwen2", "attn_implementation": "eager"})
+    model = transformers.Qwen2ForCausalLM.from_pretrained(folder, config=qcfg).eval()
+    gen = transformers.GenerationConfig.from_pretrained(folder)
+    gen.max_new_tokens, gen.min_new_tokens = n, n
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return model.generate(torch.as_tensor(IDS[:1], dtype=torch.long), generation_config=gen)[0].tolist()
+
+
+def test_export_keeps_generation_config(world, tmp_path, caplog):
+    """Export keeps the imported generation config (greedy here): the exported folder generates the
+    same tokens as the original. Defaults are written only when there is none, with a warning."""
+    from vrefer_jax.checkpoints import cli
+
+    src = _copy_folder(world["vr_dir"], tmp_path / "vr")
+    greedy = {"bos_token_id": VOCAB - 4, "eos_token_id": [VOCAB - 2, VOCAB - 4], "pad_token_id": VOCAB - 4,
+              "do_sample": False, "repetition_penalty": 1.3}
+    hf_config.write_json(os.path.join(src, "generation_config.json"), greedy)
+    ck, out = tmp_path / "orbax", tmp_path / "hf"
+    assert cli.main(["import", src, str(ck)]) == 0
+    assert cli.main(["export", str(ck), str(out), "--dtype", "float32"]) == 0
+    assert (out / "generation_config.json").read_bytes() == pathlib.Path(src, "generation_config.json").read_bytes()
+    want = _generate(src)
+    assert _generate(str(out)) == want and len(want) == IDS.shape[1] + 32
+    # no generation config anywhere: Qwen2-Instruct's defaults, and a warning saying so
+    cfg, params = cli.load_imported(str(ck))
+    with caplog.at_level("WARNING", logger="vrefer_jax.checkpoints.hf_export"):
+        export_videorefer(params, cfg, str(tmp_path / "bare"), dtype="float32", write_vision_tower=False)
+    assert "no generation_config.json" in caplog.text
+    assert hf_config.read_json(tmp_path / "bare" / "generation_config.json")["do_sample"] is True
+
+
+def test_image_aspect_ratio_carried(world, imported, tmp_path):
+    """`image_aspect_ratio` goes config.json -> ModelConfig -> model_config.json -> config.json."""
+    from vrefer_jax.checkpoints import cli
+
+    cfg, params = imported
+    src = _copy_folder(world["vr_dir"], tmp_path / "vr", image_aspect_ratio="pad")
+    ck, out = tmp_path / "orbax", tmp_path / "hf"
+    assert cli.main(["import", src, str(ck)]) == 0
+    cfg_pad, _ = cli.load_imported(str(ck))
+    assert cfg_pad == cfg.replace(image_aspect_ratio="pad")
+    assert cli.main(["export", str(ck), str(out), "--dtype", "float32"]) == 0
+    assert hf_config.read_json(out / "config.json")["image_aspect_ratio"] == "pad"
+    assert import_videorefer(str(out))[0].image_aspect_ratio == "pad"
+    # absent / null: square, as the official process_images; an unsupported value is refused
+    d = hf_config.read_json(os.path.join(world["vr_dir"], "config.json"))
+    del d["image_aspect_ratio"]
+    assert hf_config.model_config_from_hf(d, vision=cfg.vision).image_aspect_ratio == "square"
+    with pytest.raises(ValueError, match="image_aspect_ratio 'anyres'"):
+        hf_config.model_config_from_hf({**d, "image_aspect_ratio": "anyres"}, vision=cfg.vision)
+    with pytest.raises(ValueError, match="image_aspect_ratio"):
+        cfg.replace(image_aspect_ratio="Pad")
+
+
+def test_exported_vision_tower_is_complete(world, imported, exported, tmp_path, caplog):
+    """The exported `siglip_vision_tower/` is a whole SigLIP: transformers loads it with nothing
+    missing and gives the source model's outputs (every layer, post-LN, head)."""
+    vdir = os.path.join(exported, "siglip_vision_tower")
+    assert os.path.isfile(os.path.join(vdir, "preprocessor_config.json"))
+    transformers.SiglipImageProcessor.from_pretrained(vdir)  # the official tower loads it too
+    sig, info = transformers.SiglipVisionModel.from_pretrained(vdir, attn_implementation="eager",
+                                                               output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ref_sd, got_sd = world["sig"].state_dict(), sig.state_dict()
+    assert ref_sd.keys() == got_sd.keys()
+    for k in ref_sd:
+        assert torch.equal(ref_sd[k], got_sd[k]), k
+    x = torch.from_numpy(PIXELS).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        a, b = world["sig"](pixel_values=x), sig.eval()(pixel_values=x)
+    assert torch.equal(a.pooler_output, b.pooler_output)
+    # a fine-tuned tower is exported as trained: the layers the model runs come from the parameters
+    cfg, params = imported
+    tuned = jax.tree.map(lambda v: v, params)
+    tuned["vision_tower"] = jax.tree.map(lambda v: np.asarray(v) * 1.5, params["vision_tower"])
+    out = tmp_path / "tuned"
+    export_videorefer(tuned, cfg, str(out), dtype="float32", base_config=hf_config.read_json(
+        os.path.join(world["vr_dir"], "config.json")))
+    r = st_io.SafetensorsReader(str(out / "siglip_vision_tower"))
+    k0, k2 = "vision_model.encoder.layers.0.mlp.fc1.weight", "vision_model.encoder.layers.2.mlp.fc1.weight"
+    np.testing.assert_array_equal(r.get(k0), world["sig_sd"][k0] * np.float32(1.5))
+    np.testing.assert_array_equal(r.get(k2), world["sig_sd"][k2])
+    # no source folder: only the layers the model runs, and a warning saying so
+    with caplog.at_level("WARNING", logger="vrefer_jax.checkpoints.hf_export"):
+        export_videorefer(params, cfg, str(tmp_path / "nosrc"), dtype="float32")
+    assert "no SigLIP source folder" in caplog.text
+    assert k0 in st_io.SafetensorsReader(str(tmp_path / "nosrc" / "siglip_vision_tower")).keys()
+    # a moved export (mm_vision_tower no longer there) still finds its own tower
+    import shutil
+
+    moved = shutil.copytree(exported, tmp_path / "moved")
+    hf_config.write_json(moved / "config.json", {**hf_config.read_json(moved / "config.json"),
+                                                 "mm_vision_tower": str(tmp_path / "gone" / "siglip")})
+    assert_same_tree(import_videorefer(str(moved))[1], params)

@@ -431,6 +431,22 @@ def test_pad_aspect_end_to_end(wide, tok, mcfg):
           f"max other-cell mean {cells[:, ~grid].max():.3f}")
 
 
+def test_pad_aspect_from_model_config(wide, tok, mcfg):
+    """A 'pad' checkpoint (`image_aspect_ratio`) makes the loader pad without being told; an explicit
+    aspect still wins (and a mismatch with the stored records is a clear error)."""
+    _, _, conv = wide
+    S, g = 32, 8
+    out = conv("pad32m", image_size=S, aspect="pad", image_format="png")
+    pad_model = mcfg.replace(image_aspect_ratio="pad")
+    cfg = _cfg(pad_model, batch_size=1, image_size=S, grid=g)
+    assert cfg.aspect == "pad" and _cfg(mcfg, batch_size=1).aspect == "square"
+    x, want = _one(out, cfg, tok), _one(out, _cfg(mcfg, batch_size=1, image_size=S, grid=g, aspect="pad"), tok)
+    for k in want:
+        np.testing.assert_array_equal(x[k], want[k], err_msg=k)
+    with pytest.raises(ValueError, match="aspect 'pad'"):
+        _one(out, _cfg(pad_model, batch_size=1, image_size=S, grid=g, aspect="square"), tok)
+
+
 def test_original_resolution_records_match_direct_conversion(wide, tok, mcfg):
     _, _, conv = wide
     S, g = 32, 8

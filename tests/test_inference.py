@@ -209,3 +209,61 @@ def test_load_hf_folder(world, tmp_path):
     assert world["tok"].eos_id in pred.generation.eos_token_ids
     ss = samples(world)[:1]
     assert pred.answer(ss, world["root"], world["gen"]) == world["pred"].answer(ss, world["root"])
+
+
+def _expand2square(img, background):
+    """VideoLLaMA2 / VideoRefer `mm_utils.expand2square` (PIL)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), background)
+    out.paste(img, ((side - w) // 2, 0) if w < h else (0, (side - h) // 2))
+    return out
+
+
+def test_pad_checkpoint_pads_like_official(world, tmp_path):
+    """A checkpoint with image_aspect_ratio 'pad' pads frames and masks by default, as the official
+    code does: frames via `expand2square` with the processor's mean colour then SiglipImageProcessor
+    (PIL bicubic, rescale, normalise); masks zero padded the same way, then the region encoder's
+    `F.interpolate(bilinear) > 0` (a torch/PIL re-implementation here)."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+
+    cfg = world["cfg"].replace(image_aspect_ratio="pad")
+    pred = Predictor(cfg, world["params"], world["tok"], num_frames=4, generation=world["gen"], bucket_floors=FLOORS)
+    assert pred.aspect == "pad" and world["pred"].aspect == "square"
+    S, g = cfg.vision.image_size, cfg.vision.grid
+    mean = (0.5, 0.5, 0.5)  # SigLIP's image_mean
+    frame = _expand2square(Image.open(os.path.join(world["root"], "clip", "00002.png")).convert("RGB"),
+                           tuple(int(x * 255) for x in mean))
+    x = np.asarray(frame.resize((S, S), Image.BICUBIC)).astype(np.float64) * (1 / 255)
+    want_frame = (x.astype(np.float32) - np.float32(0.5)) / np.float32(0.5)
+    mb = np.zeros((H, W), np.uint8)
+    mb[30:40, 20:40] = 255  # near the bottom edge: padding moves it to other grid cells
+    Image.fromarray(mb).save(os.path.join(world["root"], "mask_bottom.png"))
+    req = {"id": "pad", "video": "clip", "question": "What is <region> doing?", "frame": 2,
+           "objects": [{"mask": "mask_bottom.png"}]}
+    m = torch.from_numpy(mb > 0).float()[None, None]
+    h, w = m.shape[-2:]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    m = F.pad(m, (left, side - w - left, top, side - h - top))
+    want_mask = (F.interpolate(m, size=(g, g), mode="bilinear", align_corners=False) > 0)[0, 0].numpy()
+
+    for p in (pred, Predictor.load(_export_pad(world, cfg, tmp_path), use_stored_vision_tower=True, num_frames=4)):
+        got = p.prepare(samples(world, [req])[0], world["root"])
+        np.testing.assert_allclose(got.region_frames[0], want_frame, atol=1e-6)
+        np.testing.assert_array_equal(got.object_masks[0][0], want_mask)
+    sq = world["pred"].prepare(samples(world, [req])[0], world["root"])  # square squashes instead
+    assert not np.array_equal(sq.object_masks[0][0], want_mask)
+    assert np.abs(sq.region_frames[0] - want_frame).max() > 0.1
+
+
+def _export_pad(world, cfg, tmp_path):
+    from vrefer_jax.checkpoints.hf_export import export_videorefer
+
+    d = str(tmp_path / "hf_pad")
+    export_videorefer(world["params"], cfg, d, tokenizer_folder=world["tok_dir"], dtype="float32",
+                      write_vision_tower=False)
+    return d

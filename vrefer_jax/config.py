@@ -15,6 +15,8 @@ import jax.numpy as jnp
 IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200
 VIDEO_TOKEN_INDEX = -201
+# `image_aspect_ratio` values the official code implements for SigLIP towers.
+ASPECT_RATIOS = ("square", "pad")
 
 
 @gin.configurable
@@ -132,6 +134,10 @@ class ModelConfig:
     object_encoder: ObjectEncoderConfig = ObjectEncoderConfig()
     text: TextConfig = TextConfig()
     num_frames: int = 16  # an image is repeated to this many frames (official `config.num_frames`)
+    # Official `image_aspect_ratio`: "square" squashes frames to the tower's size (the release);
+    # "pad" first centres them on a square canvas of SigLIP's mean colour and pads masks the same
+    # way. The loader and the predictor take it from here unless told otherwise.
+    image_aspect_ratio: str = "square"
     region_token_id: int = 151646
     pad_token_id: int = 151643
     # Numerics: parameters are stored in `param_dtype`, matmuls run in `dtype`.
@@ -147,6 +153,10 @@ class ModelConfig:
     # through, for training it (with "vision_tower" in `OptimizerConfig.trainable`): the
     # from-scratch synthetic demo, or a user's fine-tune.
     train_vision_tower: bool = False
+
+    def __post_init__(self):
+        if self.image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
 
     @property
     def compute_dtype(self):

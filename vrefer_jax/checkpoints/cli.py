@@ -7,7 +7,9 @@
 (`python -m vrefer_jax.checkpoints.cli ...` without the console script.)
 
 An imported folder OUT holds `params/` (Orbax `StandardCheckpointer`), `model_config.json` (our
-`ModelConfig`) and `hf/` (the source `config.json` and tokenizer files, reused by `export`).
+`ModelConfig`) and `hf/` (the source `config.json`, tokenizer files and `generation_config.json`,
+and `hf/siglip_vision_tower/`, a copy of the SigLIP folder read, all reused by `export`: the
+exported folder keeps the checkpoint's generation config and holds the complete vision tower).
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ import sys
 import time
 
 PARAMS, MODEL_CONFIG, HF = "params", "model_config.json", "hf"
+VISION_DIR = "siglip_vision_tower"  # = hf_export.VISION_DIR (not imported: keeps --help light)
 
 
-def save_imported(out: str, cfg, params, hf_cfg: dict | None, tokenizer_src: str | None) -> None:
+def save_imported(out: str, cfg, params, hf_cfg: dict | None, tokenizer_src: str | None,
+                  siglip_src: str | None = None, generation_src: str | None = None) -> None:
     """Write `out` in the imported-folder layout (params/, model_config.json, hf/ with config and
-    tokenizer/generation files); `load_imported` and `Predictor.load` read it."""
+    tokenizer/generation files, and a copy of the SigLIP folder `siglip_src` for the tower layers
+    the model does not keep); `load_imported` and `Predictor.load` read it. `generation_config.json`
+    comes from `generation_src` when it holds one, else from `tokenizer_src`."""
     import orbax.checkpoint as ocp
 
     from vrefer_jax.checkpoints import hf_config
@@ -46,6 +52,22 @@ def save_imported(out: str, cfg, params, hf_cfg: dict | None, tokenizer_src: str
         for f in (*TOKENIZER_FILES, "generation_config.json"):
             if os.path.isfile(os.path.join(tokenizer_src, f)):
                 shutil.copyfile(os.path.join(tokenizer_src, f), os.path.join(out, HF, f))
+    gen = os.path.join(generation_src or "", "generation_config.json")
+    if generation_src is not None and os.path.isfile(gen):
+        shutil.copyfile(gen, os.path.join(out, HF, "generation_config.json"))
+    if siglip_src is not None:
+        copy_siglip_folder(siglip_src, os.path.join(out, HF, VISION_DIR))
+
+
+def copy_siglip_folder(src: str, dst: str) -> None:
+    """The files of a SigLIP folder the export needs: configs and safetensors (+ index)."""
+    from vrefer_jax.checkpoints import st_io
+
+    os.makedirs(dst, exist_ok=True)
+    names = {"config.json", "preprocessor_config.json", st_io.INDEX_NAME}
+    for f in sorted(os.listdir(src)):
+        if f in names or f.endswith(".safetensors"):
+            shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
 
 
 def load_imported(folder: str):
@@ -61,11 +83,13 @@ def load_imported(folder: str):
 
 def cmd_import(a) -> None:
     from vrefer_jax.checkpoints import hf_config
-    from vrefer_jax.checkpoints.hf_import import import_videorefer
+    from vrefer_jax.checkpoints.hf_import import import_videorefer, siglip_folder_of
 
+    hf = hf_config.find_config(a.src)
     cfg, params = import_videorefer(a.src, vision_tower_folder=a.vision_tower,
                                     use_stored_vision_tower=a.use_stored_vision_tower, dtype=a.param_dtype)
-    save_imported(a.out, cfg, params, hf_config.find_config(a.src), a.src)
+    siglip = None if a.use_stored_vision_tower else siglip_folder_of(hf, a.vision_tower, a.src)
+    save_imported(a.out, cfg, params, hf, a.src, siglip)
 
 
 def cmd_from_parts(a) -> None:
@@ -79,7 +103,8 @@ def cmd_from_parts(a) -> None:
     cfg, params = init_from_parts(a.qwen2, a.siglip, a.projector, a.region_encoder, tokenizer=a.tokenizer,
                                   rng=a.seed, base_cfg=base, dtype=a.param_dtype)
     hf_cfg = hf_config.model_config_to_hf(cfg, mm_vision_tower=os.path.abspath(a.siglip), torch_dtype="bfloat16")
-    save_imported(a.out, cfg, params, hf_cfg, a.tokenizer or a.qwen2)
+    # generation_config.json: the LLM's, whatever the tokenizer's source
+    save_imported(a.out, cfg, params, hf_cfg, a.tokenizer or a.qwen2, a.siglip, generation_src=a.qwen2)
 
 
 def cmd_export(a) -> None:
@@ -94,8 +119,12 @@ def cmd_export(a) -> None:
     if tok is None and any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "vocab.json",
                                                                               "tokenizer.model")):
         tok = hf_dir
+    gen = os.path.join(hf_dir, "generation_config.json")
+    vision = os.path.join(hf_dir, VISION_DIR)
     export_videorefer(params, cfg, a.out, tokenizer_folder=tok, dtype=a.dtype, max_shard_size=a.max_shard_size,
-                      mm_vision_tower=a.mm_vision_tower, base_config=base, overwrite=a.overwrite)
+                      mm_vision_tower=a.mm_vision_tower, base_config=base, overwrite=a.overwrite,
+                      generation_config=gen if os.path.isfile(gen) else None,
+                      vision_tower_source=vision if os.path.isdir(vision) else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,22 +153,38 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--param-dtype", default=None)
     f.set_defaults(fn=cmd_from_parts)
 
-    e = sub.add_parser("export", help="an Orbax params folder (from import/from-parts) -> a VideoRefer HF folder")
+    e = sub.add_parser(
+        "export", help="an Orbax params folder (from import/from-parts) -> a VideoRefer HF folder",
+        description="Writes the official layout. generation_config.json: the one saved at import, unchanged "
+                    "(Qwen2-Instruct's sampling defaults only when there is none, with a warning). "
+                    "image_aspect_ratio: the model config's (as imported). The complete SigLIP tower goes "
+                    "into OUT/siglip_vision_tower/ (layers the model runs from the parameters, the rest "
+                    "from the SigLIP folder saved at import) and mm_vision_tower names it by absolute path.")
     e.add_argument("src")
     e.add_argument("out")
     e.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     e.add_argument("--max-shard-size", default="5GB")
     e.add_argument("--tokenizer", help="tokenizer folder (default: the one saved at import)")
-    e.add_argument("--mm-vision-tower", help="SigLIP name/path for config.json (default: as imported)")
+    e.add_argument("--mm-vision-tower",
+                   help="SigLIP name/path for config.json (default: OUT/siglip_vision_tower, absolute)")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(fn=cmd_export)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command; a user error (bad or missing files, a path outside the checkpoint folder,
+    mismatched tensors) is one line on stderr and exit status 2."""
+    from vrefer_jax.checkpoints.key_map import KeyMappingError
+
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
-    args.fn(args)
+    try:
+        args.fn(args)
+    except (ValueError, OSError, KeyMappingError) as e:
+        msg = e.args[0] if isinstance(e, KeyMappingError) and e.args else e
+        print(f"vrefer-convert {args.command}: {msg}", file=sys.stderr)
+        return 2
     print(f"{args.command}: done in {time.perf_counter() - t0:.1f} s -> {args.out}", file=sys.stderr)
     return 0
 

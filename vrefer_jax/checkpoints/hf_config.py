@@ -20,7 +20,7 @@ import json
 import os
 from typing import Any
 
-from vrefer_jax.config import ConnectorConfig, ModelConfig, ObjectEncoderConfig, TextConfig, VisionConfig
+from vrefer_jax.config import ASPECT_RATIOS, ConnectorConfig, ModelConfig, ObjectEncoderConfig, TextConfig, VisionConfig
 
 SO400M = "google/siglip-so400m-patch14-384"
 MODEL_TYPE = "videorefer_qwen2"
@@ -103,6 +103,15 @@ def vision_config_from_hf(d: dict, select_layer: int = -2) -> VisionConfig:
     return VisionConfig(**{k: type(v)(g[k]) for k, v in _SIGLIP_DEFAULTS.items()}, select_layer=select_layer)
 
 
+def image_aspect_ratio_from_hf(d: dict) -> str:
+    """`image_aspect_ratio` of a config.json: "square" (also when absent or null: the official
+    `process_images` squashes then) or "pad"; anything else (e.g. LLaVA's "anyres") is refused."""
+    v = d.get("image_aspect_ratio") or "square"
+    if v not in ASPECT_RATIOS:
+        raise ValueError(f"config.json: image_aspect_ratio {v!r} is not supported (use one of {ASPECT_RATIOS})")
+    return v
+
+
 def model_config_from_hf(
     d: dict,
     *,
@@ -152,6 +161,7 @@ def model_config_from_hf(
         object_encoder=ObjectEncoderConfig(region_token_num=int(d.get("region_token_num",
                                                                       OFFICIAL_REGION_TOKEN_NUM))),
         num_frames=int(d.get("num_frames", 8)),  # videorefer/constants.py NUM_FRAMES when absent
+        image_aspect_ratio=image_aspect_ratio_from_hf(d),
         region_token_id=int(region_token_id), pad_token_id=int(pad_token_id or 0))
     kw.update(overrides)
     return ModelConfig(**kw)
@@ -211,7 +221,7 @@ def model_config_to_hf(
         mm_vision_tower=mm_vision_tower, mm_vision_select_layer=cfg.vision.select_layer,
         mm_vision_select_feature="patch", mm_hidden_size=cfg.vision.hidden_size,
         mm_projector_type=c.projector_type, mm_region_encoder_type="pooling",
-        image_aspect_ratio="square", num_frames=cfg.num_frames, use_mm_proj=True,
+        image_aspect_ratio=cfg.image_aspect_ratio, num_frames=cfg.num_frames, use_mm_proj=True,
         tune_mm_mlp_adapter=False, tune_region_encoder=False, freeze_mm_mlp_adapter=False,
         mm_projector_lr=None,
         mm_vision_config=vision_config_to_hf(cfg.vision), mm_projector_depth=c.depth,
@@ -246,6 +256,15 @@ def generation_config(bos_token_id=None, eos_token_id=None, pad_token_id=None, *
     out.update(QWEN2_SAMPLING)
     out.update(sampling)
     return dict(sorted(out.items()))
+
+
+def siglip_preprocessor_config(image_size: int) -> dict:
+    """siglip-so400m-patch14-384's `preprocessor_config.json` at `image_size` (what the official
+    `SiglipVisionTower` loads its image processor from)."""
+    return dict(do_normalize=True, do_rescale=True, do_resize=True, image_mean=[0.5, 0.5, 0.5],
+                image_processor_type="SiglipImageProcessor", image_std=[0.5, 0.5, 0.5],
+                processor_class="SiglipProcessor", resample=3, rescale_factor=1 / 255,
+                size={"height": image_size, "width": image_size})
 
 
 # ----------------------------------------------------------------------------- our own config

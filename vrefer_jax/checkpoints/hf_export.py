@@ -6,6 +6,16 @@ has (the official loader ignores that copy and reads SigLIP from `mm_vision_towe
 `generation_config.json` and the tokenizer files. Streaming: one tensor (one layer's slice of a
 scanned stack) is fetched from the devices, converted and written at a time.
 
+The complete SigLIP tower goes into the subfolder `siglip_vision_tower/` (a `SiglipVisionModel`
+folder: config, preprocessor config, safetensors) and `config.json`'s `mm_vision_tower` names it
+by absolute path, so the official loader reads the tower from the export itself. The layers the
+model runs come from the parameters (a fine-tuned tower is exported as trained); the layers past
+the selected one, `post_layernorm` and `head` (which the JAX model does not keep) are copied from
+the SigLIP folder the model was imported from.
+
+`generation_config.json` is the checkpoint's own (the one saved at import) when there is one;
+Qwen2-Instruct's defaults are written, with a warning, only when there is none.
+
 Tensor order in the shards: the decoder (embeddings, then layer by layer, then the final norm), the
 vision tower, the projector, the region encoder, the lm_head (the `state_dict` order of
 `VideoReferQwen2ForCausalLM`, modules grouped).
@@ -14,7 +24,9 @@ vision tower, the projector, the region encoder, the lm_head (the `state_dict` o
 from __future__ import annotations
 
 import glob
+import logging
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from typing import Any
@@ -24,12 +36,16 @@ import ml_dtypes
 import numpy as np
 
 from vrefer_jax.checkpoints import hf_config, key_map, st_io
+from vrefer_jax.checkpoints.hf_import import BUFFER_PATTERNS, SIGLIP_UNUSED, VISION_DIR
 from vrefer_jax.config import ModelConfig
-from vrefer_jax.models import videorefer
+from vrefer_jax.models import siglip, videorefer
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+GENERATION_CONFIG = "generation_config.json"
 _SECTION = {"llm": 0, "vision_tower": 1, "mm_projector": 2, "region_encoder": 3, "lm_head": 4}
 
 
@@ -130,6 +146,77 @@ def _add_region_token(folder: str, new_id: int) -> None:
             hf_config.write_json(cfg_path, tcfg)
 
 
+def _siglip_size_fields(v) -> dict:
+    return {k: getattr(v, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "num_attention_heads", "num_channels", "image_size", "patch_size")}
+
+
+def export_vision_tower(params: Mapping, cfg: ModelConfig, folder: str, source: str | None, *,
+                        dtype: str = "float16", max_shard_size: int | str = "5GB") -> str:
+    """Write the complete SigLIP tower as a `SiglipVisionModel` folder (`vision_model.*` names,
+    as transformers 4.40 saves it and the official `SiglipVisionTower` loads it).
+
+    Tensors the JAX model holds come from `params["vision_tower"]`; the rest (layers past the
+    selected one, `post_layernorm`, `head`) from `source`, the SigLIP folder the model was built
+    from, whose sizes must match `cfg.vision`. Without `source` only the model's layers are written
+    (a warning says so): transformers then initialises the rest at random, which leaves
+    `hidden_states[mm_vision_select_layer]`, the only output the official model uses, unchanged.
+    Returns `folder`.
+    """
+    os.makedirs(folder, exist_ok=True)
+    np_dtype = _np_dtype(dtype)
+    tower = params["vision_tower"]
+    rules = siglip.hf_rules(cfg.vision)
+    own = {}
+    for r in rules:
+        shape = tuple(key_map.get_path(tower, r.flax).shape)
+        for i in (range(shape[0]) if r.stacked else [None]):
+            own[r.hf.format(i=i) if r.stacked else r.hf] = (r, i, key_map.hf_shape(r, shape))
+    hf_cfg = hf_config.vision_config_to_hf(cfg.vision)
+    rest: dict[str, str] = {}  # canonical name -> stored name in `source`
+    reader = None
+    if source is not None:
+        src_cfg = hf_config.find_config(source)
+        src_vision = hf_config.vision_config_from_hf(src_cfg)
+        if _siglip_size_fields(src_vision) != _siglip_size_fields(cfg.vision):
+            raise ValueError(f"SigLIP folder {source}: sizes {_siglip_size_fields(src_vision)} do not match the "
+                             f"model's vision tower {_siglip_size_fields(cfg.vision)}")
+        hf_cfg = {**src_cfg.get("vision_config", src_cfg), **hf_cfg}
+        reader = st_io.SafetensorsReader(source)
+        unused = [re.compile(p) for p in (*SIGLIP_UNUSED, *BUFFER_PATTERNS)]
+        for k in reader.keys():
+            c = k if k.startswith("vision_model.") else "vision_model." + k
+            if c not in own and not any(p.fullmatch(k) or p.fullmatch(c) for p in unused):
+                rest[c] = k
+    else:
+        log.warning("no SigLIP source folder: %s holds only the %d tower layers the model runs (transformers "
+                    "initialises the others at random; hidden_states[%d], what VideoRefer uses, is exact)",
+                    folder, cfg.vision.num_layers_run, cfg.vision.select_layer)
+    entries = [(n, own[n][2], np_dtype) for n in own]
+    entries += [(c, reader.shape(k), np_dtype) for c, k in sorted(rest.items())]
+
+    def produce(name):
+        if name in own:
+            r, i, _ = own[name]
+            x = key_map.to_hf_layout(r, _fetch(key_map.get_path(tower, r.flax), i))
+        else:
+            x = reader.get(rest[name])
+        return np.ascontiguousarray(np.asarray(x).astype(np_dtype, copy=False))
+
+    for f in glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, st_io.INDEX_NAME)):
+        os.remove(f)
+    st_io.write_checkpoint(folder, entries, produce, max_shard_size)
+    hf_config.write_json(os.path.join(folder, "config.json"),
+                         dict(sorted({**hf_cfg, "architectures": ["SiglipVisionModel"], "torch_dtype": dtype}.items())))
+    pre = os.path.join(source, "preprocessor_config.json") if source else None
+    if pre and os.path.isfile(pre):
+        shutil.copyfile(pre, os.path.join(folder, "preprocessor_config.json"))
+    else:  # the official tower also loads the image processor from this folder
+        hf_config.write_json(os.path.join(folder, "preprocessor_config.json"),
+                             hf_config.siglip_preprocessor_config(cfg.vision.image_size))
+    return folder
+
+
 def export_videorefer(
     params: Mapping,
     cfg: ModelConfig,
@@ -141,6 +228,9 @@ def export_videorefer(
     mm_vision_tower: str | None = None,
     base_config: dict | None = None,
     overwrite: bool = False,
+    generation_config: str | Mapping | None = None,
+    vision_tower_source: str | None = None,
+    write_vision_tower: bool = True,
 ) -> dict:
     """Write `folder` so that the official `load_pretrained_model` and `transformers` read it.
 
@@ -151,10 +241,18 @@ def export_videorefer(
         generation-config ids come from it. None: no tokenizer files; ids from `base_config`.
       dtype: "float16" (the released checkpoints), "bfloat16" or "float32".
       max_shard_size: bytes per shard ("5GB" as `transformers`).
-      mm_vision_tower: the SigLIP name/path written for the official loader (default: the one in
-        `base_config`, else google/siglip-so400m-patch14-384).
+      mm_vision_tower: the SigLIP name/path written for the official loader (default: the exported
+        `siglip_vision_tower/` folder, by absolute path; without it the one in `base_config`, else
+        google/siglip-so400m-patch14-384).
       base_config: a config.json dict whose other fields are kept (e.g. the imported one).
       overwrite: allow replacing safetensors already in `folder`.
+      generation_config: the checkpoint's generation config: a `generation_config.json` path, a
+        folder holding one, or a dict. Default: `tokenizer_folder`'s `generation_config.json`.
+        Copied unchanged; Qwen2-Instruct's defaults (with the tokenizer's ids) are written, with a
+        warning, only when there is none.
+      vision_tower_source: the SigLIP folder the model's tower came from (for the layers the model
+        does not keep). Default: `base_config`'s `mm_vision_tower` when it is a local folder.
+      write_vision_tower: write the complete tower into `folder/siglip_vision_tower/`.
 
     Returns the `config.json` dict written.
     """
@@ -175,11 +273,36 @@ def export_videorefer(
                    eos_token_id=eos)
     eos_list = ids.get("eos_token_id")
     first_eos = eos_list[0] if isinstance(eos_list, list) else eos_list
+    if generation_config is None and tokenizer_folder is not None:
+        generation_config = tokenizer_folder
+    if isinstance(generation_config, str) and os.path.isdir(generation_config):
+        generation_config = os.path.join(generation_config, GENERATION_CONFIG)
+        if not os.path.isfile(generation_config):
+            generation_config = None
+    vision_dir = None
+    if write_vision_tower:
+        if vision_tower_source is None:
+            name = base.get("mm_vision_tower")
+            if isinstance(name, str) and os.path.isdir(name):
+                vision_tower_source = name
+        vision_dir = os.path.abspath(os.path.join(folder, VISION_DIR))
+        if vision_tower_source is not None and os.path.abspath(vision_tower_source) == vision_dir:
+            raise ValueError(f"vision_tower_source {vision_tower_source} is the folder being written")
+        export_vision_tower(params, cfg, vision_dir, vision_tower_source, dtype=dtype, max_shard_size=max_shard_size)
     hf = hf_config.model_config_to_hf(
-        cfg, mm_vision_tower=mm_vision_tower or base.get("mm_vision_tower") or hf_config.SO400M,
+        cfg, mm_vision_tower=mm_vision_tower or vision_dir or base.get("mm_vision_tower") or hf_config.SO400M,
         torch_dtype=dtype, bos_token_id=ids.get("bos_token_id"), eos_token_id=first_eos, base=base)
     export_tensors(params, cfg, folder, dtype=dtype, max_shard_size=max_shard_size)
     hf_config.write_json(os.path.join(folder, "config.json"), hf)
-    hf_config.write_json(os.path.join(folder, "generation_config.json"), hf_config.generation_config(**ids))
+    gen_path = os.path.join(folder, GENERATION_CONFIG)
+    if isinstance(generation_config, str):  # the checkpoint's own file, byte for byte
+        if os.path.abspath(generation_config) != os.path.abspath(gen_path):
+            shutil.copyfile(generation_config, gen_path)
+    elif generation_config is not None:
+        hf_config.write_json(gen_path, dict(generation_config))
+    else:
+        log.warning("no generation_config.json to keep: writing Qwen2-Instruct's sampling defaults (%s) to %s",
+                    hf_config.QWEN2_SAMPLING, gen_path)
+        hf_config.write_json(gen_path, hf_config.generation_config(**ids))
     return hf
 

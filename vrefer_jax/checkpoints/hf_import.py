@@ -33,6 +33,7 @@ from vrefer_jax.checkpoints.st_io import SafetensorsReader
 from vrefer_jax.config import ModelConfig
 from vrefer_jax.models import siglip, videorefer
 
+VISION_DIR = "siglip_vision_tower"  # where `hf_export` writes the complete tower
 # Buffers some exports persist; never parameters.
 BUFFER_PATTERNS = (r".*rotary_emb\.inv_freq", r".*embeddings\.position_ids")
 # A full SigLIP (image + text) checkpoint: everything but the vision model is unused.
@@ -183,15 +184,18 @@ def sub_shardings(shardings, keys: Sequence[str]):
 # ----------------------------------------------------------------------------- SigLIP tower
 
 
-def siglip_folder_of(hf_cfg: dict, vision_tower_folder: str | None) -> str | None:
+def siglip_folder_of(hf_cfg: dict, vision_tower_folder: str | None, folder: str | None = None) -> str | None:
     """The SigLIP folder the official loader would use: the argument, else `mm_vision_tower`
-    when it is a local folder."""
+    when it is a local folder, else (a moved export) the checkpoint's own `siglip_vision_tower/`."""
     if vision_tower_folder is not None:
         if not os.path.isdir(vision_tower_folder):
             raise FileNotFoundError(f"vision_tower_folder {vision_tower_folder!r} is not a folder")
         return vision_tower_folder
     name = hf_cfg.get("mm_vision_tower", hf_cfg.get("vision_tower"))
-    return name if isinstance(name, str) and os.path.isdir(name) else None
+    if isinstance(name, str) and os.path.isdir(name):
+        return name
+    own = os.path.join(folder, VISION_DIR) if folder is not None else None
+    return own if own is not None and os.path.isfile(os.path.join(own, "config.json")) else None
 
 
 def load_siglip_tower(folder: str, cfg: ModelConfig, *, dtype=np.float32, shardings=None) -> dict:
@@ -239,7 +243,8 @@ def import_videorefer(
       cfg: the model config; default: read from `config.json` (+ the SigLIP folder's config, the
         tokenizer files for the `<region>` / pad ids). A given `cfg` is used as is (a shape that
         does not fit the checkpoint raises).
-      vision_tower_folder: the SigLIP folder. Default: `mm_vision_tower` if it is a local folder.
+      vision_tower_folder: the SigLIP folder. Default: `mm_vision_tower` if it is a local folder,
+        else the folder's own `siglip_vision_tower/` (an export that was moved).
         As in the official loader, the tower comes from there and the stored copy
         (`model.vision_tower.vision_tower.*`) is ignored.
       use_stored_vision_tower: take the tower from the stored copy instead.
@@ -252,7 +257,7 @@ def import_videorefer(
     hf = hf_config.find_config(folder)
     if hf.get("model_type") not in (hf_config.MODEL_TYPE, "videorefer"):
         raise ValueError(f"{folder}: model_type {hf.get('model_type')!r} is not a VideoRefer checkpoint")
-    siglip_dir = siglip_folder_of(hf, vision_tower_folder)  # also the tower's sizes when available
+    siglip_dir = siglip_folder_of(hf, vision_tower_folder, folder)  # also the tower's sizes when available
     if not use_stored_vision_tower:
         if siglip_dir is None:
             raise FileNotFoundError(

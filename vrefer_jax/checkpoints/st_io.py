@@ -63,9 +63,7 @@ class SafetensorsReader:
         self.path = path
         index = os.path.join(path, INDEX_NAME)
         if os.path.isdir(path) and os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            self._file = {k: os.path.join(path, v) for k, v in weight_map.items()}
+            self._file = read_index(path)
             return
         if os.path.isdir(path):
             single = os.path.join(path, SINGLE_NAME)
@@ -107,6 +105,32 @@ class SafetensorsReader:
 
         with safe_open(self._file[name], framework="numpy") as f:
             return tuple(f.get_slice(name).get_shape())
+
+
+def read_index(folder: str) -> dict[str, str]:
+    """tensor name -> shard path from `folder`'s index. Shard names come from the file, so each is
+    resolved inside `folder` (`paths.resolve_under`): a `../` or absolute entry raises
+    `PathOutsideRoot` (reason `media_outside_root`) naming the index file and the entry; a
+    malformed index raises ValueError naming the index file."""
+    from vrefer_jax.paths import PathOutsideRoot, resolve_under
+
+    index = os.path.join(folder, INDEX_NAME)
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: weight_map must be an object of tensor name -> shard file")
+    out = {}
+    for name, shard in weight_map.items():
+        try:
+            out[name] = resolve_under(folder, shard)
+        except PathOutsideRoot as e:
+            err = PathOutsideRoot(str(shard), folder, f"(weight_map entry {name!r} of {index}) leaves the "
+                                  "checkpoint folder or is absolute")
+            raise err from e
+    return out
 
 
 def read_header(fname: str) -> dict:

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("generation (default: official mm_infer: greedy + generation_config.json)")
     g.add_argument("--num-frames", "--num_frames", type=int, default=16,
                    help="frames sampled per video (16 as trained; the released Bench scripts use 8)")
-    g.add_argument("--aspect", choices=["square", "pad"], default="square")
+    g.add_argument("--aspect", choices=["square", "pad"], default=None,
+                   help="frame/mask aspect handling (default: the checkpoint's image_aspect_ratio)")
     g.add_argument("--bench-q-style", action="store_true", help="rewrite <region> to [<region>] (Bench-Q)")
     g.add_argument("--max-new-tokens", "--max_new_tokens", type=int)
     g.add_argument("--do-sample", action="store_true")

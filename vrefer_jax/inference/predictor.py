@@ -84,14 +84,15 @@ class Predictor:
 
     Construct from memory (`Predictor(cfg, params, tokenizer)`) or a folder (`Predictor.load`).
     num_frames: frames sampled per video (the released Bench scripts use 8, training 16; default
-      the model config's). aspect: 'square' (official eval) or 'pad'.
+      the model config's). aspect: 'square' or 'pad' (frames on a mean-colour square canvas, masks
+      zero padded alike); default the model config's `image_aspect_ratio` (the checkpoint's).
     generation: the default `GenerationConfig` (default: `default_generation(...)`).
     bucket_floors: smallest bucket per size (see `BUCKET_FLOORS`); raise them to share one program
       between e.g. single- and multi-frame samples.
     """
 
     def __init__(self, cfg: ModelConfig, params: Mapping, tokenizer: Tokenizer, *, num_frames: int | None = None,
-                 aspect: str = "square", generation: GenerationConfig | None = None,
+                 aspect: str | None = None, generation: GenerationConfig | None = None,
                  generation_config_dict: Mapping | None = None, bucket_floors: Mapping[str, int] | None = None):
         self.cfg, self.tokenizer = cfg, tokenizer
         unknown = set(bucket_floors or {}) - set(BUCKET_FLOORS)
@@ -100,7 +101,7 @@ class Predictor:
         self.bucket_floors = {**BUCKET_FLOORS, **(bucket_floors or {})}
         self.params = jax.tree.map(jax.numpy.asarray, params)
         self.num_frames = int(num_frames or cfg.num_frames)
-        self.aspect = aspect
+        self.aspect = aspect = aspect or cfg.image_aspect_ratio
         self.generation = generation or default_generation(tokenizer, generation_config_dict)
         if tokenizer.token_to_id("<region>") not in (None, cfg.region_token_id):
             raise ValueError(f"tokenizer's <region> id {tokenizer.region_id} != model region_token_id "

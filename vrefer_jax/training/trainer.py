@@ -52,7 +52,7 @@ class DataConfig:
     max_objects: int = 4
     max_object_frames: int = 8
     overflow: str = "skip"
-    aspect: str = "square"
+    aspect: str | None = None  # None: the model config's image_aspect_ratio
     worker_count: int = 0
     read_threads: int = 2
 
@@ -123,8 +123,8 @@ def _loader(data: DataConfig, cfg: ModelConfig, batch: int, seed: int, sources, 
     lcfg = LoaderConfig.for_model(
         cfg, max_expanded_len=out_len, batch_size=batch, seq_len=data.seq_len, max_region_frames=data.max_region_frames,
         max_objects=data.max_objects, max_object_frames=data.max_object_frames, overflow=data.overflow,
-        aspect=data.aspect, seed=seed, num_epochs=epochs, worker_count=data.worker_count,
-        read_threads=data.read_threads)
+        **({"aspect": data.aspect} if data.aspect else {}), seed=seed, num_epochs=epochs,
+        worker_count=data.worker_count, read_threads=data.read_threads)
     return make_loader(list(sources), lcfg, tokenizer, weights)
 
 
