@@ -239,29 +239,34 @@ def run_requests(world, tmp_path, lines, *extra, name="reqs.jsonl", folder=None)
 
 
 def test_cli_bad_lines_get_one_error_row_each(world, tmp_path, capsys):
-    """Item 13: unparsable / non-object lines, a non-integer frame and a decompression-bomb mask are
-    one error row each (naming the line and the field); the good lines are still answered."""
+    """Item 13: unparsable / non-object lines, a non-integer frame, a decompression-bomb mask and a
+    second media tag are one error row each (naming the line and the field); the good lines are
+    still answered."""
     bomb_png(tmp_path / "bomb.png")
     Image.fromarray(np.full((H, W), 255, np.uint8)).save(tmp_path / "mask0.png")
-    good = dict(REQS[0], video=os.path.join(world["root"], "clip"))
+    os.symlink(os.path.join(world["root"], "clip"), tmp_path / "clip")
+    good = REQS[0]
     lines = [good,
              '{"id": "cut", "video": "clip"',
              "[1, 2]",
              dict(good, id="frame", frame="two"),
              dict(good, id="frames", objects=[{"frames": {"x": {"mask": "mask0.png"}}}]),
              dict(good, id="bomb", objects=[{"mask": "bomb.png"}]),
+             dict(good, id="tag", question="Is <region> in the <video>?"),
              dict(good, id="again")]
-    rc, rows = run_requests(world, tmp_path, lines, "--media-root", str(tmp_path), "--allow-absolute-paths")
+    rc, rows = run_requests(world, tmp_path, lines, "--media-root", str(tmp_path))
     err = capsys.readouterr().err
-    assert rc == 1 and len(rows) == 7
-    assert [r.get("line") for r in rows] == [1, 2, 3, 4, 5, 6, 7]
-    assert rows[0]["answer"] == rows[6]["answer"] and "error" not in rows[0]
+    assert rc == 1 and len(rows) == 8
+    assert [r.get("line") for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert rows[0]["answer"] == rows[7]["answer"] and "error" not in rows[0]
     assert rows[1]["reason"] == "bad_json" and rows[1]["error"].startswith("line 2: not valid JSON")
     assert rows[2]["reason"] == "bad_request" and "line 3: expected a JSON object" in rows[2]["error"]
     assert rows[3]["id"] == "frame" and "line 4" in rows[3]["error"] and "field frame:" in rows[3]["error"]
+    assert rows[3]["reason"] == rows[4]["reason"] == "bad_frame_index"
     assert "field objects[0].frames:" in rows[4]["error"] and "'x'" in rows[4]["error"]
     assert rows[5]["reason"] == "image_too_large" and "field objects[0].mask" in rows[5]["error"]
-    assert len(err.strip().splitlines()) == 5 and "Traceback" not in err
+    assert "line 7" in rows[6]["error"] and "field question: must not contain <video>" in rows[6]["error"]
+    assert len(err.strip().splitlines()) == 6 and "Traceback" not in err
 
 
 def test_mask_image_size_limit(world, tmp_path, capsys):
@@ -304,7 +309,7 @@ def test_empty_mask_is_answered_with_a_warning(world, tmp_path, capsys):
     lines = [dict(REQS[0], objects=[{"mask": "empty.png"}]),
              dict(REQS[0], id="partly", objects=[{"frames": {"0": {"mask": "mask0.png"}, "4": {"mask": "empty.png"}}}]),
              REQS[0]]
-    rc, rows = run_requests(world, tmp_path, lines)
+    rc, rows = run_requests(world, tmp_path, lines, "--media-root", str(tmp_path))
     err = capsys.readouterr().err
     assert rc == 0 and all(isinstance(r["answer"], str) for r in rows)
     assert rows[0]["warnings"] == ["empty_mask: object 0"]
@@ -356,7 +361,8 @@ def test_cli_requests_root_and_absolute_paths(world, tmp_path):
     absolute = dict(REQS[0], id="abs", video=os.path.join(root, "clip"))
     rc, rows = run_requests(world, tmp_path, [REQS[0], absolute], name="default_root.jsonl", folder=root)
     assert rc == 1 and "answer" in rows[0]  # relative paths: from the requests file's folder
-    assert rows[1]["reason"] == "media_outside_root" and "line 2" in rows[1]["error"] and "field video" in rows[1]["error"]
+    assert rows[1]["reason"] == "media_outside_root"
+    assert "line 2" in rows[1]["error"] and "field video" in rows[1]["error"]
     rc, rows = run_requests(world, tmp_path, [REQS[0], absolute], "--allow-absolute-paths",
                             name="default_root.jsonl", folder=root)
     assert rc == 0 and rows[0]["answer"] == rows[1]["answer"]

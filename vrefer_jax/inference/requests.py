@@ -15,8 +15,10 @@ A request (JSON object):
 or an official `"annotation"` list (`[{frame: {"segmentation": ...}}]`) instead of `objects`.
 Paths (media, mask PNGs, RLE files) are relative to `media_root` and, for requests read from a
 file (`confine=True`), must stay inside it: `../` escapes and absolute paths are refused with
-`media_outside_root` unless `allow_absolute` (see `vrefer_jax.paths`). A mask PNG is True where the pixel is non-zero (any channel);
-a box covers pixels x0 <= x < x1, y0 <= y < y1 (rounded). Everything becomes a COCO RLE
+`media_outside_root` unless `allow_absolute` (see `vrefer_jax.paths`). A mask image is refused
+above `max_image_pixels` (`image_too_large`, read from its header before decoding); an all-zero
+mask is accepted (`Predictor.prepare` warns about it). A mask PNG is True where the pixel is
+non-zero (any channel); a box covers pixels x0 <= x < x1, y0 <= y < y1 (rounded). Everything becomes a COCO RLE
 annotation, so the sample takes exactly the training / benchmark path (`convert.build_record`).
 """
 
@@ -44,6 +46,14 @@ _KINDS = ("mask", "rle", "box")
 # Largest mask image decoded (pixels): an 8K frame is 33M; a PNG claiming more is refused before
 # decoding (a few KB of PNG can declare gigapixels). Pillow's own bomb check still applies above it.
 MAX_IMAGE_PIXELS = 8192 * 8192
+# Reason codes of request errors (besides `schema.REASONS`, which a request's sample can also fail with).
+REASONS = {
+    "bad_json": "a line of the requests file is not valid JSON",
+    "bad_request": "a line is not a JSON object, or a request field is missing / mistyped / unreadable",
+    "bad_frame_index": "a frame is not a non-negative integer (or a string of digits)",
+    "image_too_large": "a mask image declares more pixels than max_image_pixels (decompression bomb)",
+    "media_outside_root": "a path in the request leaves the media root, or is absolute while not allowed",
+}
 
 
 class RequestError(ValueError):
@@ -85,7 +95,7 @@ def _frame(value: Any, rid: str, field: str) -> int:
         return value
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
-    raise RequestError(rid, field, f"a frame index is a non-negative integer, got {value!r}")
+    raise RequestError(rid, field, f"a frame index is a non-negative integer, got {value!r}", "bad_frame_index")
 
 
 class ImageTooLarge(ValueError):
@@ -106,8 +116,8 @@ def read_mask(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         with im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageTooLarge(f"image_too_large: {path} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
-                                    "(max_image_pixels)")
+                raise ImageTooLarge(f"image_too_large: {path} is {w}x{h} = {w * h} pixels, over the limit of "
+                                    f"{max_pixels} (max_image_pixels)")
             return np.asarray(im).reshape(h, w, -1).any(axis=-1)
 
 
@@ -177,6 +187,8 @@ def _segmentation(spec: Mapping, frame: int, root: str, sizes: _FrameSizes, rid:
 
 def _annotation(req: Mapping, root: str, modality: str, media_path: str, rid: str, policy: PathPolicy) -> list:
     if "annotation" in req:
+        if not isinstance(req["annotation"], list):
+            raise RequestError(rid, "annotation", "expected a list of {frame: {\"segmentation\": ...}}")
         return req["annotation"]
     objects = req.get("objects") or []
     if not isinstance(objects, list):
@@ -192,7 +204,8 @@ def _annotation(req: Mapping, root: str, modality: str, media_path: str, rid: st
             frames = obj["frames"]
             if not isinstance(frames, Mapping) or not frames:
                 raise RequestError(rid, field + ".frames", "expected a non-empty {frame: {mask|rle|box}} map")
-            items = [(_frame(f, rid, f"{field}.frames"), spec, f"{field}.frames[{f!r}]") for f, spec in frames.items()]
+            items = [(_frame(f, rid, f"{field}.frames"), spec, f"{field}.frames[{f!r}]")
+                     for f, spec in frames.items()]
         else:
             items = [(_frame(obj.get("frame", default), rid, f"{field}.frame"), obj, field)]
         for _, spec, fld in items:
@@ -220,6 +233,9 @@ def request_to_sample(req: Mapping[str, Any], index: int = 0, media_root: str = 
     question = req.get("question")
     if not isinstance(question, str) or not question.strip():
         raise RequestError(rid, "question", "a non-empty string is required")
+    tags = [t for t in schema.MODAL_TOKENS.values() if t in question]
+    if tags:  # the model takes one media placeholder per sample, the one added below
+        raise RequestError(rid, "question", f"must not contain {tags[0]} (the {modality} tag is added to it)")
     question = format_question(question, bench_q_style)
     annotation = _annotation(req, media_root, modality, media_path, rid, policy)
     n_regions = question.count(REGION)
@@ -308,5 +324,6 @@ def error_text(e: Any) -> str:
     return e.message if isinstance(e, BadLine) else str(e)
 
 
-__all__ = ["RequestError", "PathPolicy", "BadLine", "ImageTooLarge", "MAX_IMAGE_PIXELS", "format_question", "request_to_sample",
-           "read_mask", "read_request_lines", "read_requests", "samples_from_requests", "error_text"]
+__all__ = ["RequestError", "PathPolicy", "BadLine", "ImageTooLarge", "MAX_IMAGE_PIXELS", "REASONS", "format_question",
+           "request_to_sample", "read_mask", "read_request_lines", "read_requests", "samples_from_requests",
+           "error_text"]
