@@ -372,3 +372,20 @@ def test_cli_default_num_frames_is_official():
     """Item 20: 8 frames by default, as the official mm_infer path (videorefer/constants.py NUM_FRAMES)."""
     a = cli.build_parser().parse_args(["--checkpoint", "c", "--video", "v.mp4", "--question", "<region>?"])
     assert a.num_frames == 8
+
+
+def test_read_request_lines_keeps_bad_lines_in_place(tmp_path):
+    """Item 13 (reader): every non-blank line / list item keeps its place; bad ones become BadLine."""
+    from vrefer_jax.inference.requests import BadLine, read_request_lines, read_requests
+
+    p = tmp_path / "r.jsonl"
+    p.write_text('[1, 2]\n\n{"id": "a"}\n{"id": \n"text"\n')
+    got = read_request_lines(str(p))
+    assert [w for w, _ in got] == ["line 1", "line 3", "line 4", "line 5"]
+    assert got[1][1] == {"id": "a"} and all(isinstance(r, BadLine) for i, (_, r) in enumerate(got) if i != 1)
+    assert [r.reason for _, r in got if isinstance(r, BadLine)] == ["bad_request", "bad_json", "bad_request"]
+    with pytest.raises(ValueError, match="line 1: expected a JSON object"):
+        read_requests(str(p))
+    p.write_text('[{"id": "a"}, 3]')
+    got = read_request_lines(str(p))
+    assert [w for w, _ in got] == ["item 1", "item 2"] and isinstance(got[1][1], BadLine)
