@@ -267,3 +267,183 @@ def _export_pad(world, cfg, tmp_path):
     export_videorefer(world["params"], cfg, d, tokenizer_folder=world["tok_dir"], dtype="float32",
                       write_vision_tower=False)
     return d
+
+
+# ----------------------------------------------------------------------------- hostile requests (issue #15)
+
+
+def bomb_png(path, w=30000, h=30000):
+    """A few hundred bytes of PNG declaring w x h pixels (a decompression bomb: Pillow reads the size
+    from the header, the pixel data is never there)."""
+    import struct
+    import zlib
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"\0" * 4000)) + chunk(b"IEND", b""))
+
+
+def run_requests(world, tmp_path, lines, *extra, name="reqs.jsonl", folder=None):
+    """`vrefer-infer --requests` over raw `lines` with the shared predictor -> (rc, rows)."""
+    path = pathlib.Path(folder or tmp_path) / name
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    out = tmp_path / (name + ".out")
+    rc = cli.main(["--checkpoint", "unused", "--requests", str(path), "--output", str(out), "--num-frames", "4",
+                   "--max-new-tokens", "6", *extra], predictor=world["pred"])
+    return rc, [json.loads(x) for x in out.read_text().splitlines()]
+
+
+def test_cli_bad_lines_get_one_error_row_each(world, tmp_path, capsys):
+    """Item 13: unparsable / non-object lines, a non-integer frame, a decompression-bomb mask and a
+    second media tag are one error row each (naming the line and the field); the good lines are
+    still answered."""
+    bomb_png(tmp_path / "bomb.png")
+    Image.fromarray(np.full((H, W), 255, np.uint8)).save(tmp_path / "mask0.png")
+    os.symlink(os.path.join(world["root"], "clip"), tmp_path / "clip")
+    good = REQS[0]
+    lines = [good,
+             '{"id": "cut", "video": "clip"',
+             "[1, 2]",
+             dict(good, id="frame", frame="two"),
+             dict(good, id="frames", objects=[{"frames": {"x": {"mask": "mask0.png"}}}]),
+             dict(good, id="bomb", objects=[{"mask": "bomb.png"}]),
+             dict(good, id="tag", question="Is <region> in the <video>?"),
+             dict(good, id="again")]
+    rc, rows = run_requests(world, tmp_path, lines, "--media-root", str(tmp_path))
+    err = capsys.readouterr().err
+    assert rc == 1 and len(rows) == 8
+    assert [r.get("line") for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert rows[0]["answer"] == rows[7]["answer"] and "error" not in rows[0]
+    assert rows[1]["reason"] == "bad_json" and rows[1]["error"].startswith("line 2: not valid JSON")
+    assert rows[2]["reason"] == "bad_request" and "line 3: expected a JSON object" in rows[2]["error"]
+    assert rows[3]["id"] == "frame" and "line 4" in rows[3]["error"] and "field frame:" in rows[3]["error"]
+    assert rows[3]["reason"] == rows[4]["reason"] == "bad_frame_index"
+    assert "field objects[0].frames:" in rows[4]["error"] and "'x'" in rows[4]["error"]
+    assert rows[5]["reason"] == "image_too_large" and "field objects[0].mask" in rows[5]["error"]
+    assert "line 7" in rows[6]["error"] and "field question: must not contain <video>" in rows[6]["error"]
+    assert len(err.strip().splitlines()) == 6 and "Traceback" not in err
+
+
+def test_mask_image_size_limit(world, tmp_path, capsys):
+    """Item 13: the mask size limit is explicit (--max-image-pixels), checked before decoding."""
+    from vrefer_jax.inference import requests as req_lib
+
+    with pytest.raises(req_lib.ImageTooLarge, match="2240 pixels, over the limit of 1000"):
+        req_lib.read_mask(os.path.join(world["root"], "mask0.png"), max_pixels=1000)
+    rc, rows = run_requests(world, tmp_path, [REQS[0]], "--media-root", world["root"], "--max-image-pixels", "1000")
+    assert rc == 1 and rows[0]["reason"] == "image_too_large" and "line 1" in rows[0]["error"]
+    assert "over the limit of 1000" in capsys.readouterr().err
+    # single request: the oversized mask is one line on stderr, exit 2
+    bomb_png(tmp_path / "bomb.png")
+    argv = ["--checkpoint", "unused", "--video", os.path.join(world["root"], "clip"), "--question", "<region>?",
+            "--mask", str(tmp_path / "bomb.png"), "--num-frames", "4"]
+    assert cli.main(argv, predictor=world["pred"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "image_too_large" in err and "objects[0].mask" in err
+
+
+def test_cli_user_errors_are_one_line(world, tmp_path, capsys):
+    """Item 13: a missing checkpoint / requests file / unwritable output is one line, exit 2."""
+    reqs = tmp_path / "r.jsonl"
+    reqs.write_text(json.dumps(REQS[0]) + "\n")
+    for argv in (["--checkpoint", str(tmp_path / "nope"), "--requests", str(reqs), "--media-root", world["root"]],
+                 ["--checkpoint", str(tmp_path / "nope"), "--requests", str(tmp_path / "missing.jsonl")],
+                 ["--checkpoint", "x", "--requests", str(reqs), "--output", str(tmp_path / "no" / "dir.jsonl")],
+                 ["--checkpoint", str(tmp_path / "nope"), "--image", os.path.join(world["root"], "photo.png"),
+                  "--question", "<region>?", "--box", "0,0,5,5"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("vrefer-infer: ") and "Traceback" not in err
+
+
+def test_empty_mask_is_answered_with_a_warning(world, tmp_path, capsys):
+    """Item 14: an all-zero mask is answered, with `warnings` in the row and a line on stderr."""
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "empty.png")
+    os.symlink(os.path.join(world["root"], "clip"), tmp_path / "clip")
+    os.symlink(os.path.join(world["root"], "mask0.png"), tmp_path / "mask0.png")
+    lines = [dict(REQS[0], objects=[{"mask": "empty.png"}]),
+             dict(REQS[0], id="partly", objects=[{"frames": {"0": {"mask": "mask0.png"}, "4": {"mask": "empty.png"}}}]),
+             REQS[0]]
+    rc, rows = run_requests(world, tmp_path, lines, "--media-root", str(tmp_path))
+    err = capsys.readouterr().err
+    assert rc == 0 and all(isinstance(r["answer"], str) for r in rows)
+    assert rows[0]["warnings"] == ["empty_mask: object 0"]
+    assert rows[1]["warnings"] == ["empty_mask: object 0 frame 4"] and "warnings" not in rows[2]
+    assert "line 1, request 'single': empty_mask: object 0" in err and "line 2" in err
+    argv = ["--checkpoint", "unused", "--video", str(tmp_path / "clip"), "--question", "<region>?",
+            "--mask", str(tmp_path / "empty.png"), "--num-frames", "4", "--max-new-tokens", "6"]
+    assert cli.main(argv, predictor=world["pred"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "empty_mask: object 0" in out.err
+
+
+def test_request_paths_stay_under_their_root(world, tmp_path):
+    """Item 4: paths inside requests resolve under the root; `../` and absolute paths are refused
+    (media_outside_root) unless absolute paths are allowed; command-line paths are the user's own."""
+    from vrefer_jax.inference.requests import PathPolicy
+
+    root = world["root"]
+    for name in ("clip", "mask0.png", "rle2.json", "photo.png"):
+        os.symlink(os.path.join(root, name), tmp_path / name)
+    base = {"id": "p", "video": "clip", "question": "<region>?", "objects": [{"mask": "mask0.png"}]}
+    assert request_to_sample(base, 0, str(tmp_path)).media == "clip"
+    outside = os.path.join(root, "clip")
+    hostile = [({"video": "../clip"}, "video"), ({"video": outside}, "video"),
+               ({"video": None, "image": "sub/../../photo.png"}, "image"),
+               ({"objects": [{"mask": "../mask0.png"}]}, r"objects\[0\].mask"),
+               ({"objects": [{"mask": os.path.join(root, "mask0.png")}]}, r"objects\[0\].mask"),
+               ({"objects": [{"frames": {"0": {"rle": "../rle2.json"}}}]}, r"objects\[0\].frames\['0'\].rle")]
+    for change, field in hostile:
+        req = {k: v for k, v in {**base, **change}.items() if v is not None}
+        with pytest.raises(RequestError, match=f"field {field}: media_outside_root") as e:
+            request_to_sample(req, 0, str(tmp_path))
+        assert e.value.reason == "media_outside_root"
+    # absolute paths when allowed (relative ones are still confined)
+    allow = PathPolicy(allow_absolute=True)
+    assert request_to_sample({**base, "video": outside}, 0, str(tmp_path), policy=allow).media == outside
+    with pytest.raises(RequestError, match="media_outside_root"):
+        request_to_sample({**base, "video": "../clip"}, 0, str(tmp_path), policy=allow)
+    # paths typed on the command line are not confined
+    mine = {**base, "video": "../clip", "objects": [{"mask": "../mask0.png"}]}
+    (tmp_path / "sub").mkdir()
+    assert request_to_sample(mine, 0, str(tmp_path / "sub"), policy=PathPolicy(confine=False)).media == str(tmp_path / "clip")  # absolute
+
+
+def test_cli_requests_root_and_absolute_paths(world, tmp_path):
+    """Item 4 via the CLI: the root defaults to the requests file's folder; absolute paths need
+    --allow-absolute-paths."""
+    root = world["root"]
+    absolute = dict(REQS[0], id="abs", video=os.path.join(root, "clip"))
+    rc, rows = run_requests(world, tmp_path, [REQS[0], absolute], name="default_root.jsonl", folder=root)
+    assert rc == 1 and "answer" in rows[0]  # relative paths: from the requests file's folder
+    assert rows[1]["reason"] == "media_outside_root"
+    assert "line 2" in rows[1]["error"] and "field video" in rows[1]["error"]
+    rc, rows = run_requests(world, tmp_path, [REQS[0], absolute], "--allow-absolute-paths",
+                            name="default_root.jsonl", folder=root)
+    assert rc == 0 and rows[0]["answer"] == rows[1]["answer"]
+
+
+def test_cli_default_num_frames_is_official():
+    """Item 20: 8 frames by default, as the official mm_infer path (videorefer/constants.py NUM_FRAMES)."""
+    a = cli.build_parser().parse_args(["--checkpoint", "c", "--video", "v.mp4", "--question", "<region>?"])
+    assert a.num_frames == 8
+
+
+def test_read_request_lines_keeps_bad_lines_in_place(tmp_path):
+    """Item 13 (reader): every non-blank line / list item keeps its place; bad ones become BadLine."""
+    from vrefer_jax.inference.requests import BadLine, read_request_lines, read_requests
+
+    p = tmp_path / "r.jsonl"
+    p.write_text('[1, 2]\n\n{"id": "a"}\n{"id": \n"text"\n')
+    got = read_request_lines(str(p))
+    assert [w for w, _ in got] == ["line 1", "line 3", "line 4", "line 5"]
+    assert got[1][1] == {"id": "a"} and all(isinstance(r, BadLine) for i, (_, r) in enumerate(got) if i != 1)
+    assert [r.reason for _, r in got if isinstance(r, BadLine)] == ["bad_request", "bad_json", "bad_request"]
+    with pytest.raises(ValueError, match="line 1: expected a JSON object"):
+        read_requests(str(p))
+    p.write_text('[{"id": "a"}, 3]')
+    got = read_request_lines(str(p))
+    assert [w for w, _ in got] == ["item 1", "item 2"] and isinstance(got[1][1], BadLine)

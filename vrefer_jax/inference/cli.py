@@ -9,13 +9,31 @@
 Objects (`--mask PNG`, `--rle JSON`, `--box x0,y0,x1,y1`; repeatable, in `<region>` order) sit on
 `--frame`, or on several frames with `"F=VALUE;F=VALUE"` (multi-frame mode). Request lines follow
 `vrefer_jax.inference.requests`. (`python -m vrefer_jax.inference.cli ...` without the console script.)
+
+Strictness. Paths on the command line are yours and used as given. Paths inside a --requests file
+(video, image, mask PNG, RLE file) resolve against --media-root (default: the requests file's folder)
+and must stay inside it: `../` escapes and absolute paths are refused (media_outside_root) unless
+--allow-absolute-paths. Each bad request line (not JSON, not an object, a bad field, unreadable media,
+a mask image over --max-image-pixels) becomes one output row {"id", "line", "error", "reason"}
+naming the line and the field; the other lines are answered and the exit status is 1. An object
+whose masks are all empty is answered with "warnings": ["empty_mask: object K"] in its row (and a
+line on stderr). Frames: --num-frames 8, as the official mm_infer path.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from vrefer_jax.inference import requests as req_lib
+
+# Frames per video of the official `mm_infer` path: DAMO-NLP-SG/VideoRefer `videorefer/constants.py`
+# `NUM_FRAMES = 8` is the default of `mm_utils.process_video(..., num_frames=NUM_FRAMES)`, and the
+# notebooks and Bench-D/Q scripts that feed `mm_infer` never pass another value (the config's 16 is
+# the training value, used by the general benchmarks only).
+OFFICIAL_NUM_FRAMES = 8
 
 
 def _object(kind: str):
@@ -63,11 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     b = p.add_argument_group("batch mode")
     b.add_argument("--requests", help="JSONL file of requests (see vrefer_jax/inference/requests.py)")
     b.add_argument("--output", help="JSONL answers (default: stdout)")
-    b.add_argument("--media-root", default="", help="folder that relative media / mask paths start from")
+    b.add_argument("--media-root", "--media_root", default="",
+                   help="folder that paths inside --requests lines resolve against, and must stay inside "
+                        "(default: the requests file's folder); with one request, the folder that relative "
+                        "command-line paths start from (default: the current folder)")
+    b.add_argument("--allow-absolute-paths", "--allow_absolute_paths", action="store_true",
+                   help="read absolute paths inside --requests lines as they are (refused by default: "
+                        "media_outside_root); relative paths must still stay inside --media-root")
     b.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-image-pixels", type=int, default=req_lib.MAX_IMAGE_PIXELS,
+                   help=f"largest mask image read, in pixels (default {req_lib.MAX_IMAGE_PIXELS} = 8192x8192); a "
+                        "larger one is refused before decoding (image_too_large). Pillow's own limit "
+                        "(2 x PIL.Image.MAX_IMAGE_PIXELS) still applies to every image")
     g = p.add_argument_group("generation (default: official mm_infer: greedy + generation_config.json)")
-    g.add_argument("--num-frames", "--num_frames", type=int, default=16,
-                   help="frames sampled per video (16 as trained; the released Bench scripts use 8)")
+    g.add_argument("--num-frames", "--num_frames", type=int, default=OFFICIAL_NUM_FRAMES,
+                   help=f"frames sampled per video (default {OFFICIAL_NUM_FRAMES}, as the official mm_infer "
+                        "path: NUM_FRAMES of videorefer/constants.py; 16 as trained and as the general "
+                        "video benchmarks)")
     g.add_argument("--aspect", choices=["square", "pad"], default=None,
                    help="frame/mask aspect handling (default: the checkpoint's image_aspect_ratio)")
     g.add_argument("--bench-q-style", action="store_true", help="rewrite <region> to [<region>] (Bench-Q)")
@@ -89,66 +119,120 @@ def _generation(predictor, a):
     return predictor.generation.replace(**over)
 
 
+def _fail(message: str) -> int:
+    """A user error: one line on stderr, exit status 2."""
+    print(f"vrefer-infer: {message}", file=sys.stderr)
+    return 2
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
 def main(argv: list[str] | None = None, predictor=None) -> int:
     """Run the CLI. `predictor` (a `Predictor`) skips loading `--checkpoint` (tests, notebooks)."""
     a = build_parser().parse_args(argv)
-    from vrefer_jax.inference import requests as req_lib
+    for flag in ("num_frames", "batch_size", "max_image_pixels"):
+        if getattr(a, flag) < 1:
+            return _fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
 
     if a.requests:
         if a.video or a.image or a.question or a.objects:
-            print("vrefer-infer: --requests excludes --video/--image/--question/objects", file=sys.stderr)
-            return 2
-        reqs = req_lib.read_requests(a.requests)
+            return _fail("--requests excludes --video/--image/--question/objects")
+        try:
+            lines = req_lib.read_request_lines(a.requests)
+        except (OSError, UnicodeDecodeError) as e:
+            return _fail(f"cannot read --requests {a.requests}: {_one_line(e)}")
+        where = [w for w, _ in lines]
+        reqs = [r for _, r in lines]
+        root = a.media_root or os.path.dirname(os.path.abspath(a.requests))
+        policy = req_lib.PathPolicy(confine=True, allow_absolute=a.allow_absolute_paths,
+                                    max_image_pixels=a.max_image_pixels)
     else:
         if not (a.video or a.image) or not a.question:
-            print("vrefer-infer: give --video or --image and --question (or --requests)", file=sys.stderr)
-            return 2
+            return _fail("give --video or --image and --question (or --requests)")
         reqs = [{"id": a.id, "video": a.video, "image": a.image, "question": a.question, "frame": a.frame,
                  "objects": a.objects}]
-    ok, bad = req_lib.samples_from_requests(reqs, a.media_root, a.bench_q_style)
+        where, root = ["command line"], a.media_root
+        # the user's own paths: read where they point
+        policy = req_lib.PathPolicy(confine=False, max_image_pixels=a.max_image_pixels)
+    ok, bad = req_lib.samples_from_requests(reqs, root, a.bench_q_style, policy)
     if not a.requests and bad:
-        print(f"vrefer-infer: {bad[0][1]}", file=sys.stderr)
-        return 2
+        return _fail(req_lib.error_text(bad[0][1]))
+
+    out = sys.stdout
+    if a.requests and a.output:
+        try:  # before the (slow) model load
+            out = open(a.output, "w", encoding="utf-8")
+        except OSError as e:
+            return _fail(f"cannot write --output {a.output}: {_one_line(e)}")
+    try:
+        return _run(a, predictor, reqs, where, root, ok, bad, out)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def _run(a, predictor, reqs, where, root, ok, bad, out) -> int:
+    from data_pipeline import schema
 
     if predictor is None:
         from vrefer_jax.inference.predictor import Predictor
 
-        predictor = Predictor.load(a.checkpoint, a.tokenizer, vision_tower=a.vision_tower,
-                                   use_stored_vision_tower=a.use_stored_vision_tower, dtype=a.dtype,
-                                   num_frames=a.num_frames, aspect=a.aspect)
+        try:
+            predictor = Predictor.load(a.checkpoint, a.tokenizer, vision_tower=a.vision_tower,
+                                       use_stored_vision_tower=a.use_stored_vision_tower, dtype=a.dtype,
+                                       num_frames=a.num_frames, aspect=a.aspect)
+        except Exception as e:  # noqa: BLE001 - any load failure is one line, not a traceback
+            return _fail(f"cannot load --checkpoint {a.checkpoint}: {_one_line(e)}")
     else:
         predictor.configure(a.num_frames, a.aspect)
     gen = _generation(predictor, a)
 
-    from data_pipeline import schema
+    def row(i: int, **fields) -> dict:
+        """An output row: the request's id, where it is ("line": N, or "item": N in a JSON list)."""
+        rid = reqs[i].get("id") if isinstance(reqs[i], dict) else None
+        head = {"id": str(rid) if rid is not None else f"#{i}"}
+        kind, _, num = where[i].partition(" ")
+        if num.isdigit():
+            head[kind] = int(num)
+        return {**head, **fields}
 
-    results: dict[int, dict] = {i: {"id": reqs[i].get("id", f"#{i}"), "error": msg} for i, msg in bad}
-    prepared, where = [], []
+    results: dict[int, dict] = {}
+
+    def fail(i: int, e) -> None:
+        message = f"{where[i]}: {req_lib.error_text(e)}" if not isinstance(e, req_lib.BadLine) else e.message
+        results[i] = row(i, error=message, reason=getattr(e, "reason", "bad_request"))
+        print(f"vrefer-infer: {message}", file=sys.stderr)
+
+    for i, e in bad:
+        fail(i, e)
+    prepared, done = [], []
     for i, s in ok:
         try:
-            prepared.append(predictor.prepare(s, a.media_root))
-            where.append((i, s))
-        except schema.SampleError as e:  # unreadable media, frame out of range, mask size mismatch...
+            prepared.append(predictor.prepare(s, root, allow_absolute=True))  # requests checked the path
+            done.append((i, s))
+        except (schema.SampleError, ValueError, OSError) as e:  # unreadable media, frame out of range...
             if not a.requests:
-                print(f"vrefer-infer: {e}", file=sys.stderr)
-                return 2
-            results[i] = {"id": s.sample_id, "error": str(e)}
-            bad.append((i, str(e)))
+                return _fail(str(e))
+            fail(i, e)
+    for (i, s), p in zip(done, prepared):
+        for w in p.warnings:
+            print(f"vrefer-infer: warning: {where[i]}, request {s.sample_id!r}: {w}", file=sys.stderr)
     if prepared:
         answers = predictor.answer_prepared(prepared, gen, batch_size=a.batch_size)
-        for (i, s), ans in zip(where, answers):
-            results[i] = {"id": s.sample_id, "question": s.extra.get("question"), "answer": ans}
+        for (i, s), p, ans in zip(done, prepared, answers):
+            results[i] = row(i, question=s.extra.get("question"), answer=ans)
+            results[i]["id"] = s.sample_id
+            if p.warnings:
+                results[i]["warnings"] = list(p.warnings)
     if not a.requests:
         print(results[0]["answer"])
         return 0
-    out = open(a.output, "w", encoding="utf-8") if a.output else sys.stdout
-    try:
-        for i in range(len(reqs)):
-            out.write(json.dumps(results[i], ensure_ascii=False) + "\n")
-    finally:
-        if a.output:
-            out.close()
-    return 1 if bad else 0
+    for i in range(len(reqs)):
+        out.write(json.dumps(results[i], ensure_ascii=False) + "\n")
+    return 0 if len(done) == len(reqs) else 1
 
 
 if __name__ == "__main__":

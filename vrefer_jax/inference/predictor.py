@@ -77,6 +77,8 @@ class Prepared:
     region_frames: np.ndarray  # [F, S, S, 3] float32
     object_frames: list[list[int]]  # per object: indices into region_frames
     object_masks: list[np.ndarray]  # per object: [M_k, g, g] bool
+    # e.g. "empty_mask: object 0": answered, but the object has no pixel to look at (the CLI reports it)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 class Predictor:
@@ -151,9 +153,13 @@ class Predictor:
 
     # ------------------------------------------------------------------ host side
 
-    def prepare(self, sample: schema.Sample, media_root: str) -> Prepared:
-        """Decode the media and tokenise the prompt of one sample (raises `schema.SampleError`)."""
-        rec = convert_lib.build_record(sample, media_root, self._convert)
+    def prepare(self, sample: schema.Sample, media_root: str, allow_absolute: bool = False) -> Prepared:
+        """Decode the media and tokenise the prompt of one sample (raises `schema.SampleError`).
+
+        The media path must stay inside `media_root` (`media_outside_root`), as in the converter;
+        `allow_absolute` reads absolute paths as given (requests whose paths were already checked)."""
+        conv = dataclasses.replace(self._convert, allow_absolute_media=True) if allow_absolute else self._convert
+        rec = convert_lib.build_record(sample, media_root, conv)
         modal = sample.modality if sample.modality in _TAGS else "text"
         ids = build_inference_prompt(self.tokenizer, question_of(sample), modal)
         S = self.cfg.vision.image_size
@@ -165,7 +171,9 @@ class Predictor:
             frames = np.zeros((self.cfg.num_frames, S, S, 3), np.float32)
         region = self._decode(rec.region_frames) if rec.region_frames else np.zeros((0, S, S, 3), np.float32)
         masks = [self._masks(o) for o in rec.objects]
-        return Prepared(sample.sample_id, ids, frames, region, [list(o.region_index) for o in rec.objects], masks)
+        warnings = [w for k, o in enumerate(rec.objects) for w in _empty_mask_warnings(k, o)]
+        return Prepared(sample.sample_id, ids, frames, region, [list(o.region_index) for o in rec.objects], masks,
+                        warnings)
 
     def _decode(self, encoded: Sequence[bytes]) -> np.ndarray:
         out = np.empty((len(encoded),) + (self.cfg.vision.image_size,) * 2 + (3,), np.float32)
@@ -267,6 +275,17 @@ class Predictor:
         self.aspect = aspect or self.aspect
         self._convert = dataclasses.replace(self._convert, num_frames=self.num_frames, aspect=self.aspect)
         return self
+
+
+def _empty_mask_warnings(k: int, obj: records_lib.ObjectMasks) -> list[str]:
+    """`empty_mask: object k` when none of object k's masks has a pixel (the model then pools
+    nothing for it), `empty_mask: object k frame f` for each empty mask of an otherwise visible one."""
+    masks = obj.decode()
+    empty = ~masks.reshape(len(masks), -1).any(axis=1)
+    if empty.all():
+        return [f"empty_mask: object {k}"]
+    return [f"empty_mask: object {k} frame {f}" for f, e in zip(obj.frames, empty) if e]
+
 
 def default_generation(tokenizer: Tokenizer, hf_generation_config: Mapping | None = None,
                        **overrides) -> GenerationConfig:

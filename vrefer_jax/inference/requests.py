@@ -13,8 +13,12 @@ A request (JSON object):
      ]}
 
 or an official `"annotation"` list (`[{frame: {"segmentation": ...}}]`) instead of `objects`.
-Paths are relative to `media_root`. A mask PNG is True where the pixel is non-zero (any channel);
-a box covers pixels x0 <= x < x1, y0 <= y < y1 (rounded). Everything becomes a COCO RLE
+Paths (media, mask PNGs, RLE files) are relative to `media_root` and, for requests read from a
+file (`confine=True`), must stay inside it: `../` escapes and absolute paths are refused with
+`media_outside_root` unless `allow_absolute` (see `vrefer_jax.paths`). A mask image is refused
+above `max_image_pixels` (`image_too_large`, read from its header before decoding); an all-zero
+mask is accepted (`Predictor.prepare` warns about it). A mask PNG is True where the pixel is
+non-zero (any channel); a box covers pixels x0 <= x < x1, y0 <= y < y1 (rounded). Everything becomes a COCO RLE
 annotation, so the sample takes exactly the training / benchmark path (`convert.build_record`).
 """
 
@@ -23,6 +27,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,18 +38,87 @@ from PIL import Image
 from data_pipeline import masks as masks_lib
 from data_pipeline import schema
 from data_pipeline import video as video_lib
+from vrefer_jax.paths import PathOutsideRoot, resolve_under
 
 REGION = "<region>"
 _OBJECT_TAG = re.compile(r"<object\d+>")
 _KINDS = ("mask", "rle", "box")
+# Largest mask image decoded (pixels): an 8K frame is 33M; a PNG claiming more is refused before
+# decoding (a few KB of PNG can declare gigapixels). Pillow's own bomb check still applies above it.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# Reason codes of request errors (besides `schema.REASONS`, which a request's sample can also fail with).
+REASONS = {
+    "bad_json": "a line of the requests file is not valid JSON",
+    "bad_request": "a line is not a JSON object, or a request field is missing / mistyped / unreadable",
+    "bad_frame_index": "a frame is not a non-negative integer (or a string of digits)",
+    "image_too_large": "a mask image declares more pixels than max_image_pixels (decompression bomb)",
+    "media_outside_root": "a path in the request leaves the media root, or is absolute while not allowed",
+}
 
 
 class RequestError(ValueError):
-    """A malformed request; the message names the request and the field."""
+    """A malformed request; the message names the request and the field. `reason` is a reason code
+    (`bad_request`, or e.g. `media_outside_root` / `image_too_large`)."""
 
-    def __init__(self, request_id: str, field: str, message: str):
-        self.request_id, self.field = request_id, field
+    def __init__(self, request_id: str, field: str, message: str, reason: str = "bad_request"):
+        self.request_id, self.field, self.reason = request_id, field, reason
         super().__init__(f"request {request_id!r}, field {field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PathPolicy:
+    """Where a request's paths may point. `confine`: paths from data stay inside `media_root`
+    (`vrefer_jax.paths.resolve_under`); off for paths the user typed on the command line.
+    `allow_absolute`: absolute paths from data are read as they are. `max_image_pixels`: mask
+    image size limit."""
+
+    confine: bool = True
+    allow_absolute: bool = False
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+
+
+def _path(value: Any, root: str, policy: PathPolicy, rid: str, field: str) -> str:
+    """A path from a request, joined onto `root` (and confined to it under `policy.confine`)."""
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(rid, field, f"expected a path string, got {value!r}")
+    if not policy.confine:
+        return os.path.join(root, value)
+    try:
+        return resolve_under(root or ".", value, allow_absolute=policy.allow_absolute)
+    except PathOutsideRoot as e:
+        raise RequestError(rid, field, str(e), reason=e.reason) from None
+
+
+def _frame(value: Any, rid: str, field: str) -> int:
+    """A frame index: a non-negative int or a string of digits (JSON keys); nothing else is guessed."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise RequestError(rid, field, f"a frame index is a non-negative integer, got {value!r}", "bad_frame_index")
+
+
+class ImageTooLarge(ValueError):
+    """An image over the pixel limit (reason code `image_too_large`)."""
+
+    reason = "image_too_large"
+
+
+def read_mask(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """A mask image -> [H, W] bool (non-zero in any channel). Raises `ImageTooLarge` for an image
+    over `max_pixels` (checked from the header, before decoding) and OSError for an unreadable one."""
+    with warnings.catch_warnings():  # the size is checked here, Pillow's warning would only repeat it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:  # over Pillow's own (2x) limit: refused at open
+            raise ImageTooLarge(f"image_too_large: {path}: {e}") from None
+        with im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageTooLarge(f"image_too_large: {path} is {w}x{h} = {w * h} pixels, over the limit of "
+                                    f"{max_pixels} (max_image_pixels)")
+            return np.asarray(im).reshape(h, w, -1).any(axis=-1)
 
 
 def format_question(question: str, bench_q_style: bool = False) -> str:
@@ -80,18 +155,18 @@ def _rle(mask: np.ndarray) -> dict:
     return {"size": list(mask.shape), "counts": masks_lib.encode_mask(mask).decode("ascii")}
 
 
-def _segmentation(spec: Mapping, frame: int, root: str, sizes: _FrameSizes, rid: str, field: str) -> Any:
+def _segmentation(spec: Mapping, frame: int, root: str, sizes: _FrameSizes, rid: str, field: str,
+                  policy: PathPolicy) -> Any:
     kinds = [k for k in _KINDS if k in spec]
     if len(kinds) != 1:
         raise RequestError(rid, field, f"give exactly one of {_KINDS}, got {sorted(spec)}")
     kind, value = kinds[0], spec[kinds[0]]
     try:
         if kind == "mask":
-            with Image.open(os.path.join(root, value)) as im:
-                return _rle(np.asarray(im).reshape(im.size[1], im.size[0], -1).any(axis=-1))
+            return _rle(read_mask(_path(value, root, policy, rid, f"{field}.mask"), policy.max_image_pixels))
         if kind == "rle":
             if isinstance(value, str):
-                with open(os.path.join(root, value), encoding="utf-8") as f:
+                with open(_path(value, root, policy, rid, f"{field}.rle"), encoding="utf-8") as f:
                     value = json.load(f)
             return value
         box = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
@@ -104,18 +179,22 @@ def _segmentation(spec: Mapping, frame: int, root: str, sizes: _FrameSizes, rid:
         if not m.any():
             raise ValueError(f"box {box} covers no pixel of the {w}x{h} frame {frame}")
         return _rle(m)
+    except RequestError:
+        raise
     except (OSError, ValueError, TypeError, video_lib.MediaError) as e:
-        raise RequestError(rid, f"{field}.{kind}", str(e)) from None
+        raise RequestError(rid, f"{field}.{kind}", str(e), getattr(e, "reason", "bad_request")) from None
 
 
-def _annotation(req: Mapping, root: str, modality: str, media: str, rid: str) -> list:
+def _annotation(req: Mapping, root: str, modality: str, media_path: str, rid: str, policy: PathPolicy) -> list:
     if "annotation" in req:
+        if not isinstance(req["annotation"], list):
+            raise RequestError(rid, "annotation", "expected a list of {frame: {\"segmentation\": ...}}")
         return req["annotation"]
     objects = req.get("objects") or []
     if not isinstance(objects, list):
         raise RequestError(rid, "objects", "expected a list")
-    default = int(req.get("frame", 0))
-    sizes = _FrameSizes(os.path.join(root, media), modality)
+    default = _frame(req.get("frame", 0), rid, "frame")
+    sizes = _FrameSizes(media_path, modality)
     out = []
     for k, obj in enumerate(objects):
         field = f"objects[{k}]"
@@ -125,55 +204,129 @@ def _annotation(req: Mapping, root: str, modality: str, media: str, rid: str) ->
             frames = obj["frames"]
             if not isinstance(frames, Mapping) or not frames:
                 raise RequestError(rid, field + ".frames", "expected a non-empty {frame: {mask|rle|box}} map")
-            items = [(int(f), spec, f"{field}.frames[{f!r}]") for f, spec in frames.items()]
+            items = [(_frame(f, rid, f"{field}.frames"), spec, f"{field}.frames[{f!r}]")
+                     for f, spec in frames.items()]
         else:
-            items = [(int(obj.get("frame", default)), obj, field)]
-        out.append({str(f): {"segmentation": _segmentation(spec, f, root, sizes, rid, fld)}
+            items = [(_frame(obj.get("frame", default), rid, f"{field}.frame"), obj, field)]
+        for _, spec, fld in items:
+            if not isinstance(spec, Mapping):
+                raise RequestError(rid, fld, f"expected an object {{mask|rle|box: ...}}, got {spec!r}")
+        out.append({str(f): {"segmentation": _segmentation(spec, f, root, sizes, rid, fld, policy)}
                     for f, spec, fld in items})
     return out
 
 
 def request_to_sample(req: Mapping[str, Any], index: int = 0, media_root: str = "",
-                      bench_q_style: bool = False) -> schema.Sample:
-    """One request -> a validated `schema.Sample` (raises `RequestError` or `schema.SampleError`)."""
+                      bench_q_style: bool = False, policy: PathPolicy = PathPolicy()) -> schema.Sample:
+    """One request -> a validated `schema.Sample` (raises `RequestError` or `schema.SampleError`).
+
+    `policy` decides where the request's paths may point (default: inside `media_root`). A relative
+    media path that was confined stays as written (relative to `media_root`); any other (absolute,
+    or typed on the command line) becomes the absolute path checked here, which the predictor reads
+    with `allow_absolute=True`."""
+    if not isinstance(req, Mapping):
+        raise RequestError(f"#{index}", "(request)", f"expected a JSON object, got {type(req).__name__}")
     rid = str(req["id"]) if req.get("id") is not None else f"#{index}"
     media = [k for k in ("video", "image") if req.get(k)]
     if len(media) != 1:
         raise RequestError(rid, "video/image", "give exactly one of `video` and `image`")
     modality = media[0]
+    media_path = _path(req[modality], media_root, policy, rid, modality)
     question = req.get("question")
     if not isinstance(question, str) or not question.strip():
         raise RequestError(rid, "question", "a non-empty string is required")
+    tags = [t for t in schema.MODAL_TOKENS.values() if t in question]
+    if tags:  # the model takes one media placeholder per sample, the one added below
+        raise RequestError(rid, "question", f"must not contain {tags[0]} (the {modality} tag is added to it)")
     question = format_question(question, bench_q_style)
-    annotation = _annotation(req, media_root, modality, req[modality], rid)
+    annotation = _annotation(req, media_root, modality, media_path, rid, policy)
     n_regions = question.count(REGION)
     if n_regions != len(annotation):
         raise RequestError(rid, "question", f"{n_regions} {REGION} token(s) but {len(annotation)} object(s) "
                            "given (objects / --mask / --rle / --box): one <region> per object, in order")
     tag = schema.MODAL_TOKENS[modality]
-    raw = {"id": rid, modality: req[modality], "annotation": annotation,
+    as_written = policy.confine and not os.path.isabs(req[modality])
+    raw = {"id": rid, modality: req[modality] if as_written else os.path.abspath(media_path), "annotation": annotation,
            "conversations": [{"from": "human", "value": tag + "\n" + question}, {"from": "gpt", "value": ""}]}
     return schema.parse_sample(raw, index, extra={"question": question})
 
 
-def read_requests(path: str) -> list[dict]:
-    """A JSONL file (or a JSON list) of requests."""
+class BadLine:
+    """A line of a requests file that is not a request object (kept in place so that it gets an
+    error row): `message` names the line, `reason` is `bad_json` or `bad_request`."""
+
+    def __init__(self, message: str, reason: str):
+        self.message, self.reason = message, reason
+
+    def __repr__(self) -> str:
+        return f"BadLine({self.message!r})"
+
+
+def read_request_lines(path: str) -> list[tuple[str, Any]]:
+    """A JSONL file (or one JSON list) of requests -> [(where, request or `BadLine`)], one per
+    non-blank line (`where` = "line N", 1-based) or list item ("item N"). A line that is not JSON
+    or not a JSON object becomes a `BadLine`, so the other lines are still answered.
+    Raises OSError / UnicodeDecodeError for an unreadable file."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            items = None  # maybe JSONL whose first line is a list: read it line by line
+        if isinstance(items, list):
+            return [(f"item {k + 1}", _object_or_bad(r, f"item {k + 1}")) for k, r in enumerate(items)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {n}", _object_or_bad(json.loads(line), f"line {n}")))
+        except json.JSONDecodeError as e:
+            out.append((f"line {n}", BadLine(f"line {n}: not valid JSON ({e.msg} at column {e.colno})", "bad_json")))
+    return out
 
 
-def samples_from_requests(reqs: Sequence[Mapping], media_root: str = "", bench_q_style: bool = False):
-    """-> (list of (index, Sample), list of (index, error message)); bad requests do not stop the rest."""
+def _object_or_bad(value: Any, where: str) -> Any:
+    if isinstance(value, Mapping):
+        return value
+    return BadLine(f"{where}: expected a JSON object (a request), got {type(value).__name__}", "bad_request")
+
+
+def read_requests(path: str) -> list[dict]:
+    """A JSONL file (or a JSON list) of requests; the first bad line raises ValueError naming it
+    (`read_request_lines` keeps going instead)."""
+    out = []
+    for _, r in read_request_lines(path):
+        if isinstance(r, BadLine):
+            raise ValueError(f"{path}: {r.message}")
+        out.append(r)
+    return out
+
+
+def samples_from_requests(reqs: Sequence[Any], media_root: str = "", bench_q_style: bool = False,
+                          policy: PathPolicy = PathPolicy()):
+    """-> (list of (index, Sample), list of (index, error)); bad requests do not stop the rest.
+
+    An error is a `RequestError`, `schema.SampleError` or `BadLine` (each has `.reason`; `str()`
+    or `.message` names the request and the field)."""
     ok, bad = [], []
     for i, r in enumerate(reqs):
+        if isinstance(r, BadLine):
+            bad.append((i, r))
+            continue
         try:
-            ok.append((i, request_to_sample(r, i, media_root, bench_q_style)))
+            ok.append((i, request_to_sample(r, i, media_root, bench_q_style, policy)))
         except (RequestError, schema.SampleError) as e:
-            bad.append((i, str(e)))
+            bad.append((i, e))
     return ok, bad
 
 
-__all__ = ["RequestError", "format_question", "request_to_sample", "read_requests", "samples_from_requests"]
+def error_text(e: Any) -> str:
+    """The one-line message of an error from `samples_from_requests`."""
+    return e.message if isinstance(e, BadLine) else str(e)
+
+
+__all__ = ["RequestError", "PathPolicy", "BadLine", "ImageTooLarge", "MAX_IMAGE_PIXELS", "REASONS", "format_question",
+           "request_to_sample", "read_mask", "read_request_lines", "read_requests", "samples_from_requests",
+           "error_text"]
