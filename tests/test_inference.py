@@ -17,7 +17,7 @@ from vrefer_jax.config import model_config_from_gin
 from vrefer_jax.inference import cli
 from vrefer_jax.inference import generate as gen_lib
 from vrefer_jax.inference.predictor import Predictor, default_generation
-from vrefer_jax.inference.requests import RequestError, request_to_sample
+from vrefer_jax.inference.requests import PathPolicy, RequestError, request_to_sample
 from vrefer_jax.models import videorefer
 from vrefer_jax.text import load_tokenizer
 
@@ -447,3 +447,19 @@ def test_read_request_lines_keeps_bad_lines_in_place(tmp_path):
     p.write_text('[{"id": "a"}, 3]')
     got = read_request_lines(str(p))
     assert [w for w, _ in got] == ["item 1", "item 2"] and isinstance(got[1][1], BadLine)
+
+
+def test_predictor_media_paths_confined_unless_allowed(world):
+    """Item 4 for benchmark samples (vrefer-eval): a sample's media path must stay inside
+    media_root; `allow_absolute_media` (vrefer-eval --allow_absolute_media) reads absolute ones."""
+    from data_pipeline import schema
+
+    req = {**REQS[0], "video": os.path.join(world["root"], "clip")}
+    s = request_to_sample(req, 0, world["root"], policy=PathPolicy(allow_absolute=True))
+    assert os.path.isabs(s.media)
+    with pytest.raises(schema.SampleError, match="media_outside_root"):
+        world["pred"].prepare(s, world["root"])
+    free = Predictor(world["cfg"], world["params"], world["tok"], num_frames=4, generation=world["gen"],
+                     allow_absolute_media=True)
+    rel = free.prepare(request_to_sample(REQS[0], 0, world["root"]), world["root"])
+    np.testing.assert_array_equal(free.prepare(s, "/nonexistent").frames, rel.frames)

@@ -32,7 +32,8 @@ def load_predictor(args: argparse.Namespace):
     """The real predictor (imported here so scoring works without the model stack)."""
     from vrefer_jax.inference.predictor import Predictor
 
-    return Predictor.load(args.checkpoint, tokenizer=args.tokenizer, num_frames=args.num_frames)
+    return Predictor.load(args.checkpoint, tokenizer=args.tokenizer, num_frames=args.num_frames,
+                          allow_absolute_media=args.allow_absolute_media)
 
 
 def _stem(out: str) -> str:
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, frames):
         p.add_argument("--data", required=True, help="benchmark JSON (MVBench: the folder of task JSONs)")
         p.add_argument("--media_root", required=True, help="folder the entries' video paths are relative to")
+        p.add_argument("--allow_absolute_media", action="store_true",
+                       help="read absolute video paths in the benchmark file as they are (default: every path "
+                            "must stay inside --media_root; others are error rows, media_outside_root)")
         p.add_argument("--out", required=True, help="prediction JSONL (shards get a suffix)")
         p.add_argument("--checkpoint", required=True)
         p.add_argument("--tokenizer", default=None)

@@ -95,7 +95,8 @@ class Predictor:
 
     def __init__(self, cfg: ModelConfig, params: Mapping, tokenizer: Tokenizer, *, num_frames: int | None = None,
                  aspect: str | None = None, generation: GenerationConfig | None = None,
-                 generation_config_dict: Mapping | None = None, bucket_floors: Mapping[str, int] | None = None):
+                 generation_config_dict: Mapping | None = None, bucket_floors: Mapping[str, int] | None = None,
+                 allow_absolute_media: bool = False):
         self.cfg, self.tokenizer = cfg, tokenizer
         unknown = set(bucket_floors or {}) - set(BUCKET_FLOORS)
         if unknown:
@@ -109,7 +110,8 @@ class Predictor:
             raise ValueError(f"tokenizer's <region> id {tokenizer.region_id} != model region_token_id "
                              f"{cfg.region_token_id}")
         self._convert = convert_lib.ConvertConfig(num_frames=self.num_frames, image_size=cfg.vision.image_size,
-                                                  aspect=aspect, image_format="png")
+                                                  aspect=aspect, image_format="png",
+                                                  allow_absolute_media=allow_absolute_media)
 
     # ------------------------------------------------------------------ loading
 
@@ -157,7 +159,8 @@ class Predictor:
         """Decode the media and tokenise the prompt of one sample (raises `schema.SampleError`).
 
         The media path must stay inside `media_root` (`media_outside_root`), as in the converter;
-        `allow_absolute` reads absolute paths as given (requests whose paths were already checked)."""
+        absolute paths are read as given with `allow_absolute` (requests whose paths were already
+        checked) or the predictor's `allow_absolute_media`."""
         conv = dataclasses.replace(self._convert, allow_absolute_media=True) if allow_absolute else self._convert
         rec = convert_lib.build_record(sample, media_root, conv)
         modal = sample.modality if sample.modality in _TAGS else "text"
