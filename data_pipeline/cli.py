@@ -22,7 +22,7 @@ import os
 import sys
 from collections import Counter
 
-from data_pipeline import bench_formats, convert, records, schema
+from data_pipeline import bench_formats, convert, inputs, records, schema
 
 
 def _parser_for(fmt: str, bench_mode: str, allow_text_only: bool):
@@ -59,7 +59,7 @@ def cmd_convert(args) -> int:
         image_format=args.image_format, jpeg_quality=args.jpeg_quality, output_format=args.output_format,
         allow_text_only=args.allow_text_only, decode_threads=args.decode_threads,
         allow_absolute_media=args.allow_absolute_media)
-    entries = convert.load_entries(args.json)
+    entries = inputs.load_entries(args.json)
     prefix = args.prefix or os.path.splitext(os.path.basename(args.json))[0]
     report = convert.convert(
         entries, args.out, media_root=args.media_root, num_shards=args.num_shards,
@@ -72,7 +72,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    entries = convert.load_entries(args.json)
+    entries = inputs.load_entries(args.json)
     # The same whole-input checks as `convert` (bad lines, repeated ids), then the media path's
     # form. The check is lexical, so it needs no media on disk; without --media-root, a root whose
     # name no data path re-enters stands in (then `a/../../root/x` counts as leaving it).
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (convert.InputError, OSError) as e:  # the user's input, not a bug: one line, no traceback
+    except (inputs.InputError, OSError) as e:  # the user's input, not a bug: one line, no traceback
         print(f"vrefer-data {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from data_helpers import box as _box, conv as _conv, rle as _rle
-from data_pipeline import cli, convert, masks, records, schema, video as V
+from data_pipeline import cli, convert, inputs, masks, records, schema, video as V
 
 SHARED_VIDEOS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "videos")
 DOG, PEOPLE = "videos/dog_h264_1280x720.mp4", "videos/people_mpeg4_1280x720.mp4"
@@ -413,7 +413,7 @@ def test_jsonl_bad_lines_are_counted_skips(tmp_path, capsys):
                    + b"\n"  # blank: ignored
                    + good[1].replace(b"Describe", b"D\xe9crire") + b"\n"  # Latin-1, not UTF-8
                    + good[2] + b"\n")
-    entries = convert.load_entries(str(js))
+    entries = inputs.load_entries(str(js))
     assert len(entries) == 4 and [type(e).__name__ for e in entries] == ["dict", "BadLine", "BadLine", "dict"]
     report = convert.convert(entries, str(tmp_path / "out"), media_root=str(tmp_path), num_shards=2, config=FAST,
                              progress=False)
@@ -437,8 +437,8 @@ def test_jsonl_bad_lines_are_counted_skips(tmp_path, capsys):
 def test_unreadable_json_list_is_one_line_naming_file_and_position(tmp_path, capsys, content, where):
     js = tmp_path / "bad.json"
     js.write_bytes(content)
-    with pytest.raises(convert.InputError, match=where):
-        convert.load_entries(str(js))
+    with pytest.raises(inputs.InputError, match=where):
+        inputs.load_entries(str(js))
     for cmd in (["validate", "--json", str(js)],
                 ["convert", "--json", str(js), "--media-root", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--num-shards", "1", "--workers", "0", "--no-progress"]):
@@ -470,19 +470,19 @@ def test_resume_with_changed_input_is_refused(tmp_path, capsys):
     out = str(tmp_path / "out")
     convert.convert(v1, out, media_root=str(tmp_path), num_shards=2, shard_range=(0, 1), config=FAST, progress=False)
     manifest = json.load(open(os.path.join(out, "data.manifest.json")))
-    assert manifest["input_sha256"] == convert.entries_sha256(v1) != convert.entries_sha256(v2)
-    with pytest.raises(convert.InputError, match="input samples changed"):
+    assert manifest["input_sha256"] == inputs.entries_sha256(v1) != inputs.entries_sha256(v2)
+    with pytest.raises(inputs.InputError, match="input samples changed"):
         convert.convert(v2, out, media_root=str(tmp_path), num_shards=2, config=FAST, progress=False)
     old = dict(manifest)
     del old["input_sha256"]  # a folder started before the manifest recorded the input
     with open(os.path.join(out, "data.manifest.json"), "w") as f:
         json.dump(old, f)
-    with pytest.raises(convert.InputError, match="did not record its input's hash"):
+    with pytest.raises(inputs.InputError, match="did not record its input's hash"):
         convert.convert(v1, out, media_root=str(tmp_path), num_shards=2, config=FAST, progress=False)
     with open(os.path.join(out, "data.manifest.json"), "w") as f:
         json.dump(manifest, f)
     # Frame-key order is data (it orders an object's masks), so reordering keys is a change too.
-    assert convert.entries_sha256([{"a": 1, "b": 2}]) != convert.entries_sha256([{"b": 2, "a": 1}])
+    assert inputs.entries_sha256([{"a": 1, "b": 2}]) != inputs.entries_sha256([{"b": 2, "a": 1}])
     # The same samples, reformatted on disk, resume fine.
     rep = convert.convert(json.loads(json.dumps(v1, indent=3)), out, media_root=str(tmp_path), num_shards=2,
                           config=FAST, progress=False)

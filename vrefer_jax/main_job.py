@@ -167,6 +167,7 @@ def format_table(trained: dict, ablated: dict, chance: dict) -> str:
 
 def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> dict[str, Any]:
     from data_pipeline import convert as convert_lib
+    from data_pipeline import inputs as inputs_lib
     from data_pipeline import synthetic
     from vrefer_jax.training import trainer
 
@@ -196,7 +197,7 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
     rec_dir = os.path.join(workdir, "records")
     if not (resume and _done(os.path.join(rec_dir, "train.report.json"))):
         print("[2/5] converting to TFRecord shards ...", flush=True)
-        entries = convert_lib.load_entries(os.path.join(data_dir, "train.json"))
+        entries = inputs_lib.load_entries(os.path.join(data_dir, "train.json"))
         ccfg = convert_lib.ConvertConfig(num_frames=cfg.num_frames, image_size=cfg.vision.image_size, image_format="png")
         rep = convert_lib.convert(entries, rec_dir, media_root=data_dir, num_shards=job.convert_shards, config=ccfg,
                                   prefix="train", progress=False)
