@@ -1,0 +1,232 @@
+"""Training checkpoints and re-runs: corrupt steps fall back to the newest intact one, special ids
+are checked against the tokenizer, a finished run re-run is a no-op, an extended run replaces
+final/, and metrics.jsonl keeps one line per step across resumes."""
+
+import json
+import logging
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_train import _configs, _train, records  # noqa: F401  (records is a fixture)
+from vrefer_jax.training import checkpointing, trainer
+from vrefer_jax.training.checkpointing import MANIFEST, Checkpointer, CheckpointError
+
+CKPT_LOG = "vrefer_jax.training.checkpointing"
+
+
+def _state(step):
+    return {"w": jnp.arange(4096.0) * step, "b": {"x": jnp.ones((64, 64)) * step}}
+
+
+def _abstract():
+    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), _state(1))
+
+
+def _data_iter():
+    return iter(grain.MapDataset.range(100).to_iter_dataset())
+
+
+def _two_steps(d, manifests=True):
+    """Steps 1 and 2 saved (the iterator one element further at each); returns the folder."""
+    ck = Checkpointer(d, save_every=1, keep_last=3)
+    it = _data_iter()
+    for step in (1, 2):
+        next(it)
+        ck.save(step, _state(step), it, {"step": step})
+    ck.close()
+    if not manifests:
+        for step in (1, 2):
+            os.remove(os.path.join(d, str(step), MANIFEST))
+    return d
+
+
+def _array_file(step_dir):
+    """The largest file of the state item: array bytes."""
+    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def _flip(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+CORRUPTIONS = {
+    "flipped_array_byte": lambda s: _flip(_array_file(s)),
+    "truncated_metadata": lambda s: _truncate(os.path.join(s, "state", "_METADATA")),
+    "truncated_array_file": lambda s: _truncate(_array_file(s)),
+    "truncated_data_file": lambda s: _truncate(os.path.join(s, "data", "process_0-of-1.json")),
+    "deleted_file": lambda s: os.remove(_array_file(s)),
+}
+
+
+def _restore(d):
+    ck = Checkpointer(d, save_every=1, keep_last=3)
+    it = _data_iter()
+    try:
+        state, meta = ck.restore(_abstract(), it)
+        return ck, state, meta, it
+    except BaseException:
+        ck.close()
+        raise
+
+
+def _corrupt_lines(caplog, step):
+    return [r for r in caplog.records if r.name == CKPT_LOG and r.levelno >= logging.WARNING
+            and f"checkpoint step {step} " in r.getMessage()]
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_corrupt_latest_step_falls_back_to_previous(tmp_path, caplog, capfd, kind):
+    d = _two_steps(str(tmp_path / "ckpt"))
+    CORRUPTIONS[kind](os.path.join(d, "2"))
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO):
+        ck, state, meta, it = _restore(d)
+    assert meta["step"] == 1
+    assert np.array_equal(np.asarray(state["w"]), np.arange(4096.0))
+    assert next(it) == 1  # the iterator restored to step 1's position
+    lines = _corrupt_lines(caplog, 2)
+    assert len(lines) == 1 and d in lines[0].getMessage(), [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.exc_info]
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Event loop is closed" not in err, err[-2000:]
+    # the corrupt step is moved aside, so the run can save step 2 again
+    assert ck.manager.all_steps() == [1] and os.path.isdir(d + ".corrupt/2")
+    assert ck.save(2, _state(2), it, {"step": 2}, force=True)
+    ck.close()
+    assert checkpointing.verify_step(os.path.join(d, "2")) is None
+
+
+def test_intact_steps_have_manifests_and_restore_the_latest(tmp_path, caplog):
+    d = _two_steps(str(tmp_path / "ckpt"))
+    for s in ("1", "2"):
+        assert os.path.isfile(os.path.join(d, s, MANIFEST))
+    with caplog.at_level(logging.WARNING):
+        ck, state, meta, _ = _restore(d)
+    ck.close()
+    assert meta["step"] == 2 and not caplog.records
+
+
+def test_steps_without_manifest_restore_unverified_and_still_fall_back(tmp_path, caplog, capfd):
+    """Steps from before manifests: an intact one restores; one Orbax cannot read falls back."""
+    d = _two_steps(str(tmp_path / "ckpt"), manifests=False)
+    ck, _, meta, _ = _restore(d)
+    ck.close()
+    assert meta["step"] == 2
+    _truncate(os.path.join(d, "2", "state", "_METADATA"))
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        ck, _, meta, _ = _restore(d)
+    ck.close()
+    assert meta["step"] == 1 and len(_corrupt_lines(caplog, 2)) == 1
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_no_intact_step_is_one_clear_error(tmp_path, caplog):
+    d = _two_steps(str(tmp_path / "ckpt"))
+    for s in ("1", "2"):
+        _flip(_array_file(os.path.join(d, s)))
+    with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError, match="no intact checkpoint") as e:
+        _restore(d)
+    assert "step 2:" in str(e.value) and "step 1:" in str(e.value)
+    assert sorted(os.listdir(d)) == ["1", "2"]  # nothing moved when nothing could be restored
+
+
+# ----------------------------------------------------------------------------- through the trainer
+
+
+def test_trainer_resumes_from_previous_step_when_latest_is_corrupt(records, tmp_path, caplog, capfd):  # noqa: F811
+    w = str(tmp_path / "run")
+    _train(w, records, 4)  # checkpoints 2 and 4
+    _flip(_array_file(os.path.join(w, "checkpoints", "4")))
+    capfd.readouterr()
+    steps = []
+    with caplog.at_level(logging.INFO):
+        out = _train(w, records, 6, on_step=lambda s, m: steps.append(s))
+    assert steps == [3, 4, 5, 6] and out["step"] == 6
+    assert len(_corrupt_lines(caplog, 4)) == 1
+    assert "Traceback" not in capfd.readouterr().err
+    assert sorted(int(s) for s in os.listdir(os.path.join(w, "checkpoints")) if s.isdigit()) == [4, 6]
+
+
+def test_special_ids_must_match_the_tokenizer(records, tmp_path):  # noqa: F811
+    """A region id that is an ordinary text token (or a pad id that is not the tokenizer's) is
+    refused before anything trains, naming both ids."""
+    cfg, data, opt, step, tok = _configs(records)
+    tc = trainer.TrainConfig(total_steps=1, global_batch_size=4, progress_bar=False, save_final=False)
+    other = tok.encode("red")[0]
+    bad = {"region_token_id": cfg.replace(region_token_id=other), "pad_token_id": cfg.replace(pad_token_id=other),
+           "vocab_size": cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": 16}))}
+    for field, c in bad.items():
+        with pytest.raises(trainer.ConfigError, match=field):
+            trainer.train(str(tmp_path / field), model_cfg=c, data_cfg=data, train_cfg=tc, opt_cfg=opt,
+                          step_cfg=step, tokenizer=tok)
+    assert f"is {tok.region_id}" in str(pytest.raises(trainer.ConfigError, trainer.check_special_ids,
+                                                      bad["region_token_id"], tok).value)
+    trainer.check_special_ids(cfg, tok)  # the matching config passes
+
+
+def _metric_steps(w):
+    return [json.loads(line)["step"] for line in open(os.path.join(w, "metrics.jsonl"))]
+
+
+def test_rerun_is_a_noop_and_extension_replaces_final(records, tmp_path, caplog):  # noqa: F811
+    from vrefer_jax.checkpoints.cli import load_imported
+
+    w = str(tmp_path / "run")
+    first = _train(w, records, 4, eval_every=2)
+    assert not first["already_done"]
+    stamp = os.path.getmtime(os.path.join(w, "final", "model_config.json"))
+    steps = []
+    with caplog.at_level(logging.INFO):
+        again = _train(w, records, 4, eval_every=2, on_step=lambda s, m: steps.append(s))
+    assert again["already_done"] and again["step"] == 4 and steps == []
+    assert any("already finished at step 4" in r.getMessage() for r in caplog.records)
+    assert os.path.getmtime(os.path.join(w, "final", "model_config.json")) == stamp
+    assert [h["step"] for h in again["history"]] == [1, 2, 3, 4]
+
+    # a run killed after its step-4 checkpoint had logged steps 5-6 (and half a line)
+    with open(os.path.join(w, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n" + json.dumps({"step": 6, "loss": -1.0}) + "\n{\"st")
+    more = _train(w, records, 6, eval_every=2)
+    assert more["step"] == 6 and not more["already_done"]
+    _, params = load_imported(os.path.join(w, "final"))
+    a, b = jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, more["state"].params)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert not os.path.exists(os.path.join(w, "final.partial")) and not os.path.exists(os.path.join(w, "final.old"))
+
+    # one line per step; an eval's loss is on its step's line; the stale lines were replaced
+    assert _metric_steps(w) == [1, 2, 3, 4, 5, 6]
+    rows = [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 6]
+    assert all("loss" in r and r["loss"] > 0 for r in rows)
+
+
+def test_metrics_log_merges_and_drops_later_steps(tmp_path):
+    p = str(tmp_path / "metrics.jsonl")
+    with open(p, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in ({"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0},
+                                                   {"step": 2, "eval_loss": 2.5}, {"step": 3, "loss": 1.0}))
+        f.write('{"step": 4, "lo')
+    m = trainer.MetricsLog(p, start=2)
+    assert trainer.MetricsLog.read(p) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "eval_loss": 2.5}]
+    m.write({"step": 3, "loss": 0.5})
+    m.write({"step": 3, "eval_loss": 0.7})
+    m.write({"step": 4, "loss": 0.4})
+    assert [json.loads(line) for line in open(p)][2:] == [{"step": 3, "loss": 0.5, "eval_loss": 0.7},
+                                                         {"step": 4, "loss": 0.4}]
