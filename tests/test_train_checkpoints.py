@@ -2,9 +2,11 @@
 are checked against the tokenizer, a finished run re-run is a no-op, an extended run replaces
 final/, and metrics.jsonl keeps one line per step across resumes."""
 
+import dataclasses
 import json
 import logging
 import os
+import sys
 
 import grain
 import jax
@@ -122,19 +124,51 @@ def test_intact_steps_have_manifests_and_restore_the_latest(tmp_path, caplog):
     assert meta["step"] == 2 and not caplog.records
 
 
-def test_steps_without_manifest_restore_unverified_and_still_fall_back(tmp_path, caplog, capfd):
-    """Steps from before manifests: an intact one restores; one Orbax cannot read falls back."""
+@pytest.mark.parametrize("kind", ["truncated_metadata", "truncated_array_file", "truncated_data_file", "deleted_file"])
+def test_steps_without_manifest_restore_unverified_and_still_fall_back(tmp_path, caplog, kind):
+    """Steps from before manifests: an intact one restores; one Orbax cannot read falls back with
+    one log line. (A flipped byte in such a step cannot be seen: it restores.)"""
     d = _two_steps(str(tmp_path / "ckpt"), manifests=False)
     ck, _, meta, _ = _restore(d)
     ck.close()
     assert meta["step"] == 2
-    _truncate(os.path.join(d, "2", "state", "_METADATA"))
-    capfd.readouterr()
+    CORRUPTIONS[kind](os.path.join(d, "2"))
     with caplog.at_level(logging.WARNING):
         ck, _, meta, _ = _restore(d)
     ck.close()
     assert meta["step"] == 1 and len(_corrupt_lines(caplog, 2)) == 1
-    assert "Traceback" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+LEGACY_RESTORES = r"""
+import os, shutil, sys
+import test_train_checkpoints as T
+for i, kind in enumerate(["truncated_array_file", "deleted_file"] * 3):
+    d = os.path.join(sys.argv[1], str(i))
+    T._two_steps(d, manifests=False)
+    T.CORRUPTIONS[kind](os.path.join(d, "2"))
+    ck, _, meta, _ = T._restore(d)
+    ck.close()
+    assert meta["step"] == 1
+print("ok")
+"""
+
+
+def test_failed_restores_leave_no_tracebacks_at_exit(tmp_path):
+    """Orbax's abandoned reads of a step without manifest that failed to restore used to print
+    "Exception ignored" tracebacks when collected, often only at exit: run failed restores in a
+    child and read its stderr."""
+    import subprocess
+
+    from test_train import ROOT
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-c", LEGACY_RESTORES, str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
+    # (TensorStore may still print one "Event loop is closed" traceback from its own thread for a
+    # step without manifest; steps with one are refused before anything is read.)
+    assert "Exception ignored" not in p.stderr, p.stderr[-3000:]
 
 
 def test_no_intact_step_is_one_clear_error(tmp_path, caplog):
@@ -171,7 +205,7 @@ def test_special_ids_must_match_the_tokenizer(records, tmp_path):  # noqa: F811
     tc = trainer.TrainConfig(total_steps=1, global_batch_size=4, progress_bar=False, save_final=False)
     other = tok.encode("red")[0]
     bad = {"region_token_id": cfg.replace(region_token_id=other), "pad_token_id": cfg.replace(pad_token_id=other),
-           "vocab_size": cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": 16}))}
+           "vocab_size": cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=16))}
     for field, c in bad.items():
         with pytest.raises(trainer.ConfigError, match=field):
             trainer.train(str(tmp_path / field), model_cfg=c, data_cfg=data, train_cfg=tc, opt_cfg=opt,

@@ -17,11 +17,13 @@ are restored unverified; a restore error still falls back.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import threading
 from typing import Any
 
@@ -102,6 +104,32 @@ def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def _is_abandoned_read(u) -> bool:
+    obj = u.object
+    return getattr(obj, "__qualname__", "") == "_read_array_index_and_device_put" or (
+        "orbax" in getattr(getattr(obj, "cr_code", None), "co_filename", ""))
+
+
+def _silence_abandoned_reads() -> None:
+    """After a failed restore, Orbax's other read coroutines die with the same error whenever they
+    are collected (now, later, or at exit), each printed as an "Exception ignored" traceback. The
+    failure is already logged in one line: from here on, those go to the debug log instead."""
+    old = sys.unraisablehook
+    if getattr(old, "_vrefer_filter", False):
+        gc.collect()
+        return
+
+    def hook(u):
+        if _is_abandoned_read(u):
+            log.debug("abandoned checkpoint read: %s: %s", type(u.exc_value).__name__, u.exc_value)
+        else:
+            old(u)
+
+    hook._vrefer_filter = True
+    sys.unraisablehook = hook
+    gc.collect()
 
 
 class Checkpointer:
@@ -193,10 +221,11 @@ class Checkpointer:
                         meta=ocp.args.JsonRestore(),
                     ))
                 except Exception as e:  # noqa: BLE001 -- any failure to read a step means: try an older one
-                    problem = f"restore failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                    problem = f"restore failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
                 else:
                     self._quarantine([b for b, _ in bad])
                     return out.state, dict(out.meta)
+                _silence_abandoned_reads()  # here, once `e` (and the frames it holds) is gone
             problem = problem or "corrupt on process 0"
             log.warning("checkpoint step %d in %s is corrupt or partial (%s); falling back to an older step",
                         s, self.directory, problem)
