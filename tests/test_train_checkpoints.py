@@ -250,6 +250,11 @@ def test_rerun_is_a_noop_and_extension_replaces_final(records, tmp_path, caplog)
     assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 6]
     assert all("loss" in r and r["loss"] > 0 for r in rows)
 
+    # --no-resume on it is refused before anything (metrics included) is touched
+    with pytest.raises(trainer.ConfigError, match="holds checkpoints up to step 6"):
+        _train(w, records, 6, resume=False)
+    assert _metric_steps(w) == [1, 2, 3, 4, 5, 6]
+
 
 def test_metrics_log_merges_and_drops_later_steps(tmp_path):
     p = str(tmp_path / "metrics.jsonl")
@@ -264,3 +269,23 @@ def test_metrics_log_merges_and_drops_later_steps(tmp_path):
     m.write({"step": 4, "loss": 0.4})
     assert [json.loads(line) for line in open(p)][2:] == [{"step": 3, "loss": 0.5, "eval_loss": 0.7},
                                                          {"step": 4, "loss": 0.4}]
+
+
+def test_cli_refuses_mismatched_special_ids_in_one_line(records, tmp_path, capsys):  # noqa: F811
+    """configs/models/tiny.gin's region id 511 is an ordinary token of the synthetic tokenizer."""
+    import gin
+
+    from test_train import ROOT
+    from vrefer_jax.training import cli
+
+    rec = os.path.join(records, "rec", "train-*.tfrecord")
+    try:
+        rc = cli.main(["--gin_file", os.path.join(ROOT, "configs/models/tiny.gin"), "--workdir", str(tmp_path / "w"),
+                       "--gin_bindings", "experiment.kind = 'train'",
+                       "--gin_bindings", f"DataConfig.train = ('{rec}',)",
+                       "--gin_bindings", f"DataConfig.tokenizer = '{os.path.join(records, 'tokenizer.json')}'",
+                       "--gin_bindings", "TrainConfig.total_steps = 1"])
+    finally:
+        gin.clear_config()
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "region_token_id is 511" in err, err

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", dest="resume", action="store_true", default=True,
                     help="continue from the newest intact checkpoint in workdir (default); a finished "
                          "run is left as it is")
-    ap.add_argument("--no-resume", dest="resume", action="store_false")
+    ap.add_argument("--no-resume", dest="resume", action="store_false",
+                    help="start from step 0; refused when workdir already holds checkpoints")
     ap.add_argument("--gin_search_path", action="append", default=[],
                     help="folders where gin includes are looked up (default: the repo root and cwd)")
     return ap

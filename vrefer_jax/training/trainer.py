@@ -264,6 +264,10 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.checkpoint_every,
                         keep_last=tc.keep_last, keep_every=tc.keep_every, async_save=tc.async_checkpoint)
     latest = ckpt.latest_step if resume else None
+    if not resume and (old := ckpt.latest_step) is not None:  # its saves would collide with the old steps
+        ckpt.close()
+        raise ConfigError(f"{workdir} holds checkpoints up to step {old}: resume it, or start afresh in "
+                          "another workdir")
     if latest is not None and latest >= tc.total_steps and (final_complete(final_dir) or not tc.save_final):
         ckpt.close()
         log.info("%s already finished at step %d (total_steps %d): nothing to do; raise total_steps to train on",
