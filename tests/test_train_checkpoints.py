@@ -289,3 +289,53 @@ def test_cli_refuses_mismatched_special_ids_in_one_line(records, tmp_path, capsy
         gin.clear_config()
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "region_token_id is 511" in err, err
+
+
+TWO_PROCESS_RESUME = r"""
+import json, sys
+from vrefer_jax.training.mesh import maybe_initialize_distributed
+maybe_initialize_distributed()
+import jax
+import test_train
+out = test_train._train(sys.argv[2], sys.argv[1], int(sys.argv[3]), mesh=(4, 1, 1))
+json.dump({"step": out["step"], "steps": [h["step"] for h in out["history"]]}, open(sys.argv[4], "w"))
+"""
+
+
+def _two_processes(records, w, steps, tmp_path):  # noqa: F811
+    import socket
+    import subprocess
+
+    from test_train import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   VREFER_COORDINATOR=f"127.0.0.1:{port}", VREFER_NUM_PROCESSES="2", VREFER_PROCESS_ID=str(pid),
+                   PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", TWO_PROCESS_RESUME, records, w, str(steps), str(tmp_path / f"out{pid}.json")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+    return [json.load(open(tmp_path / f"out{i}.json")) for i in range(2)], outs
+
+
+def test_two_process_fallback_and_extension(records, tmp_path):  # noqa: F811
+    """Two jax.distributed processes: manifests come from process 0, both processes fall back to
+    the same intact step, and final/ is replaced once both are done."""
+    w = str(tmp_path / "run")
+    (r0, r1), _ = _two_processes(records, w, 4, tmp_path)
+    assert r0["step"] == r1["step"] == 4
+    for s in ("2", "4"):
+        assert checkpointing.verify_step(os.path.join(w, "checkpoints", s)) is None
+        assert os.path.isfile(os.path.join(w, "checkpoints", s, MANIFEST))
+    _flip(_array_file(os.path.join(w, "checkpoints", "4")))
+    (r0, r1), outs = _two_processes(records, w, 6, tmp_path)
+    assert r0 == r1 == {"step": 6, "steps": [3, 4, 5, 6]}
+    assert "checkpoint step 4 " in outs[0] and "Traceback" not in outs[0] + outs[1]
+    assert os.path.isdir(os.path.join(w, "final", "params")) and not os.path.exists(os.path.join(w, "final.old"))
