@@ -107,6 +107,7 @@ def _barrier(name: str) -> None:
 
 
 def _is_abandoned_read(u) -> bool:
+    """An unraisable exception from one of Orbax's read coroutines (closed when collected)."""
     obj = u.object
     return getattr(obj, "__qualname__", "") == "_read_array_index_and_device_put" or (
         "orbax" in getattr(getattr(obj, "cr_code", None), "co_filename", ""))
@@ -133,6 +134,9 @@ def _silence_abandoned_reads() -> None:
 
 
 class Checkpointer:
+    """One run's `CheckpointManager`, with checksum manifests written after each committed save and
+    checked (with fallback to older steps) on restore."""
+
     def __init__(self, directory: str, *, save_every: int, keep_last: int = 3, keep_every: int = 0,
                  async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
