@@ -6,6 +6,13 @@
 With no arguments it runs the main job (configs/experiments/synthetic_tiny.gin). Multi-process
 runs (TPU pods, GPU clusters) start `jax.distributed` from the environment (see
 `training.mesh.maybe_initialize_distributed`); every process runs the same command.
+
+Re-running: the same command after the run finished is a no-op that says so; with a larger
+`TrainConfig.total_steps` it continues from the last checkpoint (the cosine schedule is then
+stretched to the new total) and replaces `final/` atomically. Resuming restores the newest
+checkpoint that matches its checksums; a corrupt or partial newer step is named in the log, moved to
+`checkpoints.corrupt/` and skipped. The model's special ids (region, pad) must be the tokenizer's:
+a mismatch is refused before training.
 """
 
 from __future__ import annotations
@@ -28,13 +35,16 @@ def experiment(kind: str = "train", workdir: str = "runs/default"):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vrefer-train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="vrefer-train", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n")[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     ap.add_argument("--gin_bindings", action="append", default=[], help="gin binding (repeatable)")
     ap.add_argument("--workdir", default=None, help="output folder (default: experiment.workdir)")
     ap.add_argument("--resume", dest="resume", action="store_true", default=True,
-                    help="continue from the latest checkpoint in workdir (default)")
-    ap.add_argument("--no-resume", dest="resume", action="store_false")
+                    help="continue from the newest intact checkpoint in workdir (default); a finished "
+                         "run is left as it is")
+    ap.add_argument("--no-resume", dest="resume", action="store_false",
+                    help="start from step 0; refused when workdir already holds checkpoints")
     ap.add_argument("--gin_search_path", action="append", default=[],
                     help="folders where gin includes are looked up (default: the repo root and cwd)")
     return ap
@@ -77,8 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     if kind == "synthetic_demo":
         main_job.run(workdir, resume=a.resume)
     elif kind == "train":
-        out = trainer.train(workdir, resume=a.resume)
-        print(f"finished at step {out['step']}" + (" (preempted: checkpoint saved)" if out["preempted"] else ""))
+        from vrefer_jax.training.checkpointing import CheckpointError
+
+        try:
+            out = trainer.train(workdir, resume=a.resume)
+        except (trainer.ConfigError, CheckpointError) as e:
+            print(f"vrefer-train: {e}", file=sys.stderr)
+            return 2
+        if out["already_done"]:
+            print(f"{workdir} already finished at step {out['step']}: nothing to do "
+                  "(raise TrainConfig.total_steps to train on)")
+        else:
+            print(f"finished at step {out['step']}" + (" (preempted: checkpoint saved)" if out["preempted"] else ""))
     else:
         raise ValueError(f"experiment.kind must be 'train' or 'synthetic_demo', got {kind!r}")
     return 0

@@ -7,7 +7,11 @@ preemption-safe.
 Every process runs the same loop on its slice of each global batch (`loader.to_global`). Process 0
 writes TensorBoard scalars (`<workdir>/tb`), the progress bar and `metrics.jsonl`. A SIGTERM (TPU
 preemption, `launch/… stop`) finishes the current step, saves a checkpoint and returns; `--resume`
-(the default) continues from the latest checkpoint with the same data order, bit-exactly.
+(the default) continues from the latest intact checkpoint with the same data order, bit-exactly.
+
+Re-running a finished run is a no-op that says so; raising `total_steps` continues it and replaces
+`final/` atomically. `metrics.jsonl` keeps one line per step (an eval's loss joins that step's line);
+on resume, lines written after the restored checkpoint are dropped first, so none is duplicated.
 """
 
 from __future__ import annotations
@@ -24,17 +28,21 @@ import gin
 import jax
 import numpy as np
 
-from vrefer_jax.config import ModelConfig
+from vrefer_jax.config import IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
 from vrefer_jax.models import videorefer
 from vrefer_jax.sharding import logical_axis_rules
 from vrefer_jax.training import flops as flops_lib
 from vrefer_jax.training import mesh as mesh_lib
 from vrefer_jax.training import optimizer as opt_lib
 from vrefer_jax.training import train_state
-from vrefer_jax.training.checkpointing import Checkpointer
+from vrefer_jax.training.checkpointing import Checkpointer, _barrier
 from vrefer_jax.training.step import DATA_AXES, StepConfig, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """The configured job cannot run as given (the CLI prints it in one line)."""
 
 
 @gin.configurable
@@ -116,6 +124,100 @@ def load_init_params(path: str):
     return import_videorefer(path)
 
 
+def check_special_ids(cfg: ModelConfig, tok) -> None:
+    """Refuse a model config whose special ids disagree with the tokenizer the data is encoded with.
+
+    The model turns `region_token_id` positions into object slots and the loader pads with
+    `pad_token_id`; the data has `<region>`, pad and eos from the tokenizer. A different region id
+    would train an ordinary text token as object slots. The multimodal placeholders (-200/-201) are
+    shared constants (`vrefer_jax.config`), so the ids above must be real vocabulary ids, never them.
+    """
+    from vrefer_jax.text.tokenizer import REGION_TOKEN
+
+    vocab = cfg.text.vocab_size
+    region = tok.token_to_id(REGION_TOKEN)
+    problems = []
+    if tok.vocab_size > vocab:
+        problems.append(f"the tokenizer has {tok.vocab_size} ids, TextConfig.vocab_size is {vocab}")
+    if region is None:
+        problems.append(f"the tokenizer has no {REGION_TOKEN} token")
+    elif region != cfg.region_token_id:
+        problems.append(f"ModelConfig.region_token_id is {cfg.region_token_id}, the tokenizer's {REGION_TOKEN} is "
+                        f"{region}")
+    if cfg.pad_token_id != tok.pad_id:
+        problems.append(f"ModelConfig.pad_token_id is {cfg.pad_token_id}, the tokenizer's pad is {tok.pad_id}")
+    for name, i in (("ModelConfig.region_token_id", cfg.region_token_id), ("ModelConfig.pad_token_id", cfg.pad_token_id),
+                    ("the tokenizer's eos", tok.eos_id)):
+        if i in (IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX) or not 0 <= i < vocab:
+            problems.append(f"{name} {i} is not a vocabulary id (0..{vocab - 1})")
+    for name, i in (("eos", tok.eos_id), ("pad", tok.pad_id), ("bos", tok.bos_id)):
+        if i is not None and i == cfg.region_token_id:
+            problems.append(f"ModelConfig.region_token_id {i} is also the tokenizer's {name}")
+    if problems:
+        raise ConfigError("special ids of the model and the tokenizer disagree: " + "; ".join(problems))
+
+
+def final_complete(final_dir: str) -> bool:
+    """`final/` as `save_final` leaves it (written under another name and renamed: complete or absent)."""
+    from vrefer_jax.checkpoints import cli as ckpt_cli
+
+    return (os.path.isfile(os.path.join(final_dir, ckpt_cli.MODEL_CONFIG))
+            and os.path.isdir(os.path.join(final_dir, ckpt_cli.PARAMS)))
+
+
+class MetricsLog:
+    """`metrics.jsonl` with one line per step (process 0 only).
+
+    Opening it for a run starting at `start` drops the lines of later steps (written after the
+    checkpoint a resume restores, before the run stopped) and any unreadable partial line, so the
+    resumed run writes each step once. A second record for the step just written (its eval loss)
+    is merged into that line instead of adding another."""
+
+    def __init__(self, path: str, start: int, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        self._last: dict | None = None
+        self._offset = 0
+        if enabled:
+            rows = self.read(path)
+            kept = [r for r in rows if r["step"] <= start]
+            if len(kept) != len(rows):
+                log.info("metrics.jsonl: dropped %d lines past step %d (the run resumes there)", len(rows) - len(kept),
+                         start)
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, path)
+
+    @staticmethod
+    def read(path: str) -> list[dict]:
+        """The records, one per step in step order (duplicates of a step merged, later wins)."""
+        rows: dict[int, dict] = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                        step = int(rec["step"])
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut short by a kill
+                    rows[step] = {**rows.get(step, {}), **rec}
+        return [rows[k] for k in sorted(rows)]
+
+    def write(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "r+") as f:
+            if self._last is not None and self._last["step"] == rec["step"]:
+                rec = {**self._last, **rec}
+                f.seek(self._offset)
+                f.truncate()
+            else:
+                f.seek(0, os.SEEK_END)
+                self._offset = f.tell()
+            f.write(json.dumps(rec) + "\n")
+        self._last = rec
+
+
 def _loader(data: DataConfig, cfg: ModelConfig, batch: int, seed: int, sources, tokenizer, weights=None, epochs=None,
             out_len: int | None = None):
     from data_pipeline.loader import LoaderConfig, make_loader
@@ -148,26 +250,40 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
     oc = opt_cfg or opt_lib.OptimizerConfig()
     sc = step_cfg or StepConfig()
     if not data.train:
-        raise ValueError("DataConfig.train is empty: bind it to one or more record sets")
+        raise ConfigError("DataConfig.train is empty: bind it to one or more record sets")
     if ("vision_tower" in oc.trainable) != cfg.train_vision_tower:
-        raise ValueError(f"OptimizerConfig.trainable {oc.trainable} and ModelConfig.train_vision_tower="
+        raise ConfigError(f"OptimizerConfig.trainable {oc.trainable} and ModelConfig.train_vision_tower="
                          f"{cfg.train_vision_tower} disagree: the tower gets gradients only with both set")
     nproc = jax.process_count()
     if tc.global_batch_size % nproc:
-        raise ValueError(f"global batch {tc.global_batch_size} not divisible by {nproc} processes")
+        raise ConfigError(f"global batch {tc.global_batch_size} not divisible by {nproc} processes")
     os.makedirs(workdir, exist_ok=True)
     main = jax.process_index() == 0
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    final_dir = os.path.join(workdir, "final")
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.checkpoint_every,
+                        keep_last=tc.keep_last, keep_every=tc.keep_every, async_save=tc.async_checkpoint)
+    latest = ckpt.latest_step if resume else None
+    if not resume and (old := ckpt.latest_step) is not None:  # its saves would collide with the old steps
+        ckpt.close()
+        raise ConfigError(f"{workdir} holds checkpoints up to step {old}: resume it, or start afresh in "
+                          "another workdir")
+    if latest is not None and latest >= tc.total_steps and (final_complete(final_dir) or not tc.save_final):
+        ckpt.close()
+        log.info("%s already finished at step %d (total_steps %d): nothing to do; raise total_steps to train on",
+                 workdir, latest, tc.total_steps)
+        return dict(step=latest, preempted=False, already_done=True, history=MetricsLog.read(metrics_path),
+                    skipped={}, final=final_dir if tc.save_final else None, state=None)
 
     mesh = mesh_lib.make_mesh(mesh_cfg or mesh_lib.MeshConfig())
     rules = logical_axis_rules()
     tx, schedule = opt_lib.make_optimizer(oc, tc.total_steps)
     shardings = train_state.state_shardings(cfg, tx, mesh, rules)
     tok = tokenizer or load_tokenizer(data.tokenizer)
+    check_special_ids(cfg, tok)
     it = _loader(data, cfg, tc.global_batch_size // nproc, tc.seed, data.train, tok, data.weights, out_len=sc.out_len)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.checkpoint_every,
-                        keep_last=tc.keep_last, keep_every=tc.keep_every, async_save=tc.async_checkpoint)
 
-    if resume and ckpt.latest_step is not None:
+    if latest is not None:
         state, meta = ckpt.restore(train_state.abstract_unboxed(cfg, tx, shardings), it)
         log.info("resumed from step %d (%s)", int(state.step), ckpt.directory)
     else:
@@ -175,7 +291,11 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
         if tc.init_from:
             init_cfg, params = load_init_params(tc.init_from)
             if videorefer.count_params(params) != videorefer.count_params(videorefer.abstract_params(cfg)):
-                raise ValueError(f"{tc.init_from}: parameter shapes do not match the configured model")
+                raise ConfigError(f"{tc.init_from}: parameter shapes do not match the configured model")
+            if (init_cfg.region_token_id, init_cfg.pad_token_id) != (cfg.region_token_id, cfg.pad_token_id):
+                raise ConfigError(f"{tc.init_from}: region/pad token ids {init_cfg.region_token_id}/"
+                                  f"{init_cfg.pad_token_id} differ from ModelConfig's {cfg.region_token_id}/"
+                                  f"{cfg.pad_token_id}")
             del init_cfg
         state = train_state.create_state(cfg, tx, shardings, tc.seed, params)
         meta = {}
@@ -192,7 +312,7 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
         writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start)
         with open(os.path.join(workdir, "config.gin"), "w") as f:
             f.write(gin.config_str())
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics = MetricsLog(metrics_path, start, enabled=main)
     history: list[dict] = []
     bar = None
     if main and tc.progress_bar:
@@ -241,8 +361,7 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
                 for k, v in rec.items():
                     if k != "step":
                         writer.add_scalar(f"train/{k}", v, step_done)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                metrics.write(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['learning_rate']:.2e}")
         if bar is not None:
@@ -270,8 +389,7 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
                 history.append(dict(step=done, eval_loss=ev))
                 if main:
                     writer.add_scalar("eval/loss", ev, done)
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(dict(step=done, eval_loss=ev)) + "\n")
+                    metrics.write(dict(step=done, eval_loss=ev))
             save(done, force=False)
             if pre.agreed():
                 flush()
@@ -289,12 +407,11 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
     it.close()
     if writer is not None:
         writer.close()
-    final_dir = os.path.join(workdir, "final")
     if not preempted and tc.save_final:
         save_final(final_dir, cfg, state.params, data.tokenizer or None)
     if main and not preempted:
         open(os.path.join(workdir, "DONE"), "w").close()
-    return dict(step=final_step, preempted=preempted, history=history, skipped=dict(it.skipped),
+    return dict(step=final_step, preempted=preempted, already_done=False, history=history, skipped=dict(it.skipped),
                 final=final_dir if (tc.save_final and not preempted) else None, state=state)
 
 
@@ -322,10 +439,32 @@ def evaluate_loss(eval_fn, params, data: DataConfig, cfg: ModelConfig, tc: Train
 
 def save_final(out: str, cfg: ModelConfig, params, tokenizer_dir: str | None) -> None:
     """Parameters in the imported-folder layout, so `vrefer-infer` / `vrefer-eval` / `vrefer-convert
-    export` read them. Called on every process (Orbax writes each process's shards)."""
+    export` read them. Called on every process (Orbax writes each process's shards).
+
+    Written to `<out>.partial` and renamed into place by process 0 once every process is done, so
+    `out` is never half-written and an extended run replaces the previous one's `final/`."""
+    import shutil
+
     from vrefer_jax.checkpoints import hf_config
     from vrefer_jax.checkpoints.cli import save_imported
 
+    main = jax.process_index() == 0
+    partial, old = out + ".partial", out + ".old"
+    if main:
+        if os.path.isdir(old):  # left by a run killed between the two renames below
+            if os.path.isdir(out):
+                shutil.rmtree(old)
+            else:
+                os.rename(old, out)
+        shutil.rmtree(partial, ignore_errors=True)
+    _barrier("vrefer_final_start")
     tok_src = tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else (
         os.path.dirname(tokenizer_dir) if tokenizer_dir else None)
-    save_imported(out, cfg, params, hf_config.model_config_to_hf(cfg), tok_src)
+    save_imported(partial, cfg, params, hf_config.model_config_to_hf(cfg), tok_src)
+    _barrier("vrefer_final_written")
+    if main:
+        if os.path.isdir(out):
+            os.rename(out, old)
+        os.rename(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier("vrefer_final_renamed")
