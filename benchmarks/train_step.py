@@ -37,7 +37,7 @@ from vrefer_jax.config import model_config_from_gin  # noqa: E402
 from vrefer_jax.models import videorefer  # noqa: E402
 from vrefer_jax.sharding import logical_axis_rules  # noqa: E402
 from vrefer_jax.training import train_state  # noqa: E402
-from vrefer_jax.training.aot import STAGES  # noqa: E402
+from vrefer_jax.training.stages import available_stages, stage_trainable  # noqa: E402
 from vrefer_jax.training.mesh import MeshConfig, make_mesh  # noqa: E402
 from vrefer_jax.training.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
 from vrefer_jax.training.step import StepConfig, batch_sharding, make_train_step  # noqa: E402
@@ -68,7 +68,7 @@ def model_flops(cfg, trainable, out_len: int, tokens: int, images: int) -> float
 
 def run(cfg, name: str, *, batch: int, text_len: int, accum: int, devices: int, stage: str, peak: float,
         iters: int) -> dict:
-    trainable = STAGES[stage]
+    trainable = stage_trainable(stage)
     b = bench_batch(cfg, batch, text_len, objects=2, object_frames=8)
     out_len = text_len + videorefer.num_video_tokens(cfg) + 2 * cfg.object_encoder.region_token_num
     videorefer.validate(cfg, b, out_len)
@@ -114,7 +114,7 @@ def main():
     ap.add_argument("--text_len", type=int, default=64, help="text tokens before the splice")
     ap.add_argument("--accum_steps", type=int, default=1)
     ap.add_argument("--devices", type=int, default=1, help="devices on the fsdp axis (default 1)")
-    ap.add_argument("--stage", default="stage3", choices=sorted(STAGES))
+    ap.add_argument("--stage", default="stage3", help=f"one of {available_stages()} or a stage gin file")
     ap.add_argument("--iters", type=int, default=5)
     args = ap.parse_args()
 

@@ -12,6 +12,7 @@ from vrefer_jax.sharding import logical_axis_rules
 from vrefer_jax.training import aot, train_state
 from vrefer_jax.training.mesh import MeshConfig, make_mesh
 from vrefer_jax.training.optimizer import OptimizerConfig, make_optimizer
+from vrefer_jax.training.stages import stage_file, stage_trainable
 
 TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.gin")
 
@@ -62,7 +63,7 @@ def test_compile_and_report(cfg):
 def test_analytic_bytes_exact(cfg, stage):
     """Parameter count x 4 bytes and 2 x trainable count x 4 bytes == sums over the abstract state,
     globally and per device (shard shapes over a (1, 8, 1) mesh computed here independently)."""
-    trainable = aot.STAGES[stage]
+    trainable = stage_trainable(stage)
     mesh = make_mesh(MeshConfig(1, 8, 1), jax.devices("cpu")[:8])
     tx, _ = make_optimizer(OptimizerConfig(trainable=trainable), total_steps=10)
     state = train_state.abstract_unboxed(cfg, tx, train_state.state_shardings(cfg, tx, mesh, logical_axis_rules()))
@@ -88,3 +89,16 @@ def test_with_depth(cfg):
     small = aot.with_depth(cfg, 1, 1)
     assert small.text.num_hidden_layers == 1 and small.vision.num_layers_run == 1
     assert small.vision.select_layer == cfg.vision.select_layer
+
+
+def test_stages_are_read_from_their_gin_files(tmp_path):
+    """The stage recipes live only in configs/stages: includes followed, later bindings win."""
+    assert stage_trainable("stage2") == ("region_encoder",)
+    assert stage_trainable("stage2.5") == stage_trainable("stage2_5") == ("mm_projector", "region_encoder", "llm",
+                                                                          "lm_head")
+    assert stage_trainable("stage3") == stage_trainable("stage2_5")  # stage3 includes stage2_5
+    custom = tmp_path / "llm_only.gin"
+    custom.write_text("include 'configs/stages/stage2.gin'\nOptimizerConfig.trainable = ('llm',)\n")
+    assert stage_trainable(str(custom)) == ("llm",)
+    with pytest.raises(ValueError, match="unknown stage"):
+        stage_file("stage9")

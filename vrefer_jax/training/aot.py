@@ -34,17 +34,12 @@ import sys
 import time
 from typing import Any
 
+from vrefer_jax.training.stages import available_stages, stage_trainable
+
 GIB = 1024**3
 
 # HBM per device (GiB) by accelerator family.
 HBM_GIB = {"v4": 32.0, "v5p": 95.0, "v5e": 16.0, "v6e": 32.0, "H100": 80.0, "H200": 141e9 / GIB, "A100": 80.0}
-
-STAGES = {
-    "stage2": ("region_encoder",),
-    "stage2.5": ("mm_projector", "region_encoder", "llm", "lm_head"),
-    "stage3": ("mm_projector", "region_encoder", "llm", "lm_head"),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -298,7 +293,7 @@ def check(cfg, target: Target, *, global_batch: int, seq_len: int, stage: str = 
           mesh: str | None = None, depth: tuple[int, int] | None = None, try_tpu: bool = True,
           logits_chunk: int = 512, log=print) -> dict[str, Any]:
     """Compile for `target` and return the report dict (all byte figures per device)."""
-    trainable = STAGES[stage]
+    trainable = stage_trainable(stage)
     devices, how = target_devices(target, try_tpu)
     mesh_cfg = parse_mesh(mesh, len(devices))
     d, f, t = mesh_cfg.resolve(len(devices))
@@ -406,7 +401,8 @@ def main(argv=None) -> None:
     ap.add_argument("--target", required=True, help="v5p-64, v5e-16, v4-32, 8xH100, ...")
     ap.add_argument("--global_batch", type=int, default=128)
     ap.add_argument("--seq_len", type=int, default=2048, help="static spliced length (out_len)")
-    ap.add_argument("--stage", default="stage3", choices=sorted(STAGES))
+    ap.add_argument("--stage", default="stage3",
+                    help=f"stage gin: one of {available_stages()} (configs/stages) or a gin file path")
     ap.add_argument("--micro_batch", type=int, default=1, help="samples per device per accumulation step")
     ap.add_argument("--mesh", default=None, help="data,fsdp,tensor (one may be -1); default all on fsdp")
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])

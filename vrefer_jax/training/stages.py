@@ -1,0 +1,61 @@
+"""Stage recipes are defined once, in `configs/stages/*.gin`; tools that need a stage's facts
+without running a training job (the AOT memory check, the train-step benchmark) read them here.
+
+The gin files are parsed with gin's own parser, statement by statement (includes followed, later
+bindings win), without touching the global gin configuration a caller may hold.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from gin import config as gin_config
+from gin import config_parser
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STAGES_DIR = os.path.join(REPO_ROOT, "configs", "stages")
+
+
+def available_stages() -> list[str]:
+    """Names of the stage gin files (`stage2`, `stage2_5`, `stage3`)."""
+    return sorted(f[:-4] for f in os.listdir(STAGES_DIR) if f.endswith(".gin"))
+
+
+def stage_file(stage: str) -> str:
+    """A stage name ('stage2', 'stage2.5' / 'stage2_5', ...) or a gin file path -> the file."""
+    if stage.endswith(".gin"):
+        path = stage if os.path.isabs(stage) or os.path.exists(stage) else os.path.join(REPO_ROOT, stage)
+    else:
+        path = os.path.join(STAGES_DIR, stage.replace(".", "_") + ".gin")
+    if not os.path.isfile(path):
+        raise ValueError(f"unknown stage {stage!r}: no {path} (stages: {available_stages()})")
+    return path
+
+
+def stage_bindings(stage: str) -> dict[tuple[str, str], Any]:
+    """{(selector, parameter): value} of a stage file and the files it includes."""
+    out: dict[tuple[str, str], Any] = {}
+
+    def read(path: str, seen: tuple[str, ...]) -> None:
+        if path in seen:
+            raise ValueError(f"gin include cycle: {' -> '.join(seen + (path,))}")
+        with open(path, encoding="utf-8") as f:
+            parser = config_parser.ConfigParser(f.read(), gin_config.ParserDelegate(skip_unknown=True))
+            for st in parser:
+                if isinstance(st, config_parser.IncludeStatement):
+                    inc = st.filename if os.path.isabs(st.filename) else os.path.join(REPO_ROOT, st.filename)
+                    read(inc, seen + (path,))
+                elif isinstance(st, config_parser.BindingStatement) and not st.scope:
+                    out[(st.selector, st.arg_name)] = st.value
+
+    read(stage_file(stage), ())
+    return out
+
+
+def stage_trainable(stage: str) -> tuple[str, ...]:
+    """The parameter groups a stage trains (`OptimizerConfig.trainable` in its gin file)."""
+    value = stage_bindings(stage).get(("OptimizerConfig", "trainable"))
+    if not value:
+        raise ValueError(f"{stage_file(stage)} does not bind OptimizerConfig.trainable")
+    return tuple(value)
