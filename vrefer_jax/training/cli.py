@@ -81,9 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     from vrefer_jax import main_job  # noqa: F401  (registers SyntheticJob)
     from vrefer_jax.training import trainer
 
-    gin.parse_config_files_and_bindings(files, a.gin_bindings)
+    # --workdir is a binding, so that it satisfies an experiment's `%gin.REQUIRED` workdir
+    bindings = [*a.gin_bindings, *([f"experiment.workdir = {a.workdir!r}"] if a.workdir else [])]
+    gin.clear_config()  # a run starts from its own files only (not from an earlier main() in this process)
+    try:
+        gin.parse_config_files_and_bindings(files, bindings)
+    except ValueError as e:  # e.g. "DataConfig.train set to `%gin.REQUIRED` but not subsequently overridden"
+        print(f"vrefer-train: {e} (give it with --gin_bindings)", file=sys.stderr)
+        return 2
     kind, workdir = experiment()
-    workdir = a.workdir or workdir
     if kind == "synthetic_demo":
         main_job.run(workdir, resume=a.resume)
     elif kind == "train":
