@@ -38,7 +38,7 @@ from vrefer_jax.models import videorefer  # noqa: E402
 from vrefer_jax.sharding import logical_axis_rules  # noqa: E402
 from vrefer_jax.training import train_state  # noqa: E402
 from vrefer_jax.training.stages import available_stages, stage_trainable  # noqa: E402
-from vrefer_jax.training.mesh import MeshConfig, make_mesh  # noqa: E402
+from vrefer_jax.sharding import MeshConfig, make_mesh  # noqa: E402
 from vrefer_jax.training.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
 from vrefer_jax.training.step import StepConfig, batch_sharding, make_train_step  # noqa: E402
 

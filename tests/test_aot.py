@@ -10,7 +10,7 @@ from vrefer_jax.config import model_config_from_gin
 from vrefer_jax.models import videorefer
 from vrefer_jax.sharding import logical_axis_rules
 from vrefer_jax.training import aot, train_state
-from vrefer_jax.training.mesh import MeshConfig, make_mesh
+from vrefer_jax.sharding import MeshConfig, make_mesh
 from vrefer_jax.training.optimizer import OptimizerConfig, make_optimizer
 from vrefer_jax.training.stages import stage_file, stage_trainable
 

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from test_videorefer import OUT_LEN, mixed_batch, tiny_cfg
-from vrefer_jax.sharding import logical_axis_rules
-from vrefer_jax.training import mesh as mesh_lib
+from vrefer_jax.sharding import MeshConfig, logical_axis_rules, make_mesh
 from vrefer_jax.training import optimizer, step as step_lib, train_state, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +32,7 @@ def _one_step(mesh_shape, ocfg, accum=2):
     batch = _batch8()
     rules = logical_axis_rules()
     tx, sched = optimizer.make_optimizer(ocfg, 10)
-    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(*mesh_shape), jax.devices()[: int(np.prod(mesh_shape))])
+    mesh = make_mesh(MeshConfig(*mesh_shape), jax.devices()[: int(np.prod(mesh_shape))])
     sh = train_state.state_shardings(cfg, tx, mesh, rules)
     state = train_state.create_state(cfg, tx, sh, seed=0)
     before = jax.tree.map(np.asarray, state.params)
@@ -83,7 +82,7 @@ def test_nonfinite_step_is_skipped():
     batch["region_frames"][:] = np.nan
     rules = logical_axis_rules()
     tx, sched = optimizer.make_optimizer(ocfg, 10)
-    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     sh = train_state.state_shardings(cfg, tx, mesh, rules)
     state = train_state.create_state(cfg, tx, sh, seed=0)
     before = jax.tree.map(np.asarray, state.params)
@@ -96,12 +95,12 @@ def test_nonfinite_step_is_skipped():
 
 
 def test_mesh_config_resolves_minus_one():
-    assert mesh_lib.MeshConfig(-1, 2, 2).resolve(8) == (2, 2, 2)
-    assert mesh_lib.MeshConfig(1, -1, 1).resolve(8) == (1, 8, 1)
+    assert MeshConfig(-1, 2, 2).resolve(8) == (2, 2, 2)
+    assert MeshConfig(1, -1, 1).resolve(8) == (1, 8, 1)
     with pytest.raises(ValueError):
-        mesh_lib.MeshConfig(-1, -1, 1).resolve(8)
+        MeshConfig(-1, -1, 1).resolve(8)
     with pytest.raises(ValueError):
-        mesh_lib.MeshConfig(3, 1, 1).resolve(8)
+        MeshConfig(3, 1, 1).resolve(8)
 
 
 def test_schedule_is_hf_cosine_with_warmup():
@@ -152,7 +151,7 @@ def _train(workdir, d, steps, resume=True, on_step=None, mesh=(1, 1, 1), eval_ev
                              keep_last=2, async_checkpoint=True, progress_bar=False, eval_every=eval_every,
                              eval_batches=2)
     return trainer.train(workdir, resume=resume, model_cfg=cfg, data_cfg=data, train_cfg=tc, opt_cfg=opt, step_cfg=step,
-                         mesh_cfg=mesh_lib.MeshConfig(*mesh), tokenizer=tok, on_step=on_step)
+                         mesh_cfg=MeshConfig(*mesh), tokenizer=tok, on_step=on_step)
 
 
 def test_sigterm_then_resume_is_bit_exact_and_loss_drops(records, tmp_path):
@@ -219,7 +218,7 @@ def test_two_process_training_on_localhost(records, tmp_path):
 
 TWO_PROCESS_WORKER = r"""
 import json, sys
-from vrefer_jax.training.mesh import maybe_initialize_distributed
+from vrefer_jax.distributed import maybe_initialize_distributed
 maybe_initialize_distributed()
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")

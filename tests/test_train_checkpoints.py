@@ -293,7 +293,7 @@ def test_cli_refuses_mismatched_special_ids_in_one_line(records, tmp_path, capsy
 
 TWO_PROCESS_RESUME = r"""
 import json, sys
-from vrefer_jax.training.mesh import maybe_initialize_distributed
+from vrefer_jax.distributed import maybe_initialize_distributed
 maybe_initialize_distributed()
 import jax
 import test_train

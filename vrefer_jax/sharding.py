@@ -1,4 +1,9 @@
-"""Logical axis names and the one table that maps them onto mesh axes.
+"""The device mesh, the logical axis names, and the one table that maps them onto mesh axes.
+
+The mesh `(data, fsdp, tensor)` comes from `MeshConfig` (gin: configs/meshes): each axis names its
+size, -1 takes the devices left over (at most one -1). Across TPU slices (`dcn_data` > 1) the data
+axis spans slices over DCN and the rest stays inside a slice. Training and inference build their
+mesh here alike.
 
 Every parameter is created with logical names (``nn.with_logical_partitioning``) and the main
 activations are constrained with ``constrain`` at block boundaries. Training maps the names onto a
@@ -22,11 +27,18 @@ kernel names.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 
 import flax.linen as nn
 import gin
 import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+
+log = logging.getLogger(__name__)
 
 # Ordered (logical name, mesh axes) pairs; the first rule whose mesh axes are free wins.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -82,3 +94,52 @@ def logical_axis_rules(rules: Sequence[tuple[str, object]] = DEFAULT_RULES):
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside a mesh / rules context."""
     return nn.with_logical_constraint(x, tuple(names))
+
+
+# ----------------------------------------------------------------------------- the mesh
+
+AXES = ("data", "fsdp", "tensor")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    dcn_data: int = 1  # slices (multi-slice data parallelism over DCN)
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        """Axis sizes with -1 filled in; raises if they do not multiply to `num_devices`."""
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(AXES, sizes))}")
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
+            raise ValueError(f"mesh {dict(zip(AXES, sizes))} does not fit {num_devices} devices")
+        sizes = [num_devices // known if s == -1 else s for s in sizes]
+        if int(np.prod(sizes)) != num_devices:
+            raise ValueError(f"mesh {dict(zip(AXES, sizes))} uses {np.prod(sizes)} of {num_devices} devices")
+        return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
+    """The mesh over `devices` (default: all devices of all processes)."""
+    cfg = cfg or MeshConfig()
+    devices = list(jax.devices() if devices is None else devices)
+    fixed = int(np.prod([cfg.data, cfg.fsdp, cfg.tensor]))
+    if -1 not in (cfg.data, cfg.fsdp, cfg.tensor) and 0 < fixed < len(devices) and jax.process_count() == 1:
+        log.warning("mesh %s uses the first %d of %d devices", (cfg.data, cfg.fsdp, cfg.tensor), fixed, len(devices))
+        devices = devices[:fixed]
+    shape = cfg.resolve(len(devices))
+    if cfg.dcn_data > 1:
+        if shape[0] % cfg.dcn_data:
+            raise ValueError(f"data axis {shape[0]} not divisible by dcn_data {cfg.dcn_data}")
+        ici = (shape[0] // cfg.dcn_data, shape[1], shape[2])
+        arr = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1), devices)
+    else:
+        try:
+            arr = mesh_utils.create_device_mesh(shape, devices)
+        except (AssertionError, NotImplementedError, ValueError):  # CPU / unusual topologies
+            arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, AXES)

@@ -126,7 +126,7 @@ def target_devices(target: Target, try_tpu: bool = True):
 
 def parse_mesh(spec: str | None, n: int):
     """'data,fsdp,tensor' (one may be -1) or None -> all devices on fsdp."""
-    from vrefer_jax.training.mesh import MeshConfig
+    from vrefer_jax.sharding import MeshConfig
 
     if not spec:
         return MeshConfig(data=1, fsdp=-1, tensor=1)
@@ -262,7 +262,7 @@ def compile_step(cfg, devices, mesh_cfg, trainable, global_batch: int, seq_len: 
 
     from vrefer_jax.sharding import logical_axis_rules
     from vrefer_jax.training import train_state
-    from vrefer_jax.training.mesh import make_mesh
+    from vrefer_jax.sharding import make_mesh
     from vrefer_jax.training.optimizer import OptimizerConfig, make_optimizer
     from vrefer_jax.training.step import StepConfig, make_train_step
 
@@ -338,7 +338,7 @@ def check(cfg, target: Target, *, global_batch: int, seq_len: int, stage: str = 
         report["times"] = times
         report["scaled_from"] = (D, V)
         from vrefer_jax.training import train_state
-        from vrefer_jax.training.mesh import make_mesh
+        from vrefer_jax.sharding import make_mesh
         from vrefer_jax.training.optimizer import OptimizerConfig, make_optimizer
         from vrefer_jax.sharding import logical_axis_rules
 

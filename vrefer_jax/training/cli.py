@@ -5,7 +5,7 @@
 
 With no arguments it runs the main job (configs/experiments/synthetic_tiny.gin). Multi-process
 runs (TPU pods, GPU clusters) start `jax.distributed` from the environment (see
-`training.mesh.maybe_initialize_distributed`); every process runs the same command.
+`vrefer_jax.distributed.maybe_initialize_distributed`); every process runs the same command.
 
 Re-running: the same command after the run finished is a no-op that says so; with a larger
 `TrainConfig.total_steps` it continues from the last checkpoint (the cosine schedule is then
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
-    from vrefer_jax.training.mesh import maybe_initialize_distributed
+    from vrefer_jax.distributed import maybe_initialize_distributed
 
     maybe_initialize_distributed()
     paths = _search_paths(a.gin_search_path)

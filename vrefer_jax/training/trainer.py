@@ -30,9 +30,8 @@ import numpy as np
 
 from vrefer_jax.config import IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
 from vrefer_jax.models import videorefer
-from vrefer_jax.sharding import logical_axis_rules
+from vrefer_jax.sharding import MeshConfig, logical_axis_rules, make_mesh
 from vrefer_jax.training import flops as flops_lib
-from vrefer_jax.training import mesh as mesh_lib
 from vrefer_jax.training import optimizer as opt_lib
 from vrefer_jax.training import train_state
 from vrefer_jax.training.checkpointing import Checkpointer, _barrier
@@ -237,7 +236,7 @@ def _batch_spec(cfg: ModelConfig) -> dict[str, int]:
 def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = None,
           data_cfg: DataConfig | None = None, train_cfg: TrainConfig | None = None,
           opt_cfg: opt_lib.OptimizerConfig | None = None, step_cfg: StepConfig | None = None,
-          mesh_cfg: mesh_lib.MeshConfig | None = None, tokenizer=None, on_step=None) -> dict[str, Any]:
+          mesh_cfg: MeshConfig | None = None, tokenizer=None, on_step=None) -> dict[str, Any]:
     """Run (or resume) a training job in `workdir`. Configs default to their gin bindings.
     `on_step(step, metrics)` is called for every step as its metrics are read back, which is while
     the next step runs: the host never waits on the device except to read the previous step."""
@@ -275,7 +274,7 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
         return dict(step=latest, preempted=False, already_done=True, history=MetricsLog.read(metrics_path),
                     skipped={}, final=final_dir if tc.save_final else None, state=None)
 
-    mesh = mesh_lib.make_mesh(mesh_cfg or mesh_lib.MeshConfig())
+    mesh = make_mesh(mesh_cfg or MeshConfig())
     rules = logical_axis_rules()
     tx, schedule = opt_lib.make_optimizer(oc, tc.total_steps)
     shardings = train_state.state_shardings(cfg, tx, mesh, rules)
