@@ -3,6 +3,7 @@
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -102,3 +103,22 @@ def test_stages_are_read_from_their_gin_files(tmp_path):
     assert stage_trainable(str(custom)) == ("llm",)
     with pytest.raises(ValueError, match="unknown stage"):
         stage_file("stage9")
+
+
+def test_inference_compile_and_report(cfg):
+    """Generation compiled on a (1, 4, 2) mesh of fake devices: parameters split 8 ways (fsdp x
+    tensor), the report's figures consistent with the abstract inputs."""
+    from vrefer_jax.inference import aot as inf_aot
+    from vrefer_jax.models import qwen2
+
+    r = inf_aot.check(cfg, aot.parse_target("cpu-8"), batch=8, text_len=32, new_tokens=8, mesh=(1, 4, 2),
+                      param_dtype="float32", log=lambda *_: None)
+    assert r["out_len"] == 32 + videorefer.num_video_tokens(cfg) + cfg.object_encoder.region_token_num
+    assert r["params_global"] == 4 * videorefer.count_params(videorefer.abstract_params(cfg))
+    assert r["params_global"] / 8 <= r["params_per_device"] < r["params_global"] / 2
+    assert r["compiled"]["arguments"] >= r["params_per_device"] and r["compiled"]["total"] > 0
+    cache = qwen2.init_cache(cfg.text, 8, r["out_len"] + 8, jnp.float32)
+    assert r["kv_cache_global"] == cache.k.nbytes + cache.v.nbytes
+    assert "generation, batch 8" in inf_aot.format_report(r)
+    assert inf_aot.default_mesh(aot.parse_target("v5e-8")) == (1, 2, 4)
+    assert inf_aot.default_mesh(aot.parse_target("1xH100")) == (1, 1, 1)

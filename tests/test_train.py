@@ -247,3 +247,16 @@ def test_tower_training_flags_must_agree(records, tmp_path):
         with pytest.raises(ValueError, match="train_vision_tower"):
             trainer.train(str(tmp_path), model_cfg=c, data_cfg=data, train_cfg=tc, opt_cfg=o, step_cfg=step,
                           tokenizer=tok)
+
+
+def test_fit_sharding_replicates_what_does_not_divide():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from vrefer_jax.sharding import fit_sharding
+
+    mesh = make_mesh(MeshConfig(1, 2, 4), jax.devices()[:8])
+    s = NamedSharding(mesh, P("tensor", "fsdp"))
+    assert fit_sharding(s, (151647, 3584)).spec == P(None, "fsdp")  # 151647 rows: not over 4
+    assert fit_sharding(s, (152064, 3584)).spec == P("tensor", "fsdp")
+    assert fit_sharding(NamedSharding(mesh, P(("fsdp", "tensor"))), (6,)).spec == P("fsdp")
+    assert fit_sharding(NamedSharding(mesh, P(None, "tensor")), (3, 5)).spec == P(None, None)

@@ -143,3 +143,20 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
         except (AssertionError, NotImplementedError, ValueError):  # CPU / unusual topologies
             arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, AXES)
+
+
+def fit_sharding(sharding: jax.sharding.NamedSharding, shape: Sequence[int]) -> jax.sharding.NamedSharding:
+    """`sharding` with the mesh axes dropped from every dimension they do not divide evenly.
+
+    Serving meshes put `tensor` over dimensions the training rules assume divisible (the 7B's
+    vocabulary of 151,647 rows over 4 devices is not): such a dimension is replicated over that
+    axis instead of failing, the others keep their split."""
+    spec = []
+    for dim, axes in zip(shape, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        keep = []
+        for a in names:
+            if dim % (int(np.prod([sharding.mesh.shape[k] for k in keep])) * sharding.mesh.shape[a]) == 0:
+                keep.append(a)
+        spec.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))

@@ -29,100 +29,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 import time
 from typing import Any
 
+from vrefer_jax.aot_targets import (GIB, Target, compiled_memory, ensure_host_devices, nbytes, parse_target,
+                                    shard_bytes, target_devices)
 from vrefer_jax.training.stages import available_stages, stage_trainable
-
-GIB = 1024**3
-
-# HBM per device (GiB) by accelerator family.
-HBM_GIB = {"v4": 32.0, "v5p": 95.0, "v5e": 16.0, "v6e": 32.0, "H100": 80.0, "H200": 141e9 / GIB, "A100": 80.0}
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    name: str
-    platform: str  # tpu | gpu
-    family: str
-    num_devices: int
-    hbm_gib: float
-    tpu_topology: str | None = None  # name for get_topology_desc
-
-
-def parse_target(name: str) -> Target:
-    """'v5p-64' -> 32 v5p chips; '8xH100' -> 8 H100s; 'cpu-8' -> 8 host devices (tests)."""
-    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
-    if m:
-        fam = "v5e" if m[1] == "v5litepod" else m[1]
-        n = int(m[2])
-        chips = n // 2 if fam in ("v4", "v5p") else n  # v4/v5p names count TensorCores (2 per chip)
-        if chips < 1:
-            raise ValueError(f"target {name!r} has no chips")
-        return Target(name, "tpu", fam, chips, HBM_GIB[fam], f"{fam}-{n}")
-    m = re.fullmatch(r"(\d+)x(H100|H200|A100)", name, flags=re.I)
-    if m:
-        fam = m[2].upper()
-        return Target(name, "gpu", fam, int(m[1]), HBM_GIB[fam])
-    m = re.fullmatch(r"cpu-(\d+)", name)
-    if m:
-        return Target(name, "cpu", "cpu", int(m[1]), float("nan"))
-    raise ValueError(f"unknown target {name!r}: use v4-N, v5p-N, v5e-N, v6e-N, KxH100, KxH200, KxA100 or cpu-N")
-
-
-def ensure_host_devices(n: int, argv: list[str] | None = None) -> None:
-    """Make sure JAX will see at least `n` CPU devices. Call before anything touches a JAX backend.
-
-    Sets `--xla_force_host_platform_device_count`; if a backend with fewer devices is already up
-    and `argv` is given, re-executes this module with the flag in the environment.
-    """
-    flags = os.environ.get("XLA_FLAGS", "")
-    cur = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
-    if cur and int(cur[1]) >= n:
-        return
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    if "jax" not in sys.modules:
-        return
-    import jax
-    from jax._src import xla_bridge
-
-    if not xla_bridge.backends_are_initialized():
-        jax.config.update("jax_num_cpu_devices", n)
-        return
-    if len(jax.devices("cpu")) >= n:
-        return
-    if argv is None:
-        raise RuntimeError(f"JAX already started with {len(jax.devices('cpu'))} CPU devices; need {n}: "
-                           f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before importing jax")
-    os.execv(sys.executable, [sys.executable, "-m", "vrefer_jax.training.aot", *argv])
-
-
-def target_devices(target: Target, try_tpu: bool = True):
-    """(devices, how): compile-only TPU devices when libtpu can describe the topology, else the
-    first `num_devices` CPU devices."""
-    import jax
-
-    if target.platform == "tpu" and try_tpu:
-        try:
-            from jax.experimental import topologies
-
-            topo = topologies.get_topology_desc(target.tpu_topology, "tpu")
-            if len(topo.devices) == target.num_devices:
-                return list(topo.devices), f"TPU topology description {target.tpu_topology} (libtpu)"
-        except Exception as e:  # no libtpu here: fall back
-            reason = f"no libtpu: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
-        else:
-            reason = f"topology has {len(topo.devices)} devices, expected {target.num_devices}"
-    else:
-        reason = "no compile-only topology for this platform"
-    cpus = jax.devices("cpu")
-    if len(cpus) < target.num_devices:
-        raise RuntimeError(f"need {target.num_devices} fake CPU devices, have {len(cpus)}: "
-                           f"set XLA_FLAGS=--xla_force_host_platform_device_count={target.num_devices}")
-    return cpus[: target.num_devices], f"{target.num_devices} fake CPU devices ({reason})"
-
 
 def parse_mesh(spec: str | None, n: int):
     """'data,fsdp,tensor' (one may be -1) or None -> all devices on fsdp."""
@@ -147,20 +60,6 @@ def batch_shapes(cfg, global_batch: int, seq_len: int, max_objects: int = 4, max
                                   max_object_frames=max_object_frames, abstract=True)
 
 
-def _nbytes(x) -> int:
-    import numpy as np
-
-    return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-
-
-def _shard_bytes(x) -> int:
-    """Bytes of one device's shard of a `ShapeDtypeStruct` with a sharding (largest shard)."""
-    import numpy as np
-
-    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-
-
 def state_bytes(abstract_state) -> dict[str, int]:
     """Sums over the state's leaves, global and per device (from the shardings)."""
     import jax
@@ -168,8 +67,8 @@ def state_bytes(abstract_state) -> dict[str, int]:
     out = {}
     for name, tree in (("params", abstract_state.params), ("opt_state", abstract_state.opt_state)):
         leaves = jax.tree.leaves(tree)
-        out[f"{name}_global"] = sum(_nbytes(x) for x in leaves)
-        out[f"{name}_per_device"] = sum(_shard_bytes(x) for x in leaves)
+        out[f"{name}_global"] = sum(nbytes(x) for x in leaves)
+        out[f"{name}_per_device"] = sum(shard_bytes(x) for x in leaves)
     return out
 
 
@@ -192,7 +91,7 @@ def analytic_memory(cfg, abstract_state, trainable, batch, n_batch_shards: int, 
     n_train = sum(videorefer.count_params(p[g]) for g in p if g in trainable)
     w = np.dtype(cfg.param_dtype).itemsize
     c = np.dtype(cfg.dtype).itemsize
-    per_dev = lambda tree: sum(_shard_bytes(x) for x in jax.tree.leaves(tree))  # noqa: E731
+    per_dev = lambda tree: sum(shard_bytes(x) for x in jax.tree.leaves(tree))  # noqa: E731
     train_tree = {g: p[g] for g in p if g in trainable}
     moments = [x for x in jax.tree.leaves(abstract_state.opt_state) if x.ndim > 0]
     scalars = [x for x in jax.tree.leaves(abstract_state.opt_state) if x.ndim == 0]
@@ -217,11 +116,11 @@ def analytic_memory(cfg, abstract_state, trainable, batch, n_batch_shards: int, 
     out = dict(
         params_total=n_total, params_trainable=n_train,
         master_params_global=n_total * w, master_params=per_dev(p),
-        adam_moments_global=2 * n_train * w, adam_moments=sum(_shard_bytes(x) for x in moments),
-        opt_scalars=sum(_shard_bytes(x) for x in scalars),
+        adam_moments_global=2 * n_train * w, adam_moments=sum(shard_bytes(x) for x in moments),
+        opt_scalars=sum(shard_bytes(x) for x in scalars),
         grad_accumulator=per_dev(train_tree),
         compute_copies=per_dev(p) * c // w if c < w else 0,
-        batch=sum(_nbytes(x) for x in batch.values()) // n_batch_shards,
+        batch=sum(nbytes(x) for x in batch.values()) // n_batch_shards,
         activations_estimate=int(saved + layer + chunk + conn), connector_activations=int(conn),
         fsdp_working_set=int(gathered),
         ideal_master_params=n_total * w / num_devices,
@@ -229,20 +128,6 @@ def analytic_memory(cfg, abstract_state, trainable, batch, n_batch_shards: int, 
     out["total_estimate"] = sum(out[k] for k in ("master_params", "adam_moments", "opt_scalars", "grad_accumulator",
                                                  "compute_copies", "batch", "activations_estimate",
                                                  "fsdp_working_set"))
-    return out
-
-
-def compiled_memory(compiled) -> dict[str, int]:
-    """Per-device figures from `compiled.memory_analysis()` (state donated: outputs alias inputs)."""
-    m = compiled.memory_analysis()
-    m = m[0] if isinstance(m, (list, tuple)) else m
-    out = dict(arguments=int(m.argument_size_in_bytes), outputs=int(m.output_size_in_bytes),
-               aliased=int(m.alias_size_in_bytes), temporaries=int(m.temp_size_in_bytes),
-               code=int(m.generated_code_size_in_bytes))
-    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-    peak = getattr(m, "peak_memory_in_bytes", 0)
-    if peak:
-        out["peak"] = int(peak)
     return out
 
 
@@ -258,11 +143,8 @@ def compile_step(cfg, devices, mesh_cfg, trainable, global_batch: int, seq_len: 
                  logits_chunk: int = 512, rules=None):
     """Lower and compile the train step with abstract inputs. Returns (compiled, abstract_state,
     batch, mesh, timings)."""
-    import jax
-
-    from vrefer_jax.sharding import logical_axis_rules
+    from vrefer_jax.sharding import logical_axis_rules, make_mesh
     from vrefer_jax.training import train_state
-    from vrefer_jax.sharding import make_mesh
     from vrefer_jax.training.optimizer import OptimizerConfig, make_optimizer
     from vrefer_jax.training.step import StepConfig, make_train_step
 
