@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vrefer_jax.checkpoints import hf_config, key_map, st_io
+from vrefer_jax.checkpoints import hf_config, key_map, st_io, store
 from vrefer_jax.checkpoints import videorefer_keys as keys
 from vrefer_jax.checkpoints.hf_export import export_videorefer
 from vrefer_jax.checkpoints.hf_import import import_videorefer, param_shardings
@@ -656,7 +656,7 @@ def test_export_keeps_generation_config(world, tmp_path, caplog):
     want = _generate(src)
     assert _generate(str(out)) == want and len(want) == IDS.shape[1] + 32
     # no generation config anywhere: Qwen2-Instruct's defaults, and a warning saying so
-    cfg, params = cli.load_imported(str(ck))
+    cfg, params = store.load_imported(str(ck))
     with caplog.at_level("WARNING", logger="vrefer_jax.checkpoints.hf_export"):
         export_videorefer(params, cfg, str(tmp_path / "bare"), dtype="float32", write_vision_tower=False)
     assert "no generation_config.json" in caplog.text
@@ -671,7 +671,7 @@ def test_image_aspect_ratio_carried(world, imported, tmp_path):
     src = _copy_folder(world["vr_dir"], tmp_path / "vr", image_aspect_ratio="pad")
     ck, out = tmp_path / "orbax", tmp_path / "hf"
     assert cli.main(["import", src, str(ck)]) == 0
-    cfg_pad, _ = cli.load_imported(str(ck))
+    cfg_pad, _ = store.load_imported(str(ck))
     assert cfg_pad == cfg.replace(image_aspect_ratio="pad")
     assert cli.main(["export", str(ck), str(out), "--dtype", "float32"]) == 0
     assert hf_config.read_json(out / "config.json")["image_aspect_ratio"] == "pad"
