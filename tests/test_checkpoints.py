@@ -20,13 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vrefer_jax.checkpoints import hf_config, key_map, st_io
+from vrefer_jax.checkpoints import hf_config, key_map, st_io, store
+from vrefer_jax.checkpoints import videorefer_keys as keys
 from vrefer_jax.checkpoints.hf_export import export_videorefer
 from vrefer_jax.checkpoints.hf_import import import_videorefer, param_shardings
 from vrefer_jax.checkpoints.key_map import KeyMappingError
 from vrefer_jax.checkpoints.parts import init_from_parts
 from vrefer_jax.config import ModelConfig, model_config_from_gin
-from vrefer_jax.models import connector, object_encoder, videorefer
+from vrefer_jax.models import videorefer
 from vrefer_jax.models.videorefer import VideoRefer
 
 torch = pytest.importorskip("torch")
@@ -115,9 +116,9 @@ def module_tensors(cfg: ModelConfig, rng) -> dict[str, np.ndarray]:
     shapes = videorefer.abstract_params(cfg)
     out = {}
     for prefix, rules, top in (
-        ("model.mm_projector.", connector.hf_rules(cfg.connector, cfg.vision.hidden_size, cfg.text.hidden_size),
+        ("model.mm_projector.", keys.connector_rules(cfg.connector, cfg.vision.hidden_size, cfg.text.hidden_size),
          "mm_projector"),
-        ("model.region_encoder.", object_encoder.hf_rules(cfg.object_encoder), "region_encoder"),
+        ("model.region_encoder.", keys.object_encoder_rules(cfg.object_encoder), "region_encoder"),
     ):
         for r in rules:
             shp = key_map.hf_shape(r, key_map.get_path(shapes[top], r.flax).shape)
@@ -279,7 +280,7 @@ def test_import_matches_transformers(world, imported):
     fc1 = world["sig_sd"]["vision_model.encoder.layers.0.mlp.fc1.weight"]
     np.testing.assert_array_equal(params["vision_tower"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"][0], fc1.T)
     # projector / region encoder tensors land exactly
-    back = key_map.flax_to_hf(params, videorefer.hf_rules(cfg))
+    back = key_map.flax_to_hf(params, keys.videorefer_rules(cfg))
     for k, v in world["mods"].items():
         np.testing.assert_array_equal(back[k], v, err_msg=k)
 
@@ -287,7 +288,7 @@ def test_import_matches_transformers(world, imported):
 def test_import_stored_vision_tower(world, imported):
     cfg, params = imported
     _, p_stored = import_videorefer(world["vr_dir"], use_stored_vision_tower=True)
-    back = key_map.flax_to_hf(p_stored, videorefer.hf_rules(cfg))
+    back = key_map.flax_to_hf(p_stored, keys.videorefer_rules(cfg))
     name = "model.vision_tower.vision_tower.vision_model.encoder.layers.1.self_attn.q_proj.weight"
     np.testing.assert_array_equal(back[name], world["stored_tower"][name])
     assert not np.array_equal(back[name], world["sig_sd"][name.split("vision_tower.vision_tower.")[1]])
@@ -655,7 +656,7 @@ def test_export_keeps_generation_config(world, tmp_path, caplog):
     want = _generate(src)
     assert _generate(str(out)) == want and len(want) == IDS.shape[1] + 32
     # no generation config anywhere: Qwen2-Instruct's defaults, and a warning saying so
-    cfg, params = cli.load_imported(str(ck))
+    cfg, params = store.load_imported(str(ck))
     with caplog.at_level("WARNING", logger="vrefer_jax.checkpoints.hf_export"):
         export_videorefer(params, cfg, str(tmp_path / "bare"), dtype="float32", write_vision_tower=False)
     assert "no generation_config.json" in caplog.text
@@ -670,7 +671,7 @@ def test_image_aspect_ratio_carried(world, imported, tmp_path):
     src = _copy_folder(world["vr_dir"], tmp_path / "vr", image_aspect_ratio="pad")
     ck, out = tmp_path / "orbax", tmp_path / "hf"
     assert cli.main(["import", src, str(ck)]) == 0
-    cfg_pad, _ = cli.load_imported(str(ck))
+    cfg_pad, _ = store.load_imported(str(ck))
     assert cfg_pad == cfg.replace(image_aspect_ratio="pad")
     assert cli.main(["export", str(ck), str(out), "--dtype", "float32"]) == 0
     assert hf_config.read_json(out / "config.json")["image_aspect_ratio"] == "pad"

@@ -17,6 +17,7 @@ regnet = pytest.importorskip("timm.models.regnet")
 timm_layers = pytest.importorskip("timm.layers")
 
 from vrefer_jax.checkpoints import key_map  # noqa: E402
+from vrefer_jax.checkpoints import videorefer_keys as keys  # noqa: E402
 from vrefer_jax.config import ConnectorConfig  # noqa: E402
 from vrefer_jax.models import connector, regstage  # noqa: E402
 
@@ -145,7 +146,7 @@ def test_regstage_parity(depth, in_chs, out_chs, hw):
     torch.manual_seed(depth)
     ref = randomise_norms(torch_regstage(depth, in_chs, out_chs), seed=depth).eval()
     x = np.random.default_rng(1).standard_normal((3, in_chs, hw, hw)).astype(np.float32)
-    rules = key_map.prefixed(regstage.hf_rules(depth, in_chs, out_chs), "", ("stage",))
+    rules = key_map.prefixed(keys.regstage_rules(depth, in_chs, out_chs), "", ("stage",))
     compare(f"RegStage(d={depth}, {in_chs}->{out_chs}, {hw}x{hw})", ref, _StageWrap(depth, out_chs), x, rules)
     # SE width comes from the block input: round(18 * 0.25) = round(4.5) = 4 (half to even).
     if in_chs == 18:
@@ -168,7 +169,7 @@ def test_stc_parity(kind, b, t, g, c_vis, c, depth):
     ref = randomise_norms(TorchSTC(kind, c_vis, c, depth, 2, (2, 2, 2)), seed=t).eval()
     model = connector.Connector(cfg, in_features=c_vis, out_features=c)
     got = compare(f"{kind}(B={b}, T={t}, g={g}, {c_vis}->{c}, d={depth})", ref, model,
-                  frames(b, t, g, c_vis), connector.hf_rules(cfg, c_vis, c))
+                  frames(b, t, g, c_vis), keys.connector_rules(cfg, c_vis, c))
     assert got.shape == (b, connector.num_video_tokens(cfg, t, g), c)
 
 
@@ -180,7 +181,7 @@ def test_mean_projector_parity(kind):
     proj = torch.nn.Linear(c_vis, c) if kind == "linear" else torch_mlp(int(kind[3]), c_vis, c)
     ref = TorchMean(proj).eval()
     model = connector.Connector(cfg, in_features=c_vis, out_features=c)
-    got = compare(f"{kind}(T={t}, g={g})", ref, model, frames(2, t, g, c_vis), connector.hf_rules(cfg, c_vis, c),
+    got = compare(f"{kind}(T={t}, g={g})", ref, model, frames(2, t, g, c_vis), keys.connector_rules(cfg, c_vis, c),
                   hf_prefix="proj.")
     assert got.shape == (2, g * g, c) and connector.num_video_tokens(cfg, t, g) == g * g
 
@@ -205,7 +206,7 @@ def test_official_shapes_and_names():
     x = jax.ShapeDtypeStruct((1, 16, 729, 1152), jnp.float32)
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
     shapes = nn.meta.unbox(boxed)
-    rules = connector.hf_rules(cfg, 1152, 3584)
+    rules = keys.connector_rules(cfg, 1152, 3584)
     key_map.check_rules_cover(rules, shapes)
     hf = {r.hf: key_map.hf_shape(r, key_map.get_path(shapes, r.flax).shape) for r in rules}
     assert len(hf) == 113
@@ -229,10 +230,10 @@ def test_official_shapes_and_names():
 
 
 def test_other_projector_names():
-    assert [r.hf for r in connector.hf_rules(ConnectorConfig(projector_type="linear"), 8, 16)] == ["weight", "bias"]
-    assert [r.hf for r in connector.hf_rules(ConnectorConfig(projector_type="mlp2x_gelu"), 8, 16)] == [
+    assert [r.hf for r in keys.connector_rules(ConnectorConfig(projector_type="linear"), 8, 16)] == ["weight", "bias"]
+    assert [r.hf for r in keys.connector_rules(ConnectorConfig(projector_type="mlp2x_gelu"), 8, 16)] == [
         "0.weight", "0.bias", "2.weight", "2.bias"]
-    stp = [r.hf for r in connector.hf_rules(ConnectorConfig(projector_type="stp_connector", depth=1), 8, 16)]
+    stp = [r.hf for r in keys.connector_rules(ConnectorConfig(projector_type="stp_connector", depth=1), 8, 16)]
     assert not any(n.startswith("sampler") for n in stp)
 
 
@@ -244,7 +245,7 @@ def test_errors():
         with pytest.raises(ValueError, match="broken"):
             connector.num_video_tokens(ConnectorConfig(projector_type=bad), 16, 27)
     with pytest.raises(ValueError, match="unknown projector_type"):
-        connector.hf_rules(ConnectorConfig(projector_type="qformer"), 8, 16)
+        keys.connector_rules(ConnectorConfig(projector_type="qformer"), 8, 16)
     v35 = connector.Connector(ConnectorConfig(depth=1), 8, 16)
     with pytest.raises(ValueError, match="square"):
         v35.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 48, 8)))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from vrefer_jax.checkpoints import key_map
+from vrefer_jax.checkpoints import videorefer_keys as keys
 from vrefer_jax.config import TextConfig
 from vrefer_jax.inference import generate as gen_lib
 from vrefer_jax.inference import sampling
@@ -47,7 +48,7 @@ def reference():
     sd = key_map.torch_state_to_numpy(hf.state_dict())
     model = qwen2.Qwen2ForCausalLM(CFG)
     shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))["params"]
-    rules = qwen2.causal_lm_rules(CFG)
+    rules = keys.causal_lm_rules(CFG)
     params = key_map.hf_to_flax(sd, rules, shapes, available=list(sd))
     back = key_map.flax_to_hf(params, rules)
     assert set(back) == set(sd) and all(np.array_equal(np.asarray(back[k]), sd[k]) for k in sd)

@@ -157,10 +157,10 @@ def test_batched_equals_single_and_buckets_reuse(world):
 
 
 def test_cli_orbax_checkpoint(world, tmp_path, capsys):
-    from vrefer_jax.checkpoints import cli as ckpt_cli
+    from vrefer_jax.checkpoints import store
 
     ckpt = str(tmp_path / "ckpt")
-    ckpt_cli.save_imported(ckpt, world["cfg"], world["params"], None, world["tok_dir"])
+    store.save_imported(ckpt, world["cfg"], world["params"], None, world["tok_dir"])
     reqs = REQS + [{"id": "mismatch", "video": "clip", "question": "<region> and <region>?",
                     "objects": [{"mask": "mask0.png"}]}]
     with open(tmp_path / "reqs.jsonl", "w") as f:

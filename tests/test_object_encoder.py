@@ -10,7 +10,8 @@ import pytest
 from vrefer_jax.checkpoints import key_map
 from vrefer_jax.config import ObjectEncoderConfig
 from vrefer_jax.models import mask_ops
-from vrefer_jax.models.object_encoder import ObjectEncoder, hf_rules
+from vrefer_jax.checkpoints.videorefer_keys import object_encoder_rules as hf_rules
+from vrefer_jax.models.object_encoder import ObjectEncoder
 
 torch = pytest.importorskip("torch")
 F_t = torch.nn.functional

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vrefer_jax.checkpoints import key_map
+from vrefer_jax.checkpoints import videorefer_keys as keys
 from vrefer_jax.config import TextConfig
 from vrefer_jax.models import qwen2
 
@@ -49,7 +50,7 @@ def reference(theta: float):
     sd = key_map.torch_state_to_numpy(hf.state_dict())
     model = qwen2.Qwen2ForCausalLM(cfg)
     shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))["params"]
-    params = key_map.hf_to_flax(sd, qwen2.causal_lm_rules(cfg), shapes, available=list(sd))
+    params = key_map.hf_to_flax(sd, keys.causal_lm_rules(cfg), shapes, available=list(sd))
     params = jax.tree.map(jnp.asarray, params)
     return cfg, hf, params, sd
 
@@ -224,7 +225,7 @@ def test_remat_bf16_and_round_trip():
     assert err(got_c, ref) / float(jnp.max(jnp.abs(ref))) < 0.05
 
     # round trip Flax -> HF gives back the very same tensors
-    back = key_map.flax_to_hf(params, qwen2.causal_lm_rules(cfg))
+    back = key_map.flax_to_hf(params, keys.causal_lm_rules(cfg))
     assert set(back) == set(sd)
     for k, v in sd.items():
         np.testing.assert_array_equal(back[k], v, err_msg=k)
@@ -242,7 +243,7 @@ def test_embed_clips_placeholder_ids_and_rules():
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params["model"])
     del rel["layers.1.self_attn.k_proj.bias"]
     with pytest.raises(key_map.KeyMappingError, match="layers.1.self_attn.k_proj.bias"):
-        key_map.hf_to_flax(rel, qwen2.hf_rules(cfg), shapes)
+        key_map.hf_to_flax(rel, keys.qwen2_rules(cfg), shapes)
 
     with pytest.raises(ValueError, match="exactly one"):
         qwen2.Qwen2ForCausalLM(cfg).apply({"params": params}, None)

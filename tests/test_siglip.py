@@ -11,7 +11,9 @@ import pytest
 from vrefer_jax.checkpoints import key_map
 from vrefer_jax.checkpoints.key_map import KeyMappingError
 from vrefer_jax.config import VisionConfig
-from vrefer_jax.models.siglip import SiglipVisionTower, hf_ignore_patterns, hf_rules
+from vrefer_jax.checkpoints.videorefer_keys import siglip_ignore_patterns as hf_ignore_patterns
+from vrefer_jax.checkpoints.videorefer_keys import siglip_rules as hf_rules
+from vrefer_jax.models.siglip import SiglipVisionTower
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -220,7 +220,7 @@ def _metric_steps(w):
 
 
 def test_rerun_is_a_noop_and_extension_replaces_final(records, tmp_path, caplog):  # noqa: F811
-    from vrefer_jax.checkpoints.cli import load_imported
+    from vrefer_jax.checkpoints.store import load_imported
 
     w = str(tmp_path / "run")
     first = _train(w, records, 4, eval_every=2)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vrefer_jax.checkpoints import key_map
+from vrefer_jax.checkpoints import videorefer_keys as keys
 from vrefer_jax.config import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ModelConfig,
                                model_config_from_gin)
 from vrefer_jax.models import videorefer
@@ -241,7 +242,7 @@ def test_7b_abstract_init_matches_checkpoint_parameter_count():
     # The checkpoint also stores SigLIP's layer 26, post_layernorm and the MAP head (unused by the
     # model): 15,239,504 + 2,304 + 15,238,352 = 30,480,160 → 8,434,723,296 stored parameters,
     # the 16.87 GB of fp16 shards.
-    rules = videorefer.hf_rules(cfg)
+    rules = keys.videorefer_rules(cfg)
     key_map.check_rules_cover(rules, shapes)
     hf_total = 0
     for r in rules:

@@ -219,7 +219,7 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
 
     # 4. evaluation
     print("[4/5] evaluating (Bench-Q runner, ablation, Bench-D attributes) ...", flush=True)
-    from vrefer_jax.checkpoints.cli import load_imported
+    from vrefer_jax.checkpoints.store import load_imported
 
     final = os.path.join(train_dir, "final")
     fcfg, params = load_imported(final)

@@ -10,75 +10,18 @@ An imported folder OUT holds `params/` (Orbax `StandardCheckpointer`), `model_co
 `ModelConfig`) and `hf/` (the source `config.json`, tokenizer files and `generation_config.json`,
 and `hf/siglip_vision_tower/`, a copy of the SigLIP folder read, all reused by `export`: the
 exported folder keeps the checkpoint's generation config and holds the complete vision tower).
+Reading and writing that layout is a library, `vrefer_jax.checkpoints.store`; this module is only
+the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 
-PARAMS, MODEL_CONFIG, HF = "params", "model_config.json", "hf"
-VISION_DIR = "siglip_vision_tower"  # = hf_export.VISION_DIR (not imported: keeps --help light)
-
-
-def save_imported(out: str, cfg, params, hf_cfg: dict | None, tokenizer_src: str | None,
-                  siglip_src: str | None = None, generation_src: str | None = None) -> None:
-    """Write `out` in the imported-folder layout (params/, model_config.json, hf/ with config and
-    tokenizer/generation files, and a copy of the SigLIP folder `siglip_src` for the tower layers
-    the model does not keep); `load_imported` and `Predictor.load` read it. `generation_config.json`
-    comes from `generation_src` when it holds one, else from `tokenizer_src`."""
-    import orbax.checkpoint as ocp
-
-    from vrefer_jax.checkpoints import hf_config
-    from vrefer_jax.checkpoints.hf_export import TOKENIZER_FILES
-
-    import jax
-
-    os.makedirs(out, exist_ok=True)
-    # Every process takes part in the (multi-host aware) Orbax save; the small files come from process 0.
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(os.path.abspath(os.path.join(out, PARAMS)), params)
-    ckpt.wait_until_finished()
-    if jax.process_index() != 0:
-        return
-    hf_config.write_json(os.path.join(out, MODEL_CONFIG), hf_config.model_config_to_dict(cfg))
-    os.makedirs(os.path.join(out, HF), exist_ok=True)
-    if hf_cfg is not None:
-        hf_config.write_json(os.path.join(out, HF, "config.json"), hf_cfg)
-    if tokenizer_src is not None:
-        for f in (*TOKENIZER_FILES, "generation_config.json"):
-            if os.path.isfile(os.path.join(tokenizer_src, f)):
-                shutil.copyfile(os.path.join(tokenizer_src, f), os.path.join(out, HF, f))
-    gen = os.path.join(generation_src or "", "generation_config.json")
-    if generation_src is not None and os.path.isfile(gen):
-        shutil.copyfile(gen, os.path.join(out, HF, "generation_config.json"))
-    if siglip_src is not None:
-        copy_siglip_folder(siglip_src, os.path.join(out, HF, VISION_DIR))
-
-
-def copy_siglip_folder(src: str, dst: str) -> None:
-    """The files of a SigLIP folder the export needs: configs and safetensors (+ index)."""
-    from vrefer_jax.checkpoints import st_io
-
-    os.makedirs(dst, exist_ok=True)
-    names = {"config.json", "preprocessor_config.json", st_io.INDEX_NAME}
-    for f in sorted(os.listdir(src)):
-        if f in names or f.endswith(".safetensors"):
-            shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
-
-
-def load_imported(folder: str):
-    """(cfg, params) of a folder written by `import` / `from-parts`."""
-    import orbax.checkpoint as ocp
-
-    from vrefer_jax.checkpoints import hf_config
-
-    cfg = hf_config.model_config_from_dict(hf_config.read_json(os.path.join(folder, MODEL_CONFIG)))
-    params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(folder, PARAMS)))
-    return cfg, params
+from vrefer_jax.checkpoints.store import HF, VISION_DIR, load_imported, save_imported
 
 
 def cmd_import(a) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 from vrefer_jax.checkpoints import hf_config, key_map, st_io
 from vrefer_jax.checkpoints.hf_import import BUFFER_PATTERNS, SIGLIP_UNUSED, VISION_DIR
 from vrefer_jax.config import ModelConfig
-from vrefer_jax.models import siglip, videorefer
+from vrefer_jax.checkpoints import videorefer_keys as keys
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _np_dtype(dtype: str) -> np.dtype:
 
 def tensor_plan(params: Mapping, cfg: ModelConfig, dtype: str = "float16"):
     """[(hf name, shape, dtype)] in file order, and name -> (rule, layer index or None)."""
-    rules = videorefer.hf_rules(cfg)
+    rules = keys.videorefer_rules(cfg)
     key_map.check_rules_cover(rules, params)
     np_dtype = _np_dtype(dtype)
     order, source = [], {}
@@ -166,7 +166,7 @@ def export_vision_tower(params: Mapping, cfg: ModelConfig, folder: str, source: 
     os.makedirs(folder, exist_ok=True)
     np_dtype = _np_dtype(dtype)
     tower = params["vision_tower"]
-    rules = siglip.hf_rules(cfg.vision)
+    rules = keys.siglip_rules(cfg.vision)
     own = {}
     for r in rules:
         shape = tuple(key_map.get_path(tower, r.flax).shape)

@@ -31,7 +31,8 @@ from vrefer_jax.checkpoints import hf_config, key_map
 from vrefer_jax.checkpoints.key_map import KeyMappingError, KeyRule
 from vrefer_jax.checkpoints.st_io import SafetensorsReader
 from vrefer_jax.config import ModelConfig
-from vrefer_jax.models import siglip, videorefer
+from vrefer_jax.checkpoints import videorefer_keys as keys
+from vrefer_jax.models import videorefer
 
 VISION_DIR = "siglip_vision_tower"  # where `hf_export` writes the complete tower
 # Buffers some exports persist; never parameters.
@@ -203,8 +204,8 @@ def load_siglip_tower(folder: str, cfg: ModelConfig, *, dtype=np.float32, shardi
     safetensors; text tower, `logit_scale`/`logit_bias`, layers past the selected one, post-LN
     and head ignored)."""
     shapes = abstract_params(cfg)["vision_tower"]
-    rules = siglip.hf_rules(cfg.vision)
-    ignore = [*siglip.hf_ignore_patterns(cfg.vision), *SIGLIP_UNUSED, *BUFFER_PATTERNS]
+    rules = keys.siglip_rules(cfg.vision)
+    ignore = [*keys.siglip_ignore_patterns(cfg.vision), *SIGLIP_UNUSED, *BUFFER_PATTERNS]
     src = open_source(folder, rules, shapes, ignore=ignore, prefix="vision_model.")
     return convert(src.get, rules, shapes, available=src.available, ignore=ignore, dtype=dtype,
                    shardings=shardings)
@@ -271,11 +272,11 @@ def import_videorefer(
         cfg = hf_config.model_config_from_hf(hf, vision=vision, **tokenizer_ids(folder))
     dtype = np.dtype(dtype if dtype is not None else cfg.param_dtype)
     shapes = abstract_params(cfg)
-    rules = videorefer.hf_rules(cfg)
+    rules = keys.videorefer_rules(cfg)
 
     top = [k for k in shapes if use_stored_vision_tower or k != "vision_tower"]
     main_rules, main_shapes = split_rules(rules, shapes, top)
-    ignore = list(BUFFER_PATTERNS) + (videorefer.hf_ignore_patterns(cfg) if use_stored_vision_tower
+    ignore = list(BUFFER_PATTERNS) + (keys.videorefer_ignore_patterns(cfg) if use_stored_vision_tower
                                       else [r"model\.vision_tower\..*"])
     src = open_source(folder, main_rules, main_shapes, ignore=ignore, prefix="model.")
     if hf.get("tie_word_embeddings") and "lm_head.weight" not in src.names:

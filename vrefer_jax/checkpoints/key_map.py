@@ -2,8 +2,9 @@
 
 A `KeyRule` pairs one Hugging Face tensor name with one Flax parameter path and says how the layout
 changes. Scanned layer stacks use `{i}` in the HF name: the Flax leaf has a leading `layers` axis and
-HF tensors `...{0}...`, `...{1}...` are its slices. Each model file exposes `hf_rules(...)` for its
-own sub-tree; the composite model prefixes them (`prefixed`).
+HF tensors `...{0}...`, `...{1}...` are its slices. This module is the generic engine; the rules of
+a family live beside it as data (`videorefer_keys.py`: one function per sub-tree, composed with
+`prefixed`), so the model modules know no file format.
 
 Layout kinds (PyTorch -> Flax):
   linear    nn.Linear weight [out, in] -> kernel [in..., out...] (transpose, then reshape to the

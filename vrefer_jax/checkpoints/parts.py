@@ -35,7 +35,7 @@ from vrefer_jax.checkpoints.hf_import import (BUFFER_PATTERNS, TensorSource, abs
                                               sharding_at, split_rules, sub_shardings)
 from vrefer_jax.checkpoints.key_map import KeyMappingError, KeyRule
 from vrefer_jax.config import ModelConfig
-from vrefer_jax.models import videorefer
+from vrefer_jax.checkpoints import videorefer_keys as keys
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -199,7 +199,7 @@ def init_from_parts(
     dtype = np.dtype(dtype if dtype is not None else cfg.param_dtype)
     seed = _seed_of(rng)
     shapes = abstract_params(cfg)
-    rules = videorefer.hf_rules(cfg)
+    rules = keys.videorefer_rules(cfg)
     params: dict = {}
 
     # decoder: the Qwen2 folder, vocabulary resized

@@ -123,12 +123,11 @@ class Predictor:
         `use_stored_vision_tower` as in `vrefer-convert import`). `tokenizer` defaults to the
         checkpoint's (`<ckpt>/hf` for Orbax folders). `dtype` sets the compute dtype.
         `generation_config.json` is looked up in the checkpoint folder, then `<ckpt>/hf`."""
-        from vrefer_jax.checkpoints import cli as ckpt_cli
-        from vrefer_jax.checkpoints import hf_config
+        from vrefer_jax.checkpoints import hf_config, store
 
-        if os.path.isfile(os.path.join(checkpoint, ckpt_cli.MODEL_CONFIG)):
-            cfg, params = ckpt_cli.load_imported(checkpoint)
-            side = os.path.join(checkpoint, ckpt_cli.HF)
+        if store.is_imported(checkpoint):
+            cfg, params = store.load_imported(checkpoint)
+            side = os.path.join(checkpoint, store.HF)
         elif os.path.isfile(os.path.join(checkpoint, "config.json")):
             from vrefer_jax.checkpoints.hf_import import import_videorefer
 
@@ -136,7 +135,7 @@ class Predictor:
                                             use_stored_vision_tower=use_stored_vision_tower)
             side = checkpoint
         else:
-            raise FileNotFoundError(f"{checkpoint}: neither {ckpt_cli.MODEL_CONFIG} (Orbax import) nor config.json")
+            raise FileNotFoundError(f"{checkpoint}: neither {store.MODEL_CONFIG} (Orbax import) nor config.json")
         if dtype is not None:
             cfg = cfg.replace(dtype=dtype)
         if tokenizer is None:

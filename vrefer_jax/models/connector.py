@@ -40,7 +40,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vrefer_jax.checkpoints.key_map import KeyRule, prefixed
 from vrefer_jax.config import ConnectorConfig
 from vrefer_jax.models import layers, regstage
 from vrefer_jax.sharding import constrain
@@ -196,30 +195,3 @@ class Connector(nn.Module):
         y = regstage.RegStage(cfg.depth, c, name="s2", **kw)(y.reshape(b * t2, h2, w2, c))
         y = constrain(y.reshape(b, t2 * h2 * w2, c), OUT_AXES)  # (t, h, w) token order
         return _mlp(y, cfg.mlp_depth, c, "readout", self.dtype, self.param_dtype)
-
-
-def _mlp_rules(depth: int, hf_prefix: str, flax_prefix: str) -> list[KeyRule]:
-    rules = []
-    for j in range(depth):
-        i = 2 * j
-        rules += [KeyRule(f"{hf_prefix}{i}.weight", (f"{flax_prefix}_{i}", "kernel"), "linear"),
-                  KeyRule(f"{hf_prefix}{i}.bias", (f"{flax_prefix}_{i}", "bias"), "vector")]
-    return rules
-
-
-def hf_rules(cfg: ConnectorConfig, in_features: int, out_features: int) -> list[KeyRule]:
-    """Key map relative to `mm_projector.` (e.g. `s1.b1.conv1.conv.weight`, `sampler.0.weight`,
-    `readout.0.weight`; `weight` for `linear`; `0.weight` for `mlp2x_gelu`)."""
-    kind, n_layers = projector_kind(cfg.projector_type)
-    if kind == "linear":
-        return [KeyRule("weight", ("kernel",), "linear"), KeyRule("bias", ("bias",), "vector")]
-    if kind == "mlp":
-        return _mlp_rules(n_layers, "", "layers")
-    rules = [
-        *prefixed(regstage.hf_rules(cfg.depth, in_features, out_features), "s1.", ("s1",)),
-        *prefixed(regstage.hf_rules(cfg.depth, out_features, out_features), "s2.", ("s2",)),
-    ]
-    if cfg.projector_type != "stp_connector":  # AvgPool3d has no parameters
-        rules += [KeyRule("sampler.0.weight", ("sampler_0", "kernel"), "conv"),
-                  KeyRule("sampler.0.bias", ("sampler_0", "bias"), "vector")]
-    return rules + _mlp_rules(cfg.mlp_depth, "readout.", "readout")

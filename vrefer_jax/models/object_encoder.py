@@ -17,7 +17,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vrefer_jax.checkpoints.key_map import KeyRule
 from vrefer_jax.config import ObjectEncoderConfig
 from vrefer_jax.models import layers, mask_ops
 from vrefer_jax.models.layers import dense
@@ -102,14 +101,3 @@ class ObjectEncoder(nn.Module):
         x = jnp.where(keep[..., None], x, jnp.zeros((), x.dtype))
         x = constrain(x, ("activation_batch", "activation_objects", None, "activation_embed"))
         return x, counts
-
-
-def hf_rules(cfg: ObjectEncoderConfig, vis_dim: int | None = None, out_dim: int | None = None) -> list[KeyRule]:
-    """Flax tree <-> official `region_encoder.*` names (relative, no prefix)."""
-    del cfg, vis_dim, out_dim  # same names at every size
-    return [
-        KeyRule("feat_linear.0.weight", ("feat_linear_0", "kernel"), "linear"),
-        KeyRule("feat_linear.0.bias", ("feat_linear_0", "bias"), "vector"),
-        KeyRule("feat_linear.2.weight", ("feat_linear_2", "kernel"), "linear"),
-        KeyRule("feat_linear.2.bias", ("feat_linear_2", "bias"), "vector"),
-    ]

@@ -34,7 +34,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vrefer_jax.checkpoints.key_map import KeyRule, prefixed
 from vrefer_jax.config import TextConfig
 from vrefer_jax.models import layers
 from vrefer_jax.models.layers import Dtype, dense
@@ -327,39 +326,7 @@ class Qwen2ForCausalLM(nn.Module):
         return self.lm_head(hidden), cache
 
 
-# ----------------------------------------------------------------------------- checkpoint keys
-
-
-def hf_rules(cfg: TextConfig) -> list[KeyRule]:
-    """Flax `Qwen2Model` tree <-> HF `Qwen2Model` names (no `model.` prefix)."""
-    del cfg  # the names do not depend on the sizes
-    a = "layers.{i}.self_attn."
-    rules = [
-        KeyRule("embed_tokens.weight", ("embed_tokens", "embedding"), "identity"),
-        KeyRule("layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "scale"), "vector"),
-        KeyRule("layers.{i}.post_attention_layernorm.weight",
-                ("layers", "post_attention_layernorm", "scale"), "vector"),
-        KeyRule(a + "o_proj.weight", ("layers", "self_attn", "o_proj", "kernel"), "linear", in_ndim=2),
-        KeyRule("norm.weight", ("norm", "scale"), "vector"),
-    ]
-    for p in ("q_proj", "k_proj", "v_proj"):
-        rules.append(KeyRule(a + p + ".weight", ("layers", "self_attn", p, "kernel"), "linear"))
-        rules.append(KeyRule(a + p + ".bias", ("layers", "self_attn", p, "bias"), "vector"))
-    for p in ("gate_proj", "up_proj", "down_proj"):
-        rules.append(KeyRule(f"layers.{{i}}.mlp.{p}.weight", ("layers", "mlp", p, "kernel"), "linear"))
-    return rules
-
-
-def lm_head_rules() -> list[KeyRule]:
-    return [KeyRule("lm_head.weight", ("lm_head", "kernel"), "linear")]
-
-
-def causal_lm_rules(cfg: TextConfig) -> list[KeyRule]:
-    """Flax `Qwen2ForCausalLM` tree <-> HF `Qwen2ForCausalLM` names."""
-    return prefixed(hf_rules(cfg), "model.", ("model",)) + lm_head_rules()
-
-
 __all__ = [
     "KVCache", "init_cache", "Qwen2Model", "LMHead", "Qwen2ForCausalLM",
-    "hf_rules", "lm_head_rules", "causal_lm_rules", "rotary_tables", "apply_rotary",
+    "rotary_tables", "apply_rotary",
 ]

@@ -27,7 +27,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vrefer_jax.checkpoints.key_map import KeyRule
 from vrefer_jax.models import layers
 from vrefer_jax.sharding import constrain
 
@@ -187,23 +186,3 @@ class RegStage(nn.Module):
 def se_channels(block_in_chs: int) -> int:
     """SE reduction width: timm's `int(round(in_chs * se_ratio))` (Python rounding, half to even)."""
     return int(round(block_in_chs * SE_RATIO))
-
-
-def hf_rules(depth: int, in_chs: int, out_chs: int) -> list[KeyRule]:
-    """Key map of one stage, relative to the stage (`b1.conv1.conv.weight` <-> b1/conv1/conv/kernel)."""
-    rules: list[KeyRule] = []
-    for i in range(1, depth + 1):
-        b = f"b{i}"
-        convs = ["conv1", "conv2", "conv3"] + (["downsample"] if i == 1 and in_chs != out_chs else [])
-        for c in convs:
-            rules += [
-                KeyRule(f"{b}.{c}.conv.weight", (b, c, "conv", "kernel"), "conv"),
-                KeyRule(f"{b}.{c}.bn.weight", (b, c, "bn", "scale"), "vector"),
-                KeyRule(f"{b}.{c}.bn.bias", (b, c, "bn", "bias"), "vector"),
-            ]
-        for fc in ("fc1", "fc2"):
-            rules += [
-                KeyRule(f"{b}.se.{fc}.weight", (b, "se", fc, "kernel"), "conv"),
-                KeyRule(f"{b}.se.{fc}.bias", (b, "se", fc, "bias"), "vector"),
-            ]
-    return rules

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vrefer_jax.checkpoints.key_map import KeyRule
 from vrefer_jax.config import VisionConfig
 from vrefer_jax.models import layers
 from vrefer_jax.sharding import constrain
@@ -240,49 +239,3 @@ class SiglipVisionTower(nn.Module):
             h = SiglipEncoder(cfg, cfg.num_layers_run, remat_policy=self.remat_policy,
                               attention_impl=self.attention_impl, name="encoder", **kw)(h)
         return h
-
-
-# ----------------------------------------------------------------------------- checkpoint mapping
-
-_HF = "vision_model."
-
-
-def hf_rules(cfg: VisionConfig) -> list[KeyRule]:
-    """Key map for the tower, relative to a `SiglipVisionModel` checkpoint (`vision_model.*`).
-
-    Google's SigLIP checkpoints and VideoRefer's stored tower (after its
-    `model.vision_tower.vision_tower.` prefix) both use these names.
-    """
-    rules = [
-        KeyRule(_HF + "embeddings.patch_embedding.weight",
-                ("embeddings", "patch_embedding", "kernel"), "conv"),
-        KeyRule(_HF + "embeddings.patch_embedding.bias", ("embeddings", "patch_embedding", "bias"), "vector"),
-        KeyRule(_HF + "embeddings.position_embedding.weight",
-                ("embeddings", "position_embedding", "embedding"), "identity"),
-    ]
-    if cfg.num_layers_run == 0:
-        return rules
-    hf, fx = _HF + "encoder.layers.{i}.", ("encoder", "layers")
-    for norm in ("layer_norm1", "layer_norm2"):
-        rules += [KeyRule(f"{hf}{norm}.weight", fx + (norm, "scale"), "vector"),
-                  KeyRule(f"{hf}{norm}.bias", fx + (norm, "bias"), "vector")]
-    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        rules += [KeyRule(f"{hf}self_attn.{proj}.weight", fx + ("self_attn", proj, "kernel"), "linear",
-                          in_ndim=2 if proj == "out_proj" else 1),
-                  KeyRule(f"{hf}self_attn.{proj}.bias", fx + ("self_attn", proj, "bias"), "vector")]
-    for fc in ("fc1", "fc2"):
-        rules += [KeyRule(f"{hf}mlp.{fc}.weight", fx + ("mlp", fc, "kernel"), "linear"),
-                  KeyRule(f"{hf}mlp.{fc}.bias", fx + ("mlp", fc, "bias"), "vector")]
-    return rules
-
-
-def hf_ignore_patterns(cfg: VisionConfig) -> list[str]:
-    """Regexes (full match) for checkpoint tensors the tower does not build: encoder layers
-    >= num_layers_run, `post_layernorm`, the pooling `head`, and the `position_ids` buffer that
-    some older exports persisted."""
-    pats = [r"vision_model\.post_layernorm\..*", r"vision_model\.head\..*",
-            r"vision_model\.embeddings\.position_ids"]
-    skipped = range(cfg.num_layers_run, cfg.num_hidden_layers)
-    if len(skipped):
-        pats.append(r"vision_model\.encoder\.layers\.(" + "|".join(map(str, skipped)) + r")\..*")
-    return pats

@@ -13,7 +13,7 @@ Batch contract (static shapes; built by the data pipeline, checked by `splice.ch
                                          (h, w) is not the grid already
   object_valid    [B, K] bool            which object slots are real
 
-Parameter tree (mirrors the official checkpoint, see `hf_rules`):
+Parameter tree (mirrors the official checkpoint, see `checkpoints/videorefer_keys.py`):
   vision_tower/…  mm_projector/…  region_encoder/…  llm/{embed_tokens,layers,norm}  lm_head
 """
 
@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vrefer_jax.checkpoints.key_map import KeyRule, prefixed
 from vrefer_jax.config import IGNORE_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
 from vrefer_jax.models import connector as connector_lib
 from vrefer_jax.models import object_encoder as object_encoder_lib
@@ -184,25 +183,3 @@ def init_params(cfg: ModelConfig, rng: jax.Array):
 
 def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
-
-
-# ----------------------------------------------------------------------------- key map
-
-
-def hf_rules(cfg: ModelConfig) -> list[KeyRule]:
-    """Flax tree <-> official `VideoReferQwen2ForCausalLM` checkpoint names."""
-    c = cfg
-    return [
-        *prefixed(siglip.hf_rules(c.vision), "model.vision_tower.vision_tower.", ("vision_tower",)),
-        *prefixed(connector_lib.hf_rules(c.connector, c.vision.hidden_size, c.text.hidden_size),
-                  "model.mm_projector.", ("mm_projector",)),
-        *prefixed(object_encoder_lib.hf_rules(c.object_encoder, c.vision.hidden_size, c.text.hidden_size),
-                  "model.region_encoder.", ("region_encoder",)),
-        *prefixed(qwen2.hf_rules(c.text), "model.", ("llm",)),
-        *qwen2.lm_head_rules(),
-    ]
-
-
-def hf_ignore_patterns(cfg: ModelConfig) -> list[str]:
-    """Checkpoint tensors we do not build (vision layers past the selected one, post-LN, head)."""
-    return ["model\\.vision_tower\\.vision_tower\\." + p for p in siglip.hf_ignore_patterns(cfg.vision)]

@@ -113,12 +113,13 @@ class _Preemption:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
 
-def load_init_params(path: str):
-    """(cfg, params) from an imported folder or a Hugging Face folder."""
-    from vrefer_jax.checkpoints import cli as ckpt_cli
+def load_init_params(path: str, mesh=None, rules=None):
+    """(cfg, params) from an imported folder (restored straight into the parameter shardings on
+    `mesh`: each host reads its own shards) or a Hugging Face folder."""
+    from vrefer_jax.checkpoints import store
 
-    if os.path.isfile(os.path.join(path, ckpt_cli.MODEL_CONFIG)):
-        return ckpt_cli.load_imported(path)
+    if store.is_imported(path):
+        return store.load_imported(path, mesh, rules)
     from vrefer_jax.checkpoints.hf_import import import_videorefer
     return import_videorefer(path)
 
@@ -158,10 +159,9 @@ def check_special_ids(cfg: ModelConfig, tok) -> None:
 
 def final_complete(final_dir: str) -> bool:
     """`final/` as `save_final` leaves it (written under another name and renamed: complete or absent)."""
-    from vrefer_jax.checkpoints import cli as ckpt_cli
+    from vrefer_jax.checkpoints import store
 
-    return (os.path.isfile(os.path.join(final_dir, ckpt_cli.MODEL_CONFIG))
-            and os.path.isdir(os.path.join(final_dir, ckpt_cli.PARAMS)))
+    return store.is_imported(final_dir) and os.path.isdir(os.path.join(final_dir, store.PARAMS))
 
 
 class MetricsLog:
@@ -288,7 +288,7 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
     else:
         params = None
         if tc.init_from:
-            init_cfg, params = load_init_params(tc.init_from)
+            init_cfg, params = load_init_params(tc.init_from, mesh, rules)
             if videorefer.count_params(params) != videorefer.count_params(videorefer.abstract_params(cfg)):
                 raise ConfigError(f"{tc.init_from}: parameter shapes do not match the configured model")
             if (init_cfg.region_token_id, init_cfg.pad_token_id) != (cfg.region_token_id, cfg.pad_token_id):
@@ -445,7 +445,7 @@ def save_final(out: str, cfg: ModelConfig, params, tokenizer_dir: str | None) ->
     import shutil
 
     from vrefer_jax.checkpoints import hf_config
-    from vrefer_jax.checkpoints.cli import save_imported
+    from vrefer_jax.checkpoints.store import save_imported
 
     main = jax.process_index() == 0
     partial, old = out + ".partial", out + ".old"
