@@ -30,7 +30,8 @@ from data_pipeline import convert as convert_lib
 from data_pipeline import records as records_lib
 from data_pipeline import schema
 from data_pipeline import video as video_lib
-from data_pipeline.loader import grid_masks, pad_mask_to_square, siglip_normalize
+from data_pipeline.masks import grid_masks, pad_mask_to_square
+from data_pipeline.video import siglip_normalize
 from vrefer_jax.config import IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
 from vrefer_jax.inference.generate import generate_videorefer
 from vrefer_jax.inference.sampling import GenerationConfig
