@@ -167,17 +167,18 @@ def pad_example(ex: Example, *, seq_len: int, region_frames: int, objects: int, 
     n = len(ex.input_ids)
     T, S = ex.frames.shape[0], ex.frames.shape[1]
     out = _empty(dict(L=seq_len, T=T, S=S, F=region_frames, K=objects, M=object_frames, G=mask_size), pad_token_id,
-                 with_labels=ex.labels is not None)
+                 skip=("frames",) if ex.labels is not None else ("frames", "labels"))
     out["input_ids"][:n] = ex.input_ids
     if ex.labels is not None:
         out["labels"][:n] = ex.labels
     out["segment_ids"][:n] = 1
-    out["frames"][:] = ex.frames
+    out["frames"] = np.asarray(ex.frames, np.float32)  # never padded: no copy
     out["region_frames"][: ex.region_frames.shape[0]] = ex.region_frames
     for k, (fr, m) in enumerate(zip(ex.object_frames, ex.object_masks)):
         out["object_frames"][k, : len(fr)] = fr
         out["object_masks"][k, : len(fr)] = m
         out["object_valid"][k] = True
+    out = {k: out[k] for k in FIELDS if k in out}  # contract order
     out["sample_id"] = ex.sample_id
     return out
 
@@ -189,10 +190,10 @@ def stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _empty(dims: Mapping[str, int], pad_token_id: int, with_labels: bool = True) -> dict[str, np.ndarray]:
+def _empty(dims: Mapping[str, int], pad_token_id: int, skip: Sequence[str] = ()) -> dict[str, np.ndarray]:
     out = {}
     for k, (shape, dtype) in field_shapes(**dims).items():
-        if k == "labels" and not with_labels:
+        if k in skip:
             continue
         fill = pad_token_id if k == "input_ids" else FIELDS[k][2]
         out[k] = np.full(shape, fill, dtype)
