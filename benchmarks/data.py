@@ -64,7 +64,7 @@ def make_entries(videos: list[str], n: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------- official style
 
-_LUT = loader.SIGLIP_LUT
+_LUT = video_lib.SIGLIP_LUT
 _STATE: dict = {}
 
 

@@ -116,8 +116,38 @@ def media_path(sample: schema.Sample, media_root: str, allow_absolute: bool = Fa
         raise schema.SampleError(e.reason, sample.sample_id, sample.modality, str(e)) from None
 
 
-def build_record(sample: schema.Sample, media_root: str, cfg: ConvertConfig, source: str = "") -> records_lib.Record:
-    """Decode, check and encode one validated sample. Raises `schema.SampleError`."""
+@dataclasses.dataclass(frozen=True)
+class DecodedSample:
+    """A checked sample in memory: what `build_record` stores, before any image encoding.
+
+    images: source frame index -> uint8 [S, S, 3], resized exactly as SiglipImageProcessor does
+      (`ConvertConfig.image_size` / `aspect`; size 0 keeps the decoded frame); each distinct frame once.
+    objects: masks in COCO compressed RLE at the frame's resolution, as pycocotools produces them
+      from the annotation (the official `annToMask` path); `ObjectMasks.decode()` gives [M, H, W] bool.
+    """
+
+    sample: schema.Sample
+    num_source_frames: int
+    orig_size: tuple[int, int]
+    frame_indices: tuple[int, ...]  # the 'v1'-sampled frames
+    region_frame_indices: tuple[int, ...]  # the annotated frames (union over objects)
+    images: dict[int, Any]
+    objects: tuple[records_lib.ObjectMasks, ...]
+
+    @property
+    def frames(self) -> list:
+        return [self.images[i] for i in self.frame_indices]
+
+    @property
+    def region_frames(self) -> list:
+        return [self.images[i] for i in self.region_frame_indices]
+
+
+def decode_sample(sample: schema.Sample, media_root: str, cfg: ConvertConfig) -> DecodedSample:
+    """Decode and check one validated sample into memory (frames sampled and resized, masks checked
+    against their frames). The one host preprocessing entry point: the converter encodes its result
+    (`encode_record`), the predictor feeds it to the loader's per-sample transform directly.
+    Raises `schema.SampleError`."""
     sid = sample.sample_id
     path = media_path(sample, media_root, cfg.allow_absolute_media)
     all_frames, ann_indices = sample.region_layout()
@@ -166,22 +196,29 @@ def build_record(sample: schema.Sample, media_root: str, cfg: ConvertConfig, sou
         objects.append(records_lib.ObjectMasks(obj.frames, tuple(region_index), tuple(sizes), tuple(rles),
                                                tuple(nulls)))
 
-    encoded: dict[int, bytes] = {}
-
-    def enc(i: int) -> bytes:  # each distinct frame is resized and encoded once
-        if i not in encoded:
-            img = video_lib.resize_frame(decoded[i], cfg.image_size, cfg.aspect)
-            encoded[i] = video_lib.encode_image(img, cfg.image_format, cfg.jpeg_quality)
-        return encoded[i]
-
+    images = {i: video_lib.resize_frame(decoded[i], cfg.image_size, cfg.aspect)
+              for i in dict.fromkeys([*sampled, *all_frames])}  # each distinct frame resized once
     orig = tuple(decoded[sampled[0]].shape[:2]) if sampled else (0, 0)
+    return DecodedSample(sample, n, orig, tuple(sampled), tuple(all_frames), images, tuple(objects))
+
+
+def encode_record(d: DecodedSample, cfg: ConvertConfig, source: str = "") -> records_lib.Record:
+    """A `DecodedSample` -> the stored `Record` (each distinct frame encoded once)."""
+    encoded = {i: video_lib.encode_image(img, cfg.image_format, cfg.jpeg_quality) for i, img in d.images.items()}
+    s = d.sample
     return records_lib.Record(
-        sample_id=sid, source=source, index=sample.index, modality=sample.modality, media=sample.media or "",
-        conversations=tuple(sample.conversations), extra=dict(sample.extra), orig_size=orig,
-        num_source_frames=n, stored_size=cfg.image_size, aspect=cfg.aspect, image_format=cfg.image_format,
-        frame_indices=tuple(sampled), frames=tuple(enc(i) for i in sampled),
-        region_frame_indices=tuple(all_frames), region_frames=tuple(enc(i) for i in all_frames),
-        objects=tuple(objects))
+        sample_id=s.sample_id, source=source, index=s.index, modality=s.modality, media=s.media or "",
+        conversations=tuple(s.conversations), extra=dict(s.extra), orig_size=d.orig_size,
+        num_source_frames=d.num_source_frames, stored_size=cfg.image_size, aspect=cfg.aspect,
+        image_format=cfg.image_format, frame_indices=d.frame_indices,
+        frames=tuple(encoded[i] for i in d.frame_indices), region_frame_indices=d.region_frame_indices,
+        region_frames=tuple(encoded[i] for i in d.region_frame_indices), objects=d.objects)
+
+
+def build_record(sample: schema.Sample, media_root: str, cfg: ConvertConfig, source: str = "") -> records_lib.Record:
+    """Decode, check and encode one validated sample (`decode_sample` + `encode_record`).
+    Raises `schema.SampleError`."""
+    return encode_record(decode_sample(sample, media_root, cfg), cfg, source)
 
 
 # ----------------------------------------------------------------------------- workers

@@ -1,5 +1,5 @@
 """Grain loader: record shards -> static-shape training batches (the batch contract of
-`vrefer_jax.models.videorefer`).
+`vrefer_jax.batch`).
 
 Pipeline per record set (one set, or several for a stage mixture):
 
@@ -30,10 +30,10 @@ from typing import Any
 import grain
 import numpy as np
 
+from data_pipeline import masks as masks_lib
 from data_pipeline import records as records_lib
 from data_pipeline import video as video_lib
-from vrefer_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX
-from vrefer_jax.models.mask_ops import bilinear_weights
+from vrefer_jax import batch as batch_lib
 from vrefer_jax.text.multimodal import build_training_example
 
 log = logging.getLogger(__name__)
@@ -41,47 +41,6 @@ log = logging.getLogger(__name__)
 # cap names = policy keys; append new ones (the order indexes the skip-count vectors)
 CAPS = ("input_ids", "region_frames", "objects", "object_frames", "expanded_len")
 _MODAL_TOKEN = {"video": "<video>", "image": "<image>", "text": None}
-
-
-def _siglip_lut() -> np.ndarray:
-    """uint8 -> float32 exactly as SiglipImageProcessor: rescale in float64, cast, (x - .5) / .5 in fp32."""
-    x = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-    return (x - np.float32(0.5)) / np.float32(0.5)
-
-
-SIGLIP_LUT = _siglip_lut()
-
-
-def siglip_normalize(img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 [..., 3] -> float32 in [-1, 1], bit-identical to `SIGLIP_LUT[img]` (checked for all 256
-    values in the tests: fp32 x / 255 rounds like HF's fp64 rescale here) and ~3x faster."""
-    out = np.empty(img.shape, np.float32) if out is None else out
-    np.divide(img, np.float32(255), out=out, dtype=np.float32)
-    out -= np.float32(0.5)
-    out *= np.float32(2)
-    return out
-
-
-def _support(in_len: int, out_len: int) -> np.ndarray:
-    """[out_len, 2] input indices with non-zero bilinear weight (a repeated index where only one)."""
-    w = bilinear_weights(in_len, out_len) > 0
-    first = np.argmax(w, axis=1)
-    last = in_len - 1 - np.argmax(w[:, ::-1], axis=1)
-    return np.stack([first, last], axis=1)
-
-
-def grid_masks(m: np.ndarray, g: int) -> np.ndarray:
-    """bool [..., H, W] -> bool [..., g, g], exactly `resize_masks_np(m, g, g) > 0`.
-
-    The bilinear weights are non-negative and each output cell has at most 2x2 input pixels of
-    non-zero weight, so the resized value is > 0 iff one of those pixels is set (a sum of positive
-    fp32 terms never rounds to 0): a gather of 2 rows and 2 columns per cell instead of two dense
-    matmuls over the full-resolution mask (~50x faster at 720x1280).
-    """
-    h, w = m.shape[-2:]
-    rows, cols = _support(h, g), _support(w, g)
-    r = m[..., rows, :].any(axis=-2)  # [..., g, W]
-    return r[..., cols].any(axis=-1)  # [..., g, g]
 
 
 class CapExceededError(ValueError):
@@ -102,9 +61,10 @@ class LoaderConfig:
       ("input_ids", "region_frames", "objects", "object_frames", "expanded_len"); missing names
       default to "error".
     max_expanded_len: None = off; else the cap "expanded_len" on the sequence after <video>/<image>
-      and <region> expansion (the model's static `out_len`), checked with the same upper bound as
-      `videorefer.validate`: len(ids) + P (num_video_tokens - 1) + sum_k min(region_tokens_per_object,
-      M_k) - R for P placeholders, R <region> tokens, M_k masks of object k. Needs num_video_tokens
+      and <region> expansion (the model's static `out_len`): `vrefer_jax.batch.expanded_length`,
+      the bound `check_batch` uses: len(ids) + P (num_video_tokens - 1) + sum_k
+      min(region_tokens_per_object, M_k) - R for P placeholders, R <region> tokens, M_k masks of
+      object k. Needs num_video_tokens
       (for T frames) and region_tokens_per_object (`region_token_num`); `for_model` fills both.
     shard_index / num_shards: None = this JAX process of all (`jax.process_index/count`).
     num_epochs: None repeats forever. worker_count 0 = in-process. Keep read_threads x worker_count
@@ -160,15 +120,13 @@ class LoaderConfig:
     def for_model(cls, model_cfg, **kw) -> LoaderConfig:
         """Take T, S, g, the pad id, the aspect mode (`image_aspect_ratio`), the video token count
         (for T) and region_token_num from a `vrefer_jax.config.ModelConfig`."""
-        from vrefer_jax.models.connector import num_video_tokens  # lazy: the model code is not needed otherwise
-
         kw.setdefault("num_frames", model_cfg.num_frames)
         kw.setdefault("image_size", model_cfg.vision.image_size)
         kw.setdefault("grid", model_cfg.vision.grid)
         kw.setdefault("pad_token_id", model_cfg.pad_token_id)
         kw.setdefault("aspect", model_cfg.image_aspect_ratio)  # a 'pad' checkpoint pads frames and masks
         kw.setdefault("num_video_tokens",
-                      num_video_tokens(model_cfg.connector, kw["num_frames"], model_cfg.vision.grid))
+                      batch_lib.model_video_tokens(model_cfg, kw["num_frames"]))
         kw.setdefault("region_tokens_per_object", model_cfg.object_encoder.region_token_num)
         return cls(**kw)
 
@@ -176,16 +134,43 @@ class LoaderConfig:
 # ----------------------------------------------------------------------------- one sample
 
 
-def pad_mask_to_square(m: np.ndarray) -> np.ndarray:
-    """[..., H, W] -> [..., s, s] zero padded like `expand2square` (offset (long - short) // 2)."""
-    h, w = m.shape[-2:]
-    if h == w:
-        return m
-    s = max(h, w)
-    out = np.zeros(m.shape[:-2] + (s, s), m.dtype)
-    top, left = (s - h) // 2, (s - w) // 2
-    out[..., top:top + h, left:left + w] = m
-    return out
+def to_example(sample_id: str, modality: str, frames: Sequence[np.ndarray], region_frames: Sequence[np.ndarray],
+               objects: Sequence[tuple[Sequence[int], np.ndarray]], input_ids: Sequence[int],
+               labels: Sequence[int] | None = None, *, num_frames: int, image_size: int, grid: int,
+               aspect: str) -> batch_lib.Example:
+    """The per-sample host transform shared by the loader and the predictor, so both give the model
+    the same arrays: uint8 frames at `image_size` -> SigLIP-normalised float32 (an image repeated
+    `num_frames` times, a text-only sample all zeros), and each object's full-resolution bool masks
+    [M, H, W] -> the vision grid (`pad_mask_to_square` first in 'pad' mode, then `grid_masks`).
+
+    objects: (indices into `region_frames`, masks) per object.
+    """
+    S, T = image_size, num_frames
+
+    def normalise(imgs) -> np.ndarray:
+        out = np.empty((len(imgs), S, S, 3), np.float32)
+        for i, img in enumerate(imgs):
+            if img.shape[:2] != (S, S):
+                raise ValueError(f"sample {sample_id}: frame {i} is {img.shape[:2]}, expected {S}x{S}")
+            video_lib.siglip_normalize(img, out[i])
+        return out
+
+    if modality == "video":
+        if len(frames) != T:
+            raise ValueError(f"sample {sample_id}: record has {len(frames)} sampled frames, the loader wants "
+                             f"{T} (convert with num_frames={T})")
+        x = normalise(frames)
+    elif modality == "image":  # the image repeated T times (official)
+        x = np.broadcast_to(normalise(frames[:1]), (T, S, S, 3))
+    else:
+        x = np.zeros((T, S, S, 3), np.float32)
+    masks = []
+    for _, m in objects:
+        if aspect == "pad":
+            m = masks_lib.pad_mask_to_square(m)
+        masks.append(masks_lib.grid_masks(m, grid))
+    return batch_lib.Example(sample_id, input_ids, x, normalise(region_frames),
+                             [list(idx) for idx, _ in objects], masks, labels)
 
 
 SKIP_LOG_LIMIT = 20  # warnings per cap and process before skips are logged at debug level
@@ -201,10 +186,11 @@ class SampleTransform:
         self.cfg, self.tokenizer = cfg, tokenizer
         self._skip_logged: dict[str, int] = {}  # per process: warnings written per cap
 
-    def _frames(self, rec: records_lib.Record, encoded) -> np.ndarray:
+    def _frames(self, rec: records_lib.Record, encoded) -> list[np.ndarray]:
+        """Stored frames -> uint8 [S, S, 3] each."""
         c = self.cfg
-        out = np.empty((len(encoded), c.image_size, c.image_size, 3), np.float32)
-        for i, b in enumerate(encoded):
+        out = []
+        for b in encoded:
             img = video_lib.decode_image(b)
             if img.shape[:2] != (c.image_size, c.image_size):
                 if rec.stored_size not in (0, img.shape[0]):
@@ -212,26 +198,18 @@ class SampleTransform:
                 # Converter-stored frames of another size: the converter's resize (from the stored
                 # frame: exact only for size-0 records, which keep the original resolution).
                 img = video_lib.resize_frame(img, c.image_size, c.aspect if rec.stored_size == 0 else "square")
-            siglip_normalize(img, out[i])
+            out.append(img)
         return out
 
-    def _masks(self, obj: records_lib.ObjectMasks) -> np.ndarray:
-        m = obj.decode()  # [M, H, W] bool at original resolution
-        if self.cfg.aspect == "pad":
-            m = pad_mask_to_square(m)
-        return grid_masks(m, self.cfg.grid)
-
     def expanded_len(self, ids: Sequence[int], rec: records_lib.Record) -> int:
-        """Upper bound of the sequence length after placeholder expansion (as `videorefer.validate`)."""
-        c = self.cfg
-        a = np.asarray(ids)
-        placeholders = int(((a == IMAGE_TOKEN_INDEX) | (a == VIDEO_TOKEN_INDEX)).sum())
+        """Upper bound of the sequence length after placeholder expansion (`batch.expanded_length`)."""
         try:
-            regions = int((a == self.tokenizer.region_id).sum())
+            region_id = self.tokenizer.region_id
         except KeyError:  # a vocabulary without <region>: no region tokens
-            regions = 0
-        objects = sum(min(c.region_tokens_per_object, len(o.frames)) for o in rec.objects)
-        return len(ids) + placeholders * (c.num_video_tokens - 1) + objects - regions
+            region_id = None
+        return batch_lib.expanded_length(
+            ids, [len(o.frames) for o in rec.objects], region_token_id=region_id,
+            num_video_tokens=self.cfg.num_video_tokens, region_token_num=self.cfg.region_tokens_per_object)
 
     def __call__(self, rec: records_lib.Record) -> dict[str, Any]:
         c = self.cfg
@@ -264,39 +242,13 @@ class SampleTransform:
                     log.debug("skipping sample %s: %s needs %d > cap %d", sid, cap, size, limit)
                 return {"_skip": cap}
 
-        L, S, T = c.seq_len, c.image_size, c.num_frames
-        n = len(ids)
-        input_ids = np.full((L,), c.pad_token_id, np.int32)
-        input_ids[:n] = ids
-        lab = np.full((L,), IGNORE_INDEX, np.int32)
-        lab[:n] = labels
-        seg = np.zeros((L,), np.int32)
-        seg[:n] = 1
-
-        frames = np.zeros((T, S, S, 3), np.float32)
-        if rec.modality == "video":
-            if len(rec.frames) != T:
-                raise ValueError(f"sample {sid}: record has {len(rec.frames)} sampled frames, the loader wants "
-                                 f"{T} (convert with num_frames={T})")
-            frames[:] = self._frames(rec, rec.frames)
-        elif rec.modality == "image":
-            frames[:] = self._frames(rec, rec.frames[:1])  # the image repeated T times
-        region = np.zeros((c.max_region_frames, S, S, 3), np.float32)
-        if F:
-            region[:F] = self._frames(rec, rec.region_frames)
-
-        g = c.grid
-        obj_frames = np.full((c.max_objects, c.max_object_frames), -1, np.int32)
-        obj_masks = np.zeros((c.max_objects, c.max_object_frames, g, g), bool)
-        obj_valid = np.zeros((c.max_objects,), bool)
-        for k, obj in enumerate(rec.objects):
-            m = len(obj.frames)
-            obj_frames[k, :m] = obj.region_index
-            obj_masks[k, :m] = self._masks(obj)
-            obj_valid[k] = True
-        return dict(input_ids=input_ids, labels=lab, segment_ids=seg, frames=frames, region_frames=region,
-                    object_frames=obj_frames, object_masks=obj_masks, object_valid=obj_valid,
-                    sample_id=sid)
+        frames = self._frames(rec, rec.frames) if rec.modality in ("video", "image") else []
+        ex = to_example(sid, rec.modality, frames, self._frames(rec, rec.region_frames),
+                        [(o.region_index, o.decode()) for o in rec.objects], ids, labels,
+                        num_frames=c.num_frames, image_size=c.image_size, grid=c.grid, aspect=c.aspect)
+        return batch_lib.pad_example(ex, seq_len=c.seq_len, region_frames=c.max_region_frames,
+                                     objects=c.max_objects, object_frames=c.max_object_frames,
+                                     mask_size=c.grid, pad_token_id=c.pad_token_id)
 
 
 # ----------------------------------------------------------------------------- skip counting
@@ -349,8 +301,7 @@ class _BatchCountingSkipsIterator(grain.DatasetIterator):
 
 def stack_examples(xs: Sequence[dict[str, Any]], num_skipped: np.ndarray | None = None) -> dict[str, Any]:
     """Examples -> batch; sample ids as a str array `sample_ids`, skip counts by cap as `num_skipped`."""
-    out = {k: np.stack([x[k] for x in xs]) for k in xs[0] if k != "sample_id"}
-    out["sample_ids"] = np.array([x["sample_id"] for x in xs])
+    out = batch_lib.stack(xs)
     out["num_skipped"] = np.zeros((len(CAPS),), np.int64) if num_skipped is None else num_skipped
     return out
 

@@ -12,7 +12,8 @@ Formats accepted in an annotation's `segmentation` (reference §4.1; the officia
 compressed RLE whose runs sum to less than h*w decodes into uninitialised memory, an empty counts
 string into an all-zero mask, and uncompressed counts that are short are silently zero-padded.
 Storage is always compressed RLE at the original resolution (`to_compressed`); decoding gives
-`[H, W] bool` (`decode_rle`, `decode_segmentation`).
+`[H, W] bool` (`decode_rle`, `decode_segmentation`). The loader and the predictor bring masks to
+the vision grid with `pad_mask_to_square` ('pad' checkpoints) and `grid_masks`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from vrefer_jax.numerics import bilinear_weights
 
 KINDS = ("rle", "uncompressed_rle", "polygon", "null")
 
@@ -224,3 +227,40 @@ def decode_segmentation(seg: Segmentation | Any, height: int, width: int) -> np.
         seg = parse_segmentation(seg)
     counts, (h, w) = to_compressed(seg, height, width)
     return decode_rle(counts, h, w)
+
+
+# ----------------------------------------------------------------------------- to the vision grid
+
+
+def pad_mask_to_square(m: np.ndarray) -> np.ndarray:
+    """[..., H, W] -> [..., s, s] zero padded like `expand2square` (offset (long - short) // 2)."""
+    h, w = m.shape[-2:]
+    if h == w:
+        return m
+    s = max(h, w)
+    out = np.zeros(m.shape[:-2] + (s, s), m.dtype)
+    top, left = (s - h) // 2, (s - w) // 2
+    out[..., top:top + h, left:left + w] = m
+    return out
+
+
+def _support(in_len: int, out_len: int) -> np.ndarray:
+    """[out_len, 2] input indices with non-zero bilinear weight (a repeated index where only one)."""
+    w = bilinear_weights(in_len, out_len) > 0
+    first = np.argmax(w, axis=1)
+    last = in_len - 1 - np.argmax(w[:, ::-1], axis=1)
+    return np.stack([first, last], axis=1)
+
+
+def grid_masks(m: np.ndarray, g: int) -> np.ndarray:
+    """bool [..., H, W] -> bool [..., g, g], exactly `resize_masks_np(m, g, g) > 0`.
+
+    The bilinear weights are non-negative and each output cell has at most 2x2 input pixels of
+    non-zero weight, so the resized value is > 0 iff one of those pixels is set (a sum of positive
+    fp32 terms never rounds to 0): a gather of 2 rows and 2 columns per cell instead of two dense
+    matmuls over the full-resolution mask (~50x faster at 720x1280).
+    """
+    h, w = m.shape[-2:]
+    rows, cols = _support(h, g), _support(w, g)
+    r = m[..., rows, :].any(axis=-2)  # [..., g, W]
+    return r[..., cols].any(axis=-1)  # [..., g, g]

@@ -15,7 +15,7 @@ streams without packet timestamps are decoded sequentially from the start.
 Resizing is SigLIP's (`SiglipImageProcessor`, §2.2): PIL bicubic on the uint8 RGB frame to
 (size, size); 'square' squashes, 'pad' first pastes the frame centred on a square canvas filled with
 (127, 127, 127). The converter stores exactly that uint8 image, so the loader's only remaining steps
-are rescale and normalise.
+are rescale and normalise (`siglip_normalize`).
 """
 
 from __future__ import annotations
@@ -313,3 +313,25 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.frombuffer(pixels, np.uint8).reshape(h, w, 3)
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))
+
+
+# ----------------------------------------------------------------------------- normalise
+
+
+def _siglip_lut() -> np.ndarray:
+    """uint8 -> float32 exactly as SiglipImageProcessor: rescale in float64, cast, (x - .5) / .5 in fp32."""
+    x = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    return (x - np.float32(0.5)) / np.float32(0.5)
+
+
+SIGLIP_LUT = _siglip_lut()
+
+
+def siglip_normalize(img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [..., 3] -> float32 in [-1, 1], bit-identical to `SIGLIP_LUT[img]` (checked for all 256
+    values in the tests: fp32 x / 255 rounds like HF's fp64 rescale here) and ~3x faster."""
+    out = np.empty(img.shape, np.float32) if out is None else out
+    np.divide(img, np.float32(255), out=out, dtype=np.float32)
+    out -= np.float32(0.5)
+    out *= np.float32(2)
+    return out

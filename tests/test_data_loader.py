@@ -15,8 +15,10 @@ from PIL import Image
 
 from data_helpers import box as _box, conv as _conv, rle as _rle, save_tiny_tokenizer, tiny_record, write_records
 from data_pipeline import convert, loader, records, video as V
+from data_pipeline import masks as masks_lib
+from vrefer_jax import batch as batch_lib
 from vrefer_jax.config import IGNORE_INDEX, model_config_from_gin
-from vrefer_jax.models import splice, videorefer
+from vrefer_jax.models import videorefer
 from vrefer_jax.models.mask_ops import resize_masks_np
 from vrefer_jax.text import HFTokenizer, build_training_example
 
@@ -109,7 +111,7 @@ def test_contract_pixels_masks_tokens(converted, tok, mcfg):
     err = np.abs(two["frames"] - hf).max()
     print(f"\nframes vs SiglipImageProcessor: max abs {err:.3g}")
     assert err == 0
-    np.testing.assert_array_equal(two["region_frames"][:3], loader.SIGLIP_LUT[recs["two"].decode_region_frames()])
+    np.testing.assert_array_equal(two["region_frames"][:3], V.SIGLIP_LUT[recs["two"].decode_region_frames()])
     # Masks: object k's masks in its key order, on the grid, `> 0` of the PyTorch-exact bilinear resize.
     m1, m2 = ref["two"]
     assert recs["two"].region_frame_indices == (2, 7, 12)
@@ -249,7 +251,7 @@ def test_orbax_checkpoint_and_mixture(many, tok, mcfg, tmp_path):
 
 def test_fast_paths_are_exact():
     x = np.arange(256, dtype=np.uint8)
-    np.testing.assert_array_equal(loader.siglip_normalize(x), loader.SIGLIP_LUT)
+    np.testing.assert_array_equal(V.siglip_normalize(x), V.SIGLIP_LUT)
     rs = np.random.RandomState(0)
     worst = 0
     for h, w, g in [(720, 1280, 27), (48, 64, 4), (30, 50, 4), (27, 27, 27), (5, 9, 27), (481, 853, 27), (30, 30, 4)]:
@@ -258,13 +260,13 @@ def test_fast_paths_are_exact():
         m[1, h // 3: h // 3 + 2, w // 4: w // 4 + 3] = True
         m[2] = rs.rand(h, w) > 0.5
         ref = resize_masks_np(m, g, g) > 0
-        got = loader.grid_masks(m, g)
+        got = masks_lib.grid_masks(m, g)
         np.testing.assert_array_equal(got, ref, err_msg=f"{h}x{w}->{g}")
         worst = max(worst, int((got != ref).sum()))
     print(f"\ngrid_masks vs resize_masks_np > 0: {worst} differing cells")
-    sq = loader.pad_mask_to_square(np.ones((2, 5), bool))  # like expand2square: top = (5 - 2) // 2
+    sq = masks_lib.pad_mask_to_square(np.ones((2, 5), bool))  # like expand2square: top = (5 - 2) // 2
     np.testing.assert_array_equal(sq.sum(1), [0, 5, 5, 0, 0])
-    np.testing.assert_array_equal(loader.pad_mask_to_square(np.ones((5, 2), bool)).sum(0), [0, 5, 5, 0, 0])
+    np.testing.assert_array_equal(masks_lib.pad_mask_to_square(np.ones((5, 2), bool)).sum(0), [0, 5, 5, 0, 0])
 
 
 def test_to_global_on_mesh(converted, tok, mcfg):
@@ -326,7 +328,7 @@ def test_skips_at_the_end_of_the_stream_are_counted(skippy, tok, mcfg):
 
 def _validate_worst(m, b) -> int:
     """`videorefer.validate`'s worst-case expanded length of a one-sample batch (its error at out_len 0)."""
-    with pytest.raises(splice.BatchError, match=r"expanded length up to \d+") as e:
+    with pytest.raises(batch_lib.BatchError, match=r"expanded length up to \d+") as e:
         videorefer.validate(m, b, 0, sample_ids=list(b["sample_ids"]))
     return int(re.search(r"up to (\d+)", str(e.value)).group(1))
 
@@ -405,24 +407,24 @@ def test_pad_aspect_end_to_end(wide, tok, mcfg):
     rec = records.RecordReader(out)[0]
     assert rec.region_frame_indices == (3, 9) and rec.aspect == "pad"
     # Masks: zero padded like the frames, then on the grid.
-    padded = loader.pad_mask_to_square(mask)
-    grid = loader.grid_masks(padded, g)
+    padded = masks_lib.pad_mask_to_square(mask)
+    grid = masks_lib.grid_masks(padded, g)
     np.testing.assert_array_equal(grid, resize_masks_np(padded, g, g) > 0)
     np.testing.assert_array_equal(x["object_masks"][0], np.stack([grid, grid]))
     np.testing.assert_array_equal(x["object_frames"][0], [0, 1])
-    assert not np.array_equal(grid, loader.grid_masks(mask, g))  # the padding moves the object
+    assert not np.array_equal(grid, masks_lib.grid_masks(mask, g))  # the padding moves the object
     # Frames: SigLIP values of expand2square + bicubic of the source frames (exact with PNG).
     src = V.open_video(str(root / "clip")).get(rec.frame_indices + rec.region_frame_indices)
-    np.testing.assert_array_equal(x["frames"], loader.SIGLIP_LUT[np.stack(
+    np.testing.assert_array_equal(x["frames"], V.SIGLIP_LUT[np.stack(
         [V.resize_frame(src[i], S, "pad") for i in rec.frame_indices])])
     # Border: canvas rows 0:8 and 56:64 are the grey fill; output rows 0:2 and 30:32 see only them
     # (bicubic support of a 2x downscale: +-4 source rows).
     grey = np.float32((127 / 255 - 0.5) / 0.5)
-    assert abs(loader.SIGLIP_LUT[127] - grey) < 1e-7
+    assert abs(V.SIGLIP_LUT[127] - grey) < 1e-7
     region = x["region_frames"][:2]
     for arr in (x["frames"], region):
-        assert (arr[:, :2] == loader.SIGLIP_LUT[127]).all() and (arr[:, -2:] == loader.SIGLIP_LUT[127]).all()
-        assert not (arr[:, 4:28] == loader.SIGLIP_LUT[127]).all(axis=-1).any()  # no grey in the content rows
+        assert (arr[:, :2] == V.SIGLIP_LUT[127]).all() and (arr[:, -2:] == V.SIGLIP_LUT[127]).all()
+        assert not (arr[:, 4:28] == V.SIGLIP_LUT[127]).all(axis=-1).any()  # no grey in the content rows
     # Frames and masks line up: the white object (> 0 after SigLIP, mean per grid cell) fills exactly
     # the mask's grid cells in both region frames.
     cells = region.reshape(2, g, S // g, g, S // g, 3).mean(axis=(2, 4, 5))

@@ -463,3 +463,57 @@ def test_predictor_media_paths_confined_unless_allowed(world):
                      allow_absolute_media=True)
     rel = free.prepare(request_to_sample(REQS[0], 0, world["root"]), world["root"])
     np.testing.assert_array_equal(free.prepare(s, "/nonexistent").frames, rel.frames)
+
+
+def test_predictor_batch_equals_loader_batch(world, tmp_path):
+    """One host preprocessing path: the predictor's in-memory arrays are the ones the training loader
+    gives for the same sample converted to lossless records (frames, region frames, masks, indices)."""
+    import dataclasses
+
+    from data_helpers import write_records
+    from data_pipeline import convert, loader
+
+    pred, cfg, tok = world["pred"], world["cfg"], world["tok"]
+    seen_mask = False
+    for aspect in ("square", "pad"):
+        pred.configure(aspect=aspect)
+        try:
+            for s in samples(world):
+                batch, _ = pred.make_batch([pred.prepare(s, world["root"])])
+                T, F, K, M = (batch["frames"].shape[1], batch["region_frames"].shape[1],
+                              *batch["object_frames"].shape[1:])
+                answered = s if len(s.conversations) % 2 == 0 else dataclasses.replace(
+                    s, conversations=(*s.conversations, {"from": "gpt", "value": "yes"}))  # training needs a reply
+                conv = convert.ConvertConfig(num_frames=T if s.modality == "video" else 1,
+                                             image_size=cfg.vision.image_size, aspect=aspect)
+                path = write_records(str(tmp_path / f"{s.sample_id}-{aspect}.tfrecord"),
+                                     [convert.build_record(answered, world["root"], conv)])
+                lcfg = loader.LoaderConfig.for_model(cfg, batch_size=1, seq_len=256, num_frames=T, max_region_frames=F,
+                                                     max_objects=K, max_object_frames=M, aspect=aspect, shuffle=False,
+                                                     num_epochs=1)
+                (want,) = list(loader.make_loader(path, lcfg, tok))
+                for k in ("frames", "region_frames", "object_frames", "object_masks", "object_valid"):
+                    assert batch[k].dtype == want[k].dtype, (s.sample_id, k)
+                    np.testing.assert_array_equal(batch[k], want[k], err_msg=f"{s.sample_id} {aspect} {k}")
+                assert (want["frames"] != 0).any() and want["object_valid"].any()
+                seen_mask |= bool(want["object_masks"].any())
+        finally:
+            pred.configure(aspect=cfg.image_aspect_ratio)
+    assert seen_mask  # the masks compared are not all empty
+
+
+def test_predictor_preprocesses_in_memory(world, monkeypatch):
+    """Inference encodes nothing: no PNG/JPEG round trip of the frames, no record."""
+    from data_pipeline import records, video
+
+    def refuse(*a, **k):
+        raise AssertionError("the predictor must not encode or decode images")
+
+    want = world["pred"].prepare(samples(world)[1], world["root"])
+    monkeypatch.setattr(video, "encode_image", refuse)
+    monkeypatch.setattr(video, "decode_image", refuse)
+    monkeypatch.setattr(records.Record, "to_bytes", refuse)
+    got = world["pred"].prepare(samples(world)[1], world["root"])
+    np.testing.assert_array_equal(got.frames, want.frames)
+    np.testing.assert_array_equal(got.region_frames, want.region_frames)
+    assert got.input_ids == want.input_ids and got.object_frames == want.object_frames

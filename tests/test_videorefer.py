@@ -13,7 +13,8 @@ from vrefer_jax.checkpoints import videorefer_keys as keys
 from vrefer_jax.config import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ModelConfig,
                                model_config_from_gin)
 from vrefer_jax.models import videorefer
-from vrefer_jax.models.splice import BatchError, splice
+from vrefer_jax.batch import BatchError
+from vrefer_jax.models.splice import splice
 from vrefer_jax.models.videorefer import VideoRefer
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "models"

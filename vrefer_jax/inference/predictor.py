@@ -1,11 +1,12 @@
 """`Predictor`: validated samples -> answers, the official `mm_infer` path with static shapes.
 
-Per sample (host): `convert.build_record` decodes the media exactly as the converter does (official
-'v1' frame sampling, SigLIP resize, masks at full resolution; frames kept lossless as PNG), the
-question is the sample's first human turn without its `<video>`/`<image>` tag, and the prompt is
-`build_inference_prompt` (the official chat prompt ending in `<|im_start|>assistant\\n`). Masks go
-to the vision grid as the training loader does (`grid_masks`, after `pad_mask_to_square` in 'pad'
-mode).
+Per sample (host), in memory: `convert.decode_sample` decodes and checks the media exactly as the
+converter does (official 'v1' frame sampling, SigLIP resize, masks at full resolution), and the
+loader's own per-sample transform (`loader.to_example`: normalisation, masks to the vision grid after
+`pad_mask_to_square` in 'pad' mode) turns it into model arrays, so the model sees what training
+with lossless records shows it. The question is the sample's first human turn without its
+`<video>`/`<image>` tag, and the prompt is `build_inference_prompt` (the official chat prompt ending
+in `<|im_start|>assistant\\n`). Batches are padded and stacked by `vrefer_jax.batch`.
 
 Batches: samples are grouped by frame count (videos: `num_frames`; images: the model's
 `num_frames`, as officially) and cut into `batch_size` rows in input order; the last batch is
@@ -27,14 +28,12 @@ import jax
 import numpy as np
 
 from data_pipeline import convert as convert_lib
-from data_pipeline import records as records_lib
+from data_pipeline import loader as loader_lib
 from data_pipeline import schema
-from data_pipeline import video as video_lib
-from data_pipeline.loader import grid_masks, pad_mask_to_square, siglip_normalize
-from vrefer_jax.config import IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
+from vrefer_jax import batch as batch_lib
+from vrefer_jax.config import ModelConfig
 from vrefer_jax.inference.generate import generate_videorefer
 from vrefer_jax.inference.sampling import GenerationConfig
-from vrefer_jax.models import videorefer
 from vrefer_jax.text.multimodal import build_inference_prompt
 from vrefer_jax.text.tokenizer import Tokenizer, load_tokenizer
 
@@ -68,15 +67,9 @@ def question_of(sample: schema.Sample) -> str:
 
 
 @dataclasses.dataclass
-class Prepared:
-    """One sample on the host, before batching (arrays unpadded)."""
+class Prepared(batch_lib.Example):
+    """One sample on the host, before batching (a `batch.Example` without labels, arrays unpadded)."""
 
-    sample_id: str
-    input_ids: list[int]
-    frames: np.ndarray  # [T, S, S, 3] float32
-    region_frames: np.ndarray  # [F, S, S, 3] float32
-    object_frames: list[list[int]]  # per object: indices into region_frames
-    object_masks: list[np.ndarray]  # per object: [M_k, g, g] bool
     # e.g. "empty_mask: object 0": answered, but the object has no pixel to look at (the CLI reports it)
     warnings: list[str] = dataclasses.field(default_factory=list)
 
@@ -159,44 +152,28 @@ class Predictor:
 
         The media path must stay inside `media_root` (`media_outside_root`), as in the converter;
         absolute paths are read as given with `allow_absolute` (requests whose paths were already
-        checked) or the predictor's `allow_absolute_media`."""
+        checked) or the predictor's `allow_absolute_media`. Nothing is encoded: the decoded frames
+        and masks go through the loader's per-sample transform in memory."""
         conv = dataclasses.replace(self._convert, allow_absolute_media=True) if allow_absolute else self._convert
-        rec = convert_lib.build_record(sample, media_root, conv)
+        d = convert_lib.decode_sample(sample, media_root, conv)
         modal = sample.modality if sample.modality in _TAGS else "text"
         ids = build_inference_prompt(self.tokenizer, question_of(sample), modal)
-        S = self.cfg.vision.image_size
-        if rec.modality == "video":
-            frames = self._decode(rec.frames)
-        elif rec.modality == "image":  # the image repeated to the model's num_frames (official)
-            frames = np.repeat(self._decode(rec.frames[:1]), self.cfg.num_frames, axis=0)
-        else:
-            frames = np.zeros((self.cfg.num_frames, S, S, 3), np.float32)
-        region = self._decode(rec.region_frames) if rec.region_frames else np.zeros((0, S, S, 3), np.float32)
-        masks = [self._masks(o) for o in rec.objects]
-        warnings = [w for k, o in enumerate(rec.objects) for w in _empty_mask_warnings(k, o)]
-        return Prepared(sample.sample_id, ids, frames, region, [list(o.region_index) for o in rec.objects], masks,
-                        warnings)
-
-    def _decode(self, encoded: Sequence[bytes]) -> np.ndarray:
-        out = np.empty((len(encoded),) + (self.cfg.vision.image_size,) * 2 + (3,), np.float32)
-        for i, b in enumerate(encoded):
-            siglip_normalize(video_lib.decode_image(b), out[i])
-        return out
-
-    def _masks(self, obj: records_lib.ObjectMasks) -> np.ndarray:
-        m = obj.decode()
-        if self.aspect == "pad":
-            m = pad_mask_to_square(m)
-        return grid_masks(m, self.cfg.vision.grid)
+        masks = [o.decode() for o in d.objects]
+        # videos give num_frames frames; an image is repeated to the model's num_frames (official)
+        T = self.num_frames if sample.modality == "video" else self.cfg.num_frames
+        ex = loader_lib.to_example(sample.sample_id, sample.modality, d.frames, d.region_frames,
+                                   [(o.region_index, m) for o, m in zip(d.objects, masks)], ids,
+                                   num_frames=T, image_size=self.cfg.vision.image_size,
+                                   grid=self.cfg.vision.grid, aspect=self.aspect)
+        warnings = [w for k, (o, m) in enumerate(zip(d.objects, masks)) for w in _empty_mask_warnings(k, o.frames, m)]
+        return Prepared(**{f.name: getattr(ex, f.name) for f in dataclasses.fields(ex)}, warnings=warnings)
 
     def expanded_length(self, p: Prepared) -> int:
-        """Worst-case LLM input length of a prepared sample (as `splice.check_batch` counts it)."""
-        ids = np.asarray(p.input_ids)
-        n_visual = int(np.isin(ids, (IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX)).sum())
-        n_region = int((ids == self.cfg.region_token_id).sum())
-        R = self.cfg.object_encoder.region_token_num
-        nv = videorefer.num_video_tokens(self.cfg, p.frames.shape[0]) if n_visual else 0
-        return len(ids) - n_visual - n_region + nv + sum(min(len(f), R) for f in p.object_frames)
+        """Worst-case LLM input length of a prepared sample (`batch.expanded_length`)."""
+        return batch_lib.expanded_length(
+            p.input_ids, [len(f) for f in p.object_frames], region_token_id=self.cfg.region_token_id,
+            num_video_tokens=batch_lib.model_video_tokens(self.cfg, p.frames.shape[0]),
+            region_token_num=self.cfg.object_encoder.region_token_num)
 
     def make_batch(self, prepared: Sequence[Prepared], batch_size: int | None = None) -> tuple[dict, int]:
         """Bucketed contract batch (no labels) and its static expanded length `out_len`.
@@ -206,28 +183,15 @@ class Predictor:
         T = rows[0].frames.shape[0]
         if any(r.frames.shape[0] != T for r in rows):
             raise ValueError("all rows of a batch need the same frame count")
-        S, g, B = self.cfg.vision.image_size, self.cfg.vision.grid, len(rows)
         fl = self.bucket_floors
-        L = next_pow2(max(len(r.input_ids) for r in rows), fl["input_ids"])
-        F = next_pow2(max(r.region_frames.shape[0] for r in rows), fl["region_frames"])
-        K = next_pow2(max(len(r.object_frames) for r in rows), fl["objects"])
-        M = next_pow2(max((len(f) for r in rows for f in r.object_frames), default=1), fl["object_frames"])
-        nv = videorefer.num_video_tokens(self.cfg, T)
+        sizes = [r.sizes() for r in rows]
+        dims = {k: next_pow2(max(sz[k] for sz in sizes), fl[{"seq_len": "input_ids"}.get(k, k)])
+                for k in ("seq_len", "region_frames", "objects", "object_frames")}
+        nv = batch_lib.model_video_tokens(self.cfg, T)
         out_len = nv + next_pow2(max(self.expanded_length(r) for r in rows) - nv, fl["expanded"])
-        batch = dict(
-            input_ids=np.full((B, L), self.cfg.pad_token_id, np.int32), segment_ids=np.zeros((B, L), np.int32),
-            frames=np.stack([r.frames for r in rows]), region_frames=np.zeros((B, F, S, S, 3), np.float32),
-            object_frames=np.full((B, K, M), -1, np.int32), object_masks=np.zeros((B, K, M, g, g), bool),
-            object_valid=np.zeros((B, K), bool))
-        for b, r in enumerate(rows):
-            n = len(r.input_ids)
-            batch["input_ids"][b, :n] = r.input_ids
-            batch["segment_ids"][b, :n] = 1
-            batch["region_frames"][b, : r.region_frames.shape[0]] = r.region_frames
-            for k, (fr, m) in enumerate(zip(r.object_frames, r.object_masks)):
-                batch["object_frames"][b, k, : len(fr)] = fr
-                batch["object_masks"][b, k, : len(fr)] = m
-                batch["object_valid"][b, k] = True
+        batch = batch_lib.stack([batch_lib.pad_example(r, **dims, mask_size=self.cfg.vision.grid,
+                                                       pad_token_id=self.cfg.pad_token_id) for r in rows])
+        del batch["sample_ids"]
         return batch, out_len
 
     # ------------------------------------------------------------------ device side
@@ -235,10 +199,10 @@ class Predictor:
     def generate_batch(self, batch: Mapping[str, Any], out_len: int, gen: GenerationConfig | None = None,
                        sample_ids: Sequence[str] | None = None, return_output: bool = False):
         """A prebuilt contract batch -> decoded answers (one per row), checked first with
-        `videorefer.validate` (a `splice.BatchError` names the sample). With `return_output`, also
+        `batch.validate` (a `batch.BatchError` names the sample). With `return_output`, also
         the raw `GenerationOutput` (host numpy arrays)."""
         gen = gen or self.generation
-        videorefer.validate(self.cfg, batch, out_len, sample_ids=sample_ids)
+        batch_lib.validate(self.cfg, batch, out_len, sample_ids=sample_ids)
         out = generate_videorefer(self.cfg, self.params, batch, out_len, gen)
         out = jax.tree.map(np.asarray, out)
         texts = [self.decode(out.tokens[b, : out.lengths[b]]) for b in range(out.tokens.shape[0])]
@@ -250,7 +214,7 @@ class Predictor:
     def answer(self, samples: Sequence[schema.Sample], media_root: str, gen: GenerationConfig | None = None,
                batch_size: int = 1) -> list[str]:
         """Answers to the samples' first questions, in input order (raises `schema.SampleError` /
-        `splice.BatchError` naming the sample)."""
+        `batch.BatchError` naming the sample)."""
         return self.answer_prepared([self.prepare(s, media_root) for s in samples], gen, batch_size)
 
     def answer_prepared(self, prepared: Sequence[Prepared], gen: GenerationConfig | None = None,
@@ -279,14 +243,13 @@ class Predictor:
         return self
 
 
-def _empty_mask_warnings(k: int, obj: records_lib.ObjectMasks) -> list[str]:
-    """`empty_mask: object k` when none of object k's masks has a pixel (the model then pools
-    nothing for it), `empty_mask: object k frame f` for each empty mask of an otherwise visible one."""
-    masks = obj.decode()
+def _empty_mask_warnings(k: int, frames: Sequence[int], masks: np.ndarray) -> list[str]:
+    """`empty_mask: object k` when none of object k's masks [M, H, W] has a pixel (the model then
+    pools nothing for it), `empty_mask: object k frame f` for each empty mask of an otherwise visible one."""
     empty = ~masks.reshape(len(masks), -1).any(axis=1)
     if empty.all():
         return [f"empty_mask: object {k}"]
-    return [f"empty_mask: object {k} frame {f}" for f, e in zip(obj.frames, empty) if e]
+    return [f"empty_mask: object {k} frame {f}" for f, e in zip(frames, empty) if e]
 
 
 def default_generation(tokenizer: Tokenizer, hf_generation_config: Mapping | None = None,

@@ -33,71 +33,21 @@ like `activation_mlp`.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vrefer_jax.batch import (  # noqa: F401 - token-count arithmetic shared with the batch contract
+    BROKEN_TYPES, STC_TYPES, _sampler_padding, num_video_tokens, projector_kind, sampled_shape)
 from vrefer_jax.config import ConnectorConfig
 from vrefer_jax.models import layers, regstage
 from vrefer_jax.sharding import constrain
 
 Dtype = Any
 
-STC_TYPES = ("stc_connector_v35", "stc_connector", "stp_connector")
-BROKEN_TYPES = ("spatial_conv", "spatial_pool")
-_MLP_RE = re.compile(r"^mlp(\d+)x_gelu$")
-
 OUT_AXES = ("activation_batch", "activation_length", "activation_embed")
-
-
-def projector_kind(projector_type: str) -> tuple[str, int]:
-    """`projector_type` -> ("stc", 0) | ("linear", 1) | ("mlp", N); raises ValueError otherwise."""
-    if projector_type in STC_TYPES:
-        return "stc", 0
-    if projector_type == "linear":
-        return "linear", 1
-    if m := _MLP_RE.match(projector_type):
-        n = int(m.group(1))
-        if n < 1:
-            raise ValueError(f"{projector_type!r}: an MLP needs at least one layer")
-        return "mlp", n
-    if projector_type in BROKEN_TYPES:
-        raise ValueError(
-            f"projector_type {projector_type!r} is broken in the official VideoRefer code: its depth-0 "
-            "stages are nn.Identity, so they cannot change the vision width (e.g. 1152) into the LLM "
-            "width (e.g. 3584) the sampler expects; use 'stc_connector_v35', 'stc_connector', "
-            "'stp_connector', 'linear' or 'mlp2x_gelu'")
-    raise ValueError(f"unknown projector_type {projector_type!r}; choose from {', '.join(STC_TYPES)}, "
-                     "linear, mlp{N}x_gelu")
-
-
-def _sampler_padding(projector_type: str) -> int:
-    return 1 if projector_type == "stc_connector" else 0
-
-
-def sampled_shape(cfg: ConnectorConfig, num_frames: int, grid: int) -> tuple[int, int, int]:
-    """(T', h', w') after the STC sampler: floor((n + 2*pad - k) / k) + 1 per dim (k = stride)."""
-    pad = _sampler_padding(cfg.projector_type)
-    out = tuple((n + 2 * pad - k) // k + 1 for n, k in zip((num_frames, grid, grid), cfg.downsample))
-    if min(out) <= 0:
-        raise ValueError(f"{cfg.projector_type} with downsample {cfg.downsample} needs at least "
-                         f"{cfg.downsample} (frames, rows, cols); got ({num_frames}, {grid}, {grid})")
-    return out  # type: ignore[return-value]
-
-
-def num_video_tokens(cfg: ConnectorConfig, num_frames: int, grid: int) -> int:
-    """Tokens the connector emits for `num_frames` frames of a `grid` x `grid` patch map.
-
-    stc_connector_v35 at g=27: T=16 -> 1352, 8 -> 676, 4 -> 338, 3 -> 169.
-    """
-    kind, _ = projector_kind(cfg.projector_type)
-    if kind != "stc":
-        return grid * grid
-    t, h, w = sampled_shape(cfg, num_frames, grid)
-    return t * h * w
 
 
 def _mlp_axes(j: int) -> tuple[str, str]:

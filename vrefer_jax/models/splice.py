@@ -11,17 +11,15 @@ sum gives each input position its output span, and every output slot finds its s
 a binary search. Output slots past the expanded length are padding (segment 0). Packed rows (several
 segment ids in one row) keep their segments and restart positions per segment.
 
-Host-side checks that make the on-device gather safe live in `check_batch`.
+Host-side checks that make the on-device gather safe live in `vrefer_jax.batch.check_batch`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from vrefer_jax.batch import BatchError, check_batch  # noqa: F401 - the host-side checks of this gather
 from vrefer_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 
 _TEXT, _VISUAL, _REGION = 0, 1, 2
@@ -91,63 +89,3 @@ def splice(
     """
     fn = jax.vmap(lambda *a: _splice_row(*a, region_id=region_token_id, out_len=out_len))
     return fn(text_emb, input_ids, labels, segment_ids, video_tokens, object_tokens, object_counts)
-
-
-# ----------------------------------------------------------------------------- host-side checks
-
-
-class BatchError(ValueError):
-    """A sample whose text and objects do not fit together; the message names the sample."""
-
-
-def check_batch(
-    input_ids: np.ndarray,
-    segment_ids: np.ndarray,
-    object_frames: np.ndarray,
-    object_valid: np.ndarray,
-    *,
-    region_token_id: int,
-    num_video_tokens: int,
-    region_token_num: int,
-    out_len: int,
-    num_region_frames: int,
-    sample_ids: Sequence[str] | None = None,
-) -> None:
-    """Validate a batch before it reaches the device; raise `BatchError` naming the sample.
-
-    Checked per row: one visual placeholder at most; every `<region>` after it; as many `<region>`
-    ids as valid objects (the k-th `<region>` binds to the k-th object, so a mismatch would silently
-    shift every later object); each valid object has >= 1 frame, frame indices a valid prefix inside
-    the region frames; and the worst-case expanded length fits `out_len`.
-    """
-    input_ids, segment_ids = np.asarray(input_ids), np.asarray(segment_ids)
-    object_frames, object_valid = np.asarray(object_frames), np.asarray(object_valid)
-    for b in range(input_ids.shape[0]):
-        name = sample_ids[b] if sample_ids is not None else f"#{b}"
-        real = segment_ids[b] > 0
-        ids = input_ids[b][real]
-        if real.any() and not real[: real.sum()].all():
-            raise BatchError(f"sample {name}: padding must come after the real tokens (segment_ids)")
-        visual = np.flatnonzero((ids == IMAGE_TOKEN_INDEX) | (ids == VIDEO_TOKEN_INDEX))
-        regions = np.flatnonzero(ids == region_token_id)
-        n_obj = int(object_valid[b].sum())
-        if not object_valid[b][:n_obj].all():
-            raise BatchError(f"sample {name}: object slots must be filled from the first (object_valid)")
-        if len(visual) > 1:
-            raise BatchError(f"sample {name}: {len(visual)} <video>/<image> placeholders; one per sample is supported")
-        if len(regions) != n_obj:
-            raise BatchError(f"sample {name}: {len(regions)} <region> tokens in the text but {n_obj} objects with masks")
-        if len(regions) and (not len(visual) or regions[0] < visual[0]):
-            raise BatchError(f"sample {name}: every <region> must come after the <video>/<image> placeholder")
-        worst = len(ids) - len(visual) - len(regions) + (num_video_tokens if len(visual) else 0)
-        for k in range(n_obj):
-            fr = object_frames[b, k]
-            n = int((fr >= 0).sum())
-            if n == 0:
-                raise BatchError(f"sample {name}: object {k} has no annotated frame (object_frames)")
-            if not (fr[:n] >= 0).all() or (fr[:n] >= num_region_frames).any():
-                raise BatchError(f"sample {name}: object {k} frame indices {fr[:n].tolist()} are not a valid "
-                                 f"prefix inside {num_region_frames} region frames (object_frames)")
-            worst += min(n, region_token_num)
-        if worst > out_len:
-            raise BatchError(f"sample {name}: expanded length up to {worst} exceeds the static length {out_len}")

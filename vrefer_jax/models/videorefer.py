@@ -1,17 +1,6 @@
 """VideoRefer: SigLIP tower + STC connector + object encoder + Qwen2 decoder.
 
-Batch contract (static shapes; built by the data pipeline, checked by `splice.check_batch`):
-
-  input_ids       [B, L] int32   text ids; -201/-200 where <video>/<image> stands, one
-                                 `region_token_id` per referred object; right padding
-  labels          [B, L] int32   -100 where not supervised
-  segment_ids     [B, L] int32   0 = padding; 1 (or 1, 2, ... for packed rows) = real
-  frames          [B, T, S, S, 3] float  SigLIP-normalised sampled frames (an image repeated T times)
-  region_frames   [B, F, S, S, 3] float  the annotated frames (union over the sample's objects)
-  object_frames   [B, K, M] int32        object k's frames in its own order, indices into F; -1 pad
-  object_masks    [B, K, M, h, w] bool   its masks; resized to the vision grid on the device if
-                                         (h, w) is not the grid already
-  object_valid    [B, K] bool            which object slots are real
+Batch contract: `vrefer_jax.batch` (fields, padding, expanded length, host-side checks).
 
 Parameter tree (mirrors the official checkpoint, see `checkpoints/videorefer_keys.py`):
   vision_tower/…  mm_projector/…  region_encoder/…  llm/{embed_tokens,layers,norm}  lm_head
@@ -26,16 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vrefer_jax import batch as batch_lib
+from vrefer_jax.batch import BATCH_KEYS  # noqa: F401 - re-exported: the contract's field names
 from vrefer_jax.config import IGNORE_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
 from vrefer_jax.models import connector as connector_lib
 from vrefer_jax.models import object_encoder as object_encoder_lib
 from vrefer_jax.models import qwen2, siglip
-from vrefer_jax.models.splice import check_batch, splice
+from vrefer_jax.models.splice import splice
 from vrefer_jax.sharding import constrain
-
-BATCH_KEYS = ("input_ids", "labels", "segment_ids", "frames", "region_frames",
-              "object_frames", "object_masks", "object_valid")
-
 
 class VideoRefer(nn.Module):
     cfg: ModelConfig
@@ -131,39 +118,23 @@ class VideoRefer(nn.Module):
 
 
 def num_video_tokens(cfg: ModelConfig, num_frames: int | None = None) -> int:
-    return connector_lib.num_video_tokens(cfg.connector, num_frames or cfg.num_frames, cfg.vision.grid)
+    return batch_lib.model_video_tokens(cfg, num_frames)
 
 
-def validate(cfg: ModelConfig, batch: dict[str, Any], out_len: int, sample_ids=None) -> None:
-    """Host-side check of a batch against the model (raises `splice.BatchError` naming the sample)."""
-    check_batch(
-        batch["input_ids"], batch["segment_ids"], batch["object_frames"], batch["object_valid"],
-        region_token_id=cfg.region_token_id,
-        num_video_tokens=num_video_tokens(cfg, batch["frames"].shape[1]),
-        region_token_num=cfg.object_encoder.region_token_num,
-        out_len=out_len, num_region_frames=batch["region_frames"].shape[1], sample_ids=sample_ids)
+validate = batch_lib.validate  # host-side check of a batch against the model (raises BatchError)
 
 
 def dummy_batch(cfg: ModelConfig, batch_size: int = 1, seq_len: int = 16, num_frames: int | None = None,
                 num_region_frames: int = 1, max_objects: int = 1, max_object_frames: int = 1,
                 mask_size: int | None = None, abstract: bool = False) -> dict[str, Any]:
     """An all-valid-shapes batch (one <video>, no objects) for init, eval_shape and benchmarks."""
-    T = num_frames or cfg.num_frames
-    S, g = cfg.vision.image_size, mask_size or cfg.vision.grid
-    B, K, M = batch_size, max_objects, max_object_frames
-    shapes = dict(
-        input_ids=((B, seq_len), np.int32), labels=((B, seq_len), np.int32),
-        segment_ids=((B, seq_len), np.int32), frames=((B, T, S, S, 3), np.float32),
-        region_frames=((B, num_region_frames, S, S, 3), np.float32),
-        object_frames=((B, K, M), np.int32), object_masks=((B, K, M, g, g), np.bool_),
-        object_valid=((B, K), np.bool_))
+    dims = dict(B=batch_size, L=seq_len, T=num_frames or cfg.num_frames, S=cfg.vision.image_size,
+                F=num_region_frames, K=max_objects, M=max_object_frames, G=mask_size or cfg.vision.grid)
     if abstract:
-        return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
-    batch = {k: np.zeros(s, d) for k, (s, d) in shapes.items()}
+        return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in batch_lib.field_shapes(**dims).items()}
+    batch = batch_lib.empty_batch(**dims, pad_token_id=0)
     batch["input_ids"][:, 0] = VIDEO_TOKEN_INDEX
     batch["segment_ids"][:] = 1
-    batch["labels"][:] = IGNORE_INDEX
-    batch["object_frames"][:] = -1
     return batch
 
 

@@ -1,0 +1,286 @@
+"""The batch contract: what a model batch holds, and the host-side code that builds and checks one.
+
+Neutral ground below both the data pipeline and the models: this module imports nothing from
+`vrefer_jax.models`, `data_pipeline`, `training` or `inference`; the loader, the predictor and the
+model code all import the contract from here, so a batch is padded, stacked, measured and checked
+in exactly one way.
+
+Fields (static shapes; `FIELDS`):
+
+  input_ids       [B, L] int32   text ids; -201/-200 where <video>/<image> stands, one
+                                 `region_token_id` per referred object; right padding
+  labels          [B, L] int32   -100 where not supervised (optional: inference has none)
+  segment_ids     [B, L] int32   0 = padding; 1 (or 1, 2, ... for packed rows) = real
+  frames          [B, T, S, S, 3] float  SigLIP-normalised sampled frames (an image repeated T times)
+  region_frames   [B, F, S, S, 3] float  the annotated frames (union over the sample's objects)
+  object_frames   [B, K, M] int32        object k's frames in its own order, indices into F; -1 pad
+  object_masks    [B, K, M, h, w] bool   its masks; resized to the vision grid on the device if
+                                         (h, w) is not the grid already
+  object_valid    [B, K] bool            which object slots are real
+
+* `Example`: one sample before padding; `pad_example` pads it to given sizes and `stack` makes the
+  batch (the loader pads to its caps, the predictor to its buckets, `empty_batch` builds init /
+  benchmark batches from `field_shapes`).
+* `expanded_length`: the worst-case LLM input length after <video>/<image> and <region> expansion,
+  the single count behind the loader's "expanded_len" cap, the predictor's `out_len` and
+  `check_batch`.
+* `num_video_tokens`: tokens the connector emits for T frames, a pure function of the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from vrefer_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ConnectorConfig, ModelConfig
+
+# name -> (dimensions, dtype, padding value). Dimension letters: B batch, L text ids, T frames,
+# S image size, F region frames, K objects, M frames per object, G mask size.
+FIELDS: dict[str, tuple[tuple[str, ...], Any, Any]] = {
+    "input_ids": (("B", "L"), np.int32, None),  # padded with the model's pad id
+    "labels": (("B", "L"), np.int32, IGNORE_INDEX),
+    "segment_ids": (("B", "L"), np.int32, 0),
+    "frames": (("B", "T", "S", "S", 3), np.float32, 0.0),
+    "region_frames": (("B", "F", "S", "S", 3), np.float32, 0.0),
+    "object_frames": (("B", "K", "M"), np.int32, -1),
+    "object_masks": (("B", "K", "M", "G", "G"), np.bool_, False),
+    "object_valid": (("B", "K"), np.bool_, False),
+}
+BATCH_KEYS = tuple(FIELDS)
+
+
+# ----------------------------------------------------------------------------- video token count
+
+
+STC_TYPES = ("stc_connector_v35", "stc_connector", "stp_connector")
+BROKEN_TYPES = ("spatial_conv", "spatial_pool")
+_MLP_RE = re.compile(r"^mlp(\d+)x_gelu$")
+
+
+def projector_kind(projector_type: str) -> tuple[str, int]:
+    """`projector_type` -> ("stc", 0) | ("linear", 1) | ("mlp", N); raises ValueError otherwise."""
+    if projector_type in STC_TYPES:
+        return "stc", 0
+    if projector_type == "linear":
+        return "linear", 1
+    if m := _MLP_RE.match(projector_type):
+        n = int(m.group(1))
+        if n < 1:
+            raise ValueError(f"{projector_type!r}: an MLP needs at least one layer")
+        return "mlp", n
+    if projector_type in BROKEN_TYPES:
+        raise ValueError(
+            f"projector_type {projector_type!r} is broken in the official VideoRefer code: its depth-0 "
+            "stages are nn.Identity, so they cannot change the vision width (e.g. 1152) into the LLM "
+            "width (e.g. 3584) the sampler expects; use 'stc_connector_v35', 'stc_connector', "
+            "'stp_connector', 'linear' or 'mlp2x_gelu'")
+    raise ValueError(f"unknown projector_type {projector_type!r}; choose from {', '.join(STC_TYPES)}, "
+                     "linear, mlp{N}x_gelu")
+
+
+def _sampler_padding(projector_type: str) -> int:
+    return 1 if projector_type == "stc_connector" else 0
+
+
+def sampled_shape(cfg: ConnectorConfig, num_frames: int, grid: int) -> tuple[int, int, int]:
+    """(T', h', w') after the STC sampler: floor((n + 2*pad - k) / k) + 1 per dim (k = stride)."""
+    pad = _sampler_padding(cfg.projector_type)
+    out = tuple((n + 2 * pad - k) // k + 1 for n, k in zip((num_frames, grid, grid), cfg.downsample))
+    if min(out) <= 0:
+        raise ValueError(f"{cfg.projector_type} with downsample {cfg.downsample} needs at least "
+                         f"{cfg.downsample} (frames, rows, cols); got ({num_frames}, {grid}, {grid})")
+    return out  # type: ignore[return-value]
+
+
+def num_video_tokens(cfg: ConnectorConfig, num_frames: int, grid: int) -> int:
+    """Tokens the connector emits for `num_frames` frames of a `grid` x `grid` patch map.
+
+    stc_connector_v35 at g=27: T=16 -> 1352, 8 -> 676, 4 -> 338, 3 -> 169.
+    """
+    kind, _ = projector_kind(cfg.projector_type)
+    if kind != "stc":
+        return grid * grid
+    t, h, w = sampled_shape(cfg, num_frames, grid)
+    return t * h * w
+
+
+def model_video_tokens(cfg: ModelConfig, num_frames: int | None = None) -> int:
+    """`num_video_tokens` for a model config (T defaults to `cfg.num_frames`)."""
+    return num_video_tokens(cfg.connector, num_frames or cfg.num_frames, cfg.vision.grid)
+
+
+# ----------------------------------------------------------------------------- expanded length
+
+
+def expanded_length(input_ids: Sequence[int] | np.ndarray, object_frame_counts: Sequence[int], *,
+                    region_token_id: int | None, num_video_tokens: int, region_token_num: int) -> int:
+    """Upper bound of a sample's LLM input length after expansion.
+
+    input_ids: the real (unpadded) ids; object_frame_counts: masks per object. Each <video>/<image>
+    placeholder becomes `num_video_tokens` rows, each <region> id is replaced by its object's tokens
+    (at most min(frames, region_token_num) after the temporal merge); `region_token_id` None = a
+    vocabulary without <region>.
+    """
+    ids = np.asarray(input_ids)
+    n_visual = int(((ids == IMAGE_TOKEN_INDEX) | (ids == VIDEO_TOKEN_INDEX)).sum())
+    n_region = int((ids == region_token_id).sum()) if region_token_id is not None else 0
+    objects = sum(min(int(n), region_token_num) for n in object_frame_counts)
+    return len(ids) + n_visual * (num_video_tokens - 1) - n_region + objects
+
+
+# ----------------------------------------------------------------------------- padding and stacking
+
+
+@dataclasses.dataclass
+class Example:
+    """One sample on the host before padding (model-ready values, unpadded sizes)."""
+
+    sample_id: str
+    input_ids: Sequence[int]
+    frames: np.ndarray  # [T, S, S, 3] float32, SigLIP-normalised
+    region_frames: np.ndarray  # [F, S, S, 3] float32
+    object_frames: list[list[int]]  # per object: indices into region_frames
+    object_masks: list[np.ndarray]  # per object: [M_k, G, G] bool
+    labels: Sequence[int] | None = None  # None: no `labels` field (inference)
+
+    def sizes(self) -> dict[str, int]:
+        """The sizes `pad_example` needs at least: L, F, K, M."""
+        return dict(seq_len=len(self.input_ids), region_frames=int(self.region_frames.shape[0]),
+                    objects=len(self.object_frames),
+                    object_frames=max((len(f) for f in self.object_frames), default=0))
+
+
+def pad_example(ex: Example, *, seq_len: int, region_frames: int, objects: int, object_frames: int,
+                mask_size: int, pad_token_id: int) -> dict[str, Any]:
+    """An `Example` -> the contract fields without the batch dimension (+ `sample_id`), padded to
+    the given sizes. Sizes smaller than the example's raise ValueError naming the sample: caps are
+    checked (and skips counted) before this, so nothing is ever truncated here."""
+    need = ex.sizes()
+    have = dict(seq_len=seq_len, region_frames=region_frames, objects=objects, object_frames=object_frames)
+    for k, n in need.items():
+        if n > have[k]:
+            raise ValueError(f"sample {ex.sample_id}: {k} needs {n} but the padded size is {have[k]}")
+    n = len(ex.input_ids)
+    T, S = ex.frames.shape[0], ex.frames.shape[1]
+    out = _empty(dict(L=seq_len, T=T, S=S, F=region_frames, K=objects, M=object_frames, G=mask_size), pad_token_id,
+                 skip=("frames",) if ex.labels is not None else ("frames", "labels"))
+    out["input_ids"][:n] = ex.input_ids
+    if ex.labels is not None:
+        out["labels"][:n] = ex.labels
+    out["segment_ids"][:n] = 1
+    out["frames"] = np.asarray(ex.frames, np.float32)  # never padded: no copy
+    out["region_frames"][: ex.region_frames.shape[0]] = ex.region_frames
+    for k, (fr, m) in enumerate(zip(ex.object_frames, ex.object_masks)):
+        out["object_frames"][k, : len(fr)] = fr
+        out["object_masks"][k, : len(fr)] = m
+        out["object_valid"][k] = True
+    out = {k: out[k] for k in FIELDS if k in out}  # contract order
+    out["sample_id"] = ex.sample_id
+    return out
+
+
+def stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Padded examples -> a batch; their `sample_id`s become a str array `sample_ids`."""
+    out = {k: np.stack([x[k] for x in examples]) for k in examples[0] if k != "sample_id"}
+    out["sample_ids"] = np.array([x["sample_id"] for x in examples])
+    return out
+
+
+def _empty(dims: Mapping[str, int], pad_token_id: int, skip: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    out = {}
+    for k, (shape, dtype) in field_shapes(**dims).items():
+        if k in skip:
+            continue
+        fill = pad_token_id if k == "input_ids" else FIELDS[k][2]
+        out[k] = np.full(shape, fill, dtype)
+    return out
+
+
+def field_shapes(*, L: int, T: int, S: int, F: int, K: int, M: int, G: int, B: int | None = None
+                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{field: (shape, dtype)} for the given sizes; B None = one example (no batch dimension)."""
+    dims = dict(B=B, L=L, T=T, S=S, F=F, K=K, M=M, G=G)
+    return {k: (tuple(d if isinstance(d, int) else dims[d] for d in shape if not (d == "B" and B is None)), dtype)
+            for k, (shape, dtype, _) in FIELDS.items()}
+
+
+def empty_batch(*, B: int, L: int, T: int, S: int, F: int, K: int, M: int, G: int,
+                pad_token_id: int = 0) -> dict[str, np.ndarray]:
+    """An all-padding batch (segment 0, objects invalid, frames -1): the base of `dummy_batch`."""
+    return _empty(dict(B=B, L=L, T=T, S=S, F=F, K=K, M=M, G=G), pad_token_id)
+
+
+# ----------------------------------------------------------------------------- host-side checks
+
+
+class BatchError(ValueError):
+    """A sample whose text and objects do not fit together; the message names the sample."""
+
+
+def check_batch(
+    input_ids: np.ndarray,
+    segment_ids: np.ndarray,
+    object_frames: np.ndarray,
+    object_valid: np.ndarray,
+    *,
+    region_token_id: int,
+    num_video_tokens: int,
+    region_token_num: int,
+    out_len: int,
+    num_region_frames: int,
+    sample_ids: Sequence[str] | None = None,
+) -> None:
+    """Validate a batch before it reaches the device; raise `BatchError` naming the sample.
+
+    Checked per row: one visual placeholder at most; every `<region>` after it; as many `<region>`
+    ids as valid objects (the k-th `<region>` binds to the k-th object, so a mismatch would silently
+    shift every later object); each valid object has >= 1 frame, frame indices a valid prefix inside
+    the region frames; and the worst-case expanded length (`expanded_length`) fits `out_len`.
+    """
+    input_ids, segment_ids = np.asarray(input_ids), np.asarray(segment_ids)
+    object_frames, object_valid = np.asarray(object_frames), np.asarray(object_valid)
+    for b in range(input_ids.shape[0]):
+        name = sample_ids[b] if sample_ids is not None else f"#{b}"
+        real = segment_ids[b] > 0
+        ids = input_ids[b][real]
+        if real.any() and not real[: real.sum()].all():
+            raise BatchError(f"sample {name}: padding must come after the real tokens (segment_ids)")
+        visual = np.flatnonzero((ids == IMAGE_TOKEN_INDEX) | (ids == VIDEO_TOKEN_INDEX))
+        regions = np.flatnonzero(ids == region_token_id)
+        n_obj = int(object_valid[b].sum())
+        if not object_valid[b][:n_obj].all():
+            raise BatchError(f"sample {name}: object slots must be filled from the first (object_valid)")
+        if len(visual) > 1:
+            raise BatchError(f"sample {name}: {len(visual)} <video>/<image> placeholders; one per sample is supported")
+        if len(regions) != n_obj:
+            raise BatchError(f"sample {name}: {len(regions)} <region> tokens in the text but {n_obj} objects with masks")
+        if len(regions) and (not len(visual) or regions[0] < visual[0]):
+            raise BatchError(f"sample {name}: every <region> must come after the <video>/<image> placeholder")
+        counts = []
+        for k in range(n_obj):
+            fr = object_frames[b, k]
+            n = int((fr >= 0).sum())
+            if n == 0:
+                raise BatchError(f"sample {name}: object {k} has no annotated frame (object_frames)")
+            if not (fr[:n] >= 0).all() or (fr[:n] >= num_region_frames).any():
+                raise BatchError(f"sample {name}: object {k} frame indices {fr[:n].tolist()} are not a valid "
+                                 f"prefix inside {num_region_frames} region frames (object_frames)")
+            counts.append(n)
+        worst = expanded_length(ids, counts, region_token_id=region_token_id, num_video_tokens=num_video_tokens,
+                                region_token_num=region_token_num)
+        if worst > out_len:
+            raise BatchError(f"sample {name}: expanded length up to {worst} exceeds the static length {out_len}")
+
+
+def validate(cfg: ModelConfig, batch: Mapping[str, Any], out_len: int, sample_ids: Sequence[str] | None = None) -> None:
+    """`check_batch` of a contract batch against a `ModelConfig` (raises `BatchError` naming the sample)."""
+    check_batch(
+        batch["input_ids"], batch["segment_ids"], batch["object_frames"], batch["object_valid"],
+        region_token_id=cfg.region_token_id,
+        num_video_tokens=model_video_tokens(cfg, batch["frames"].shape[1]),
+        region_token_num=cfg.object_encoder.region_token_num,
+        out_len=out_len, num_region_frames=batch["region_frames"].shape[1], sample_ids=sample_ids)
