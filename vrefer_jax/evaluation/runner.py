@@ -27,8 +27,9 @@ from data_pipeline import schema
 Item = schema.Sample | schema.SampleError
 
 
-class Predictor(Protocol):
-    """What the runners need from a model: one answer string per sample, in order."""
+class AnswerSource(Protocol):
+    """What the runners need from a model: one answer string per sample, in order
+    (`vrefer_jax.inference.predictor.Predictor` is one; tests use fakes)."""
 
     def answer(self, samples: Sequence[schema.Sample], media_root: str, gen=None,
                batch_size: int = ...) -> list[str]: ...
@@ -160,7 +161,7 @@ class RunResult:
     errors: int = 0
 
 
-def run_predictions(items: Sequence[Item], predictor: Predictor, out: str, *, media_root: str,
+def run_predictions(items: Sequence[Item], predictor: AnswerSource, out: str, *, media_root: str,
                     row_fn: Callable[[schema.Sample], Mapping[str, Any]], gen=None, batch_size: int = 1,
                     shard_index: int = 0, num_shards: int = 1, limit: int | None = None,
                     log: Callable[[str], None] | None = None) -> RunResult:
@@ -208,7 +209,7 @@ def run_predictions(items: Sequence[Item], predictor: Predictor, out: str, *, me
     return res
 
 
-def _answer(predictor: Predictor, batch: list[schema.Sample], media_root: str, gen,
+def _answer(predictor: AnswerSource, batch: list[schema.Sample], media_root: str, gen,
             batch_size: int) -> list[tuple[schema.Sample, str | schema.SampleError]]:
     """The batch's answers; when the predictor rejects a sample (`SampleError`, e.g. unreadable
     media), the batch is retried one sample at a time so only that sample gets an error row."""
