@@ -32,13 +32,13 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from data_pipeline import masks as masks_lib
 from data_pipeline.bench_formats import BENCH_D_PROMPT, bench_q_prompt
+from vrefer_jax.json_files import write_json
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 70, 235),
@@ -667,20 +667,15 @@ def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int = 1024) 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "tokenizer.json")
     tok.save(path)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
-                   "unk_token": None, "clean_up_tokenization_spaces": False,
-                   "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<region>"],
-                   "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=1)
+    write_json(os.path.join(out_dir, "tokenizer_config.json"),
+               {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+                "unk_token": None, "clean_up_tokenization_spaces": False,
+                "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<region>"],
+                "tokenizer_class": "PreTrainedTokenizerFast"})
     return path
 
 
 # ----------------------------------------------------------------------------- driver
-
-
-def _dump(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False)
 
 
 def generate(out_dir: str, *, seed: int = 0, train_videos: int = 256, eval_videos: int = 64,
@@ -702,10 +697,11 @@ def generate(out_dir: str, *, seed: int = 0, train_videos: int = 256, eval_video
                 bench_q.extend(q)
                 bench_d.extend(d)
     t_gen = time.perf_counter() - t0
-    _dump(os.path.join(out_dir, "train.json"), train)
-    _dump(os.path.join(out_dir, "bench_q.json"), bench_q)
-    _dump(os.path.join(out_dir, "bench_d.json"), bench_d)
-    _dump(os.path.join(out_dir, "tracks.json"), {"seed": seed, "config": dataclasses.asdict(cfg), "videos": tracks})
+    write_json(os.path.join(out_dir, "train.json"), train, indent=None)
+    write_json(os.path.join(out_dir, "bench_q.json"), bench_q, indent=None)
+    write_json(os.path.join(out_dir, "bench_d.json"), bench_d, indent=None)
+    write_json(os.path.join(out_dir, "tracks.json"), {"seed": seed, "config": dataclasses.asdict(cfg), "videos": tracks},
+               indent=None)
     t1 = time.perf_counter()
     if tokenizer:
         train_tokenizer(corpus_texts(train, bench_q, bench_d), out_dir, vocab_size)
@@ -715,7 +711,7 @@ def generate(out_dir: str, *, seed: int = 0, train_videos: int = 256, eval_video
         "bench_q_types": {t: sum(e["type"] == t for e in bench_q) for t in QUESTION_TYPES},
         "seconds": {"videos_and_json": round(t_gen, 3), "tokenizer": round(time.perf_counter() - t1, 3)},
         "videos_per_second": round((train_videos + eval_videos) / max(t_gen, 1e-9), 1)}
-    _dump(os.path.join(out_dir, "summary.json"), summary)
+    write_json(os.path.join(out_dir, "summary.json"), summary, indent=None)
     return summary
 
 

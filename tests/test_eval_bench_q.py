@@ -12,6 +12,7 @@ from pycocotools import mask as mask_utils
 
 from data_pipeline import schema
 from vrefer_jax.evaluation import bench_q, cli, runner
+from vrefer_jax.shard_ranges import shard_bounds
 
 OPTIONS = ["(A) A helmet", "(B) A hat", "(C) Sunglasses", "(D) A watch"]
 
@@ -203,7 +204,7 @@ def test_sharded_runs_merge(tmp_path):
         bench_q.run(items, fake, out, media_root=str(tmp_path / "media"), shard_index=k, num_shards=3)
         seen.append(fake.seen)
     assert seen == [["#0", "#1", "#2"], ["#3", "#4", "#5"], ["#6"]]
-    assert runner.shard_bounds(7, 2, 3) == (6, 7) and runner.shard_bounds(2, 2, 3) == (2, 2)
+    assert shard_bounds(7, 2, 3) == (6, 7) and shard_bounds(2, 2, 3) == (2, 2)
     files = runner.shard_files(out)
     assert len(files) == 3 and not os.path.exists(out)
     rep = bench_q.score(runner.read_predictions(files), items)

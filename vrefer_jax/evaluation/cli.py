@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 from vrefer_jax.evaluation import bench_d, bench_q, judge, mcqa, runner
+from vrefer_jax.json_files import write_json
 
 BENCHMARKS = ("bench-q", "bench-d", "mvbench", "videomme", "perception_test")
 
@@ -94,10 +95,10 @@ def _score(bench: str, args: argparse.Namespace, items: list[runner.Item] | None
         report = mcqa.score(rows, items, bench)
         if bench == "perception_test":
             sub = args.submission or _stem(args.out) + ".submission.json"
-            runner.write_json(sub, mcqa.perception_test_submission(rows))
+            write_json(sub, mcqa.perception_test_submission(rows))
             report["submission"] = sub
     report["prediction_files"] = files
-    runner.write_json(args.report or _stem(args.out) + ".score.json", report)
+    write_json(args.report or _stem(args.out) + ".score.json", report)
     return report
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from data_pipeline import schema
+from vrefer_jax.shard_ranges import shard_bounds
 
 Item = schema.Sample | schema.SampleError
 
@@ -72,16 +72,6 @@ def check_unique_ids(items: Sequence[Item]) -> None:
 
 
 # ----------------------------------------------------------------------------- sharding
-
-
-def shard_bounds(n: int, shard_index: int, num_shards: int) -> tuple[int, int]:
-    """[start, stop) of shard `shard_index`: the official contiguous ceil(n / num_shards) chunks
-    (the last shards may be short or empty)."""
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}/{num_shards}")
-    size = math.ceil(n / num_shards) if n else 0
-    start = min(shard_index * size, n)
-    return start, min(start + size, n)
 
 
 def shard_path(out: str, shard_index: int, num_shards: int) -> str:
@@ -249,11 +239,3 @@ def coverage(items: Sequence[Item], rows: Mapping[str, dict]) -> dict[str, list]
     return {"missing": [i for i in ids if i not in rows],
             "errors": [rows[i]["error"] for i in ids if i in rows and rows[i].get("error")],
             "unknown": sorted(set(rows) - known)}
-
-
-def write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
