@@ -96,3 +96,15 @@ def test_source_comments_point_at_tests_that_exist():
             assert os.path.exists(path), (rel, ref)
             if ref[1]:
                 assert f"def {ref[1]}(" in open(path, encoding="utf-8").read(), (rel, ref)
+
+
+def test_each_mcqa_benchmark_is_its_own_module():
+    from vrefer_jax.evaluation import mcqa
+
+    for name in mcqa.BENCHMARKS:
+        mod = mcqa.benchmark_module(name)
+        assert mod.__name__ == f"vrefer_jax.evaluation.{name}"
+        assert callable(mod.load) and callable(mod.judge) and mod.GROUPS
+    with pytest.raises(ValueError, match="unknown MCQA benchmark 'mmbench'"):
+        mcqa.score([{"id": "a", "pred": "A"}], benchmark="mmbench")
+    assert not any(hasattr(mcqa, n) for n in ("load_mvbench", "load_videomme", "load_perception_test", "LOADERS"))
