@@ -245,11 +245,11 @@ def test_cli_bench_q_and_score(tmp_path, monkeypatch, capsys):
 
 
 def test_synthetic_bench_q_end_to_end(tmp_path):
-    from data_pipeline import synthetic
+    from data_pipeline.synthetic import dataset, scene
 
     root = str(tmp_path / "syn")
-    synthetic.generate(root, seed=1, train_videos=0, eval_videos=3, tokenizer=False,
-                       cfg=synthetic.SynthConfig(num_frames=6, size=32))
+    dataset.generate(root, seed=1, train_videos=0, eval_videos=3, tokenizer=False,
+                       cfg=scene.SynthConfig(num_frames=6, size=32))
     items = bench_q.load(os.path.join(root, "bench_q.json"), "single")
     assert all(isinstance(s, schema.Sample) for s in items)
     truth = {s.sample_id: s.extra["answer"] for s in items}  # e.g. "(B) Red": right by both parsers

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline import masks as masks_lib
-from data_pipeline.synthetic import train_tokenizer
+from data_pipeline.synthetic.tokenizer import train_tokenizer
 from vrefer_jax.config import model_config_from_gin
 from vrefer_jax.inference import cli
 from vrefer_jax.inference import generate as gen_lib

@@ -108,3 +108,25 @@ def test_each_mcqa_benchmark_is_its_own_module():
     with pytest.raises(ValueError, match="unknown MCQA benchmark 'mmbench'"):
         mcqa.score([{"id": "a", "pred": "A"}], benchmark="mmbench")
     assert not any(hasattr(mcqa, n) for n in ("load_mvbench", "load_videomme", "load_perception_test", "LOADERS"))
+
+
+def test_synthetic_is_a_package_of_single_job_modules(capsys):
+    import data_pipeline.synthetic as pkg
+    from data_pipeline import cli as data_cli
+    from vrefer_jax.evaluation import attribute_score
+
+    assert os.path.isdir(os.path.dirname(pkg.__file__)) and not os.path.exists(
+        os.path.join(ROOT, "data_pipeline", "synthetic.py"))
+    assert not hasattr(pkg, "generate") and not hasattr(pkg, "score_description")  # re-exports nothing
+    for name in ("scene", "render", "captions", "questions", "samples", "tokenizer", "dataset"):
+        importlib.import_module(f"data_pipeline.synthetic.{name}")
+    assert attribute_score.score_description("A red circle moving left.",
+                                             {"colour": "red", "shape": "circle", "motion": "left"})["score"] == 1
+    # Bench-D scoring lives with the evaluation code, not in the data pipeline.
+    for d, _, names in os.walk(os.path.join(ROOT, "data_pipeline")):
+        for name in names:
+            if name.endswith(".py"):
+                assert "def score_description" not in open(os.path.join(d, name), encoding="utf-8").read(), name
+    with pytest.raises(SystemExit) as e:
+        data_cli.main(["synthetic", "--help"])
+    assert e.value.code == 0 and "--train-videos" in capsys.readouterr().out
