@@ -44,6 +44,7 @@ TASKS: dict[str, tuple[str, str, str, bool]] = {
     "Counterfactual Inference": ("counterfactual_inference.json", "clevrer/video_validation/", "video", False),
 }
 
+
 def prompt(question: str, candidates: Sequence[str]) -> str:
     opts = "".join(f"({mcqa.letter(i)}) {c}\n" for i, c in enumerate(candidates))
     return f"Question: {question}\nOptions:\n{opts}{mcqa.MCQA_SUFFIX}"

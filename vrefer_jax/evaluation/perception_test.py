@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from data_pipeline import schema
 from vrefer_jax.evaluation import mcqa, runner
 
+
 def prompt(question: str, options: Sequence[str]) -> str:
     return (f"Question: {question}\nOptions:\n(A) {options[0]}\n(B) {options[1]}\n(C) {options[2]}\n"
             + mcqa.MCQA_SUFFIX)
