@@ -166,10 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["synthetic"]:  # its own parser (data_pipeline/synthetic.py)
-        from data_pipeline import synthetic
+    if argv[:1] == ["synthetic"]:  # its own parser (data_pipeline/synthetic/dataset.py)
+        from data_pipeline.synthetic import dataset
 
-        return synthetic.main(argv[1:])
+        return dataset.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

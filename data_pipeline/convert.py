@@ -51,6 +51,8 @@ from data_pipeline import records as records_lib
 from data_pipeline import schema
 from data_pipeline import video as video_lib
 from vrefer_jax import paths as paths_lib
+from vrefer_jax.json_files import write_json
+from vrefer_jax.shard_ranges import shard_bounds
 
 ParseFn = Callable[[Any, int], schema.Sample]
 
@@ -341,10 +343,6 @@ def _parallel_results(tasks: Iterator[tuple[int, Any]], workers: int, mp_context
 # ----------------------------------------------------------------------------- shards
 
 
-def shard_bounds(num_samples: int, num_shards: int, shard: int) -> tuple[int, int]:
-    return shard * num_samples // num_shards, (shard + 1) * num_samples // num_shards
-
-
 def shard_name(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}-{shard:05d}-of-{num_shards:05d}"
 
@@ -359,15 +357,6 @@ def _shard_files(out_dir: str, prefix: str, shard: int, num_shards: int, cfg: Co
 
 def shard_done(out_dir: str, prefix: str, shard: int, num_shards: int, cfg: ConvertConfig) -> bool:
     return all(os.path.exists(p) for p in _shard_files(out_dir, prefix, shard, num_shards, cfg).values())
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"  # unique: machines converting other shard ranges may share the folder
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _ShardWriter:
@@ -398,7 +387,7 @@ class _ShardWriter:
         }
         if "index" in self.files:
             os.replace(self.files["index"] + ".tmp", self.files["index"])
-        _write_json(self.files["report"], report)
+        write_json(self.files["report"], report, sort_keys=True)
         os.replace(self.files["records"] + ".tmp", self.files["records"])  # last: marks the shard complete
         return report
 
@@ -424,7 +413,7 @@ def _check_manifest(path: str, manifest: dict) -> None:
             raise InputError(f"{path} was written for a different conversion (old, new): {diff}; "
                              "use another --out or --prefix")
     else:
-        _write_json(path, manifest)
+        write_json(path, manifest, sort_keys=True)
 
 
 def convert(
@@ -464,11 +453,11 @@ def convert(
     parse = schema.CheckedParse.over(parse, entries)  # duplicate ids, unreadable lines
 
     pending = [s for s in range(a, b) if not shard_done(out_dir, prefix, s, num_shards, config)]
-    total = sum(hi - lo for lo, hi in (shard_bounds(n, num_shards, s) for s in pending))
+    total = sum(hi - lo for lo, hi in (shard_bounds(n, s, num_shards, rounding="balanced") for s in pending))
 
     def tasks() -> Iterator[tuple[int, Any]]:
         for s in pending:
-            lo, hi = shard_bounds(n, num_shards, s)
+            lo, hi = shard_bounds(n, s, num_shards, rounding="balanced")
             for i in range(lo, hi):
                 yield i, entries[i]
 
@@ -485,7 +474,7 @@ def convert(
     bar = tqdm(total=total, unit="sample", desc=f"{prefix} shards {a}:{b}", disable=not progress, smoothing=0.05)
     try:
         for s in pending:
-            lo, hi = shard_bounds(n, num_shards, s)
+            lo, hi = shard_bounds(n, s, num_shards, rounding="balanced")
             w = _ShardWriter(out_dir, prefix, s, num_shards, (lo, hi), config)
             for _ in range(hi - lo):
                 res = next(results)
@@ -503,7 +492,7 @@ def convert(
     report = merge_reports(out_dir, prefix, num_shards, config)
     report["run"] = {"shards": [a, b], "converted_shards": pending, "samples": done, "seconds": round(elapsed, 3),
                      "samples_per_second": round(done / elapsed, 3) if elapsed > 0 else None, "workers": workers}
-    _write_json(os.path.join(out_dir, f"{prefix}.report.json"), report)
+    write_json(os.path.join(out_dir, f"{prefix}.report.json"), report, sort_keys=True)
     return report
 
 

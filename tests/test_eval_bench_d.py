@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from data_pipeline import synthetic
+from data_pipeline.synthetic import dataset, scene
 from test_eval_bench_q import FakePredictor, make_bench
-from vrefer_jax.evaluation import bench_d, cli, judge, runner
+from vrefer_jax.evaluation import attribute_score, bench_d, cli, judge, runner
 
 GOOD = ("1. Subject Correspondence: 5\nExplanation: same dog.\n2. Appearance Description: 4\nExplanation: ok.\n"
         "3. Temporal Description: 3\nExplanation: partly.\n4. Hallucination Detection: 2\nExplanation: adds a ball.")
@@ -211,7 +211,7 @@ def test_attribute_scoring(tmp_path):
     assert fake.calls == [3, 1]
     rows = runner.read_predictions(str(tmp_path / "d.jsonl"))
     rep = bench_d.score_attributes(rows, items)
-    want = synthetic.score_descriptions([preds[e["id"]] for e in entries], entries)
+    want = attribute_score.score_descriptions([preds[e["id"]] for e in entries], entries)
     for k in ("colour", "shape", "motion", "score"):
         assert rep[k] == pytest.approx(want[k])
     assert rep["n"] == 4 and rep["colour"] == pytest.approx(0.5)
@@ -241,8 +241,8 @@ def test_cli_bench_d(server, tmp_path, monkeypatch, capsys):
 
 def test_synthetic_bench_d_ground_truth_scores_one(tmp_path):
     root = str(tmp_path / "syn")
-    synthetic.generate(root, seed=2, train_videos=0, eval_videos=3, tokenizer=False,
-                       cfg=synthetic.SynthConfig(num_frames=6, size=32))
+    dataset.generate(root, seed=2, train_videos=0, eval_videos=3, tokenizer=False,
+                       cfg=scene.SynthConfig(num_frames=6, size=32))
     items = bench_d.load(os.path.join(root, "bench_d.json"), "multi")
     truth = {s.sample_id: s.extra["caption"] for s in items}
     bench_d.run(items, FakePredictor(truth), str(tmp_path / "d.jsonl"), media_root=root)

@@ -12,6 +12,7 @@ from pycocotools import mask as mask_utils
 
 from data_pipeline import schema
 from vrefer_jax.evaluation import bench_q, cli, runner
+from vrefer_jax.shard_ranges import shard_bounds
 
 OPTIONS = ["(A) A helmet", "(B) A hat", "(C) Sunglasses", "(D) A watch"]
 
@@ -203,7 +204,7 @@ def test_sharded_runs_merge(tmp_path):
         bench_q.run(items, fake, out, media_root=str(tmp_path / "media"), shard_index=k, num_shards=3)
         seen.append(fake.seen)
     assert seen == [["#0", "#1", "#2"], ["#3", "#4", "#5"], ["#6"]]
-    assert runner.shard_bounds(7, 2, 3) == (6, 7) and runner.shard_bounds(2, 2, 3) == (2, 2)
+    assert shard_bounds(7, 2, 3) == (6, 7) and shard_bounds(2, 2, 3) == (2, 2)
     files = runner.shard_files(out)
     assert len(files) == 3 and not os.path.exists(out)
     rep = bench_q.score(runner.read_predictions(files), items)
@@ -244,11 +245,11 @@ def test_cli_bench_q_and_score(tmp_path, monkeypatch, capsys):
 
 
 def test_synthetic_bench_q_end_to_end(tmp_path):
-    from data_pipeline import synthetic
+    from data_pipeline.synthetic import dataset, scene
 
     root = str(tmp_path / "syn")
-    synthetic.generate(root, seed=1, train_videos=0, eval_videos=3, tokenizer=False,
-                       cfg=synthetic.SynthConfig(num_frames=6, size=32))
+    dataset.generate(root, seed=1, train_videos=0, eval_videos=3, tokenizer=False,
+                       cfg=scene.SynthConfig(num_frames=6, size=32))
     items = bench_q.load(os.path.join(root, "bench_q.json"), "single")
     assert all(isinstance(s, schema.Sample) for s in items)
     truth = {s.sample_id: s.extra["answer"] for s in items}  # e.g. "(B) Red": right by both parsers

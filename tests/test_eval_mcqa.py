@@ -12,7 +12,7 @@ from PIL import Image
 from data_helpers import conv, frame_level, write_level_video
 from data_pipeline import convert, schema
 from data_pipeline import video as video_lib
-from vrefer_jax.evaluation import cli, mcqa, runner
+from vrefer_jax.evaluation import cli, mcqa, mvbench, perception_test, runner, videomme
 
 SUFFIX = "Answer with the option's letter from the given choices directly and only give the best option."
 
@@ -94,17 +94,17 @@ OUTPUTS = ["A", "(B)", "C.", " D ", "b", "The answer is B", "Answer: (C)", "(A),
 def test_parsers_match_references():
     letters, options = ["A", "B", "C", "D"], ["red", "blue", "green ball", "3"]
     for out in OUTPUTS:
-        assert mcqa.mvbench_pred_idx(out, letters, options)[0] == ref_mvbench(out, letters, options), out
-        assert mcqa.videomme_response(out, options)[0] == ref_videomme(out, options), out
-        assert mcqa.videomme_extract(out) == ref_videomme_extract(out), out
-        assert mcqa.perception_test_pred_idx(out, options[:3])[0] == ref_perception(out, options[:3]), out
-    assert mcqa.mvbench_pred_idx("A,", letters, options) == (2, False)  # "A," is not a letter: index 2
-    assert mcqa.mvbench_pred_idx("It is red", letters, options) == (0, True)
-    assert mcqa.videomme_response("three", options) == ("D", True)  # "3" -> "three"
-    assert mcqa.videomme_response("xyz", options) == ("C", False)
-    assert mcqa.videomme_extract("The best option isThe correct option is B") == "B"
-    assert mcqa.perception_test_pred_idx("Answer blue", options[:3]) == (2, False)  # " blue" is no option
-    assert mcqa.perception_test_pred_idx("blue", options[:3]) == (1, True)
+        assert mvbench.pred_idx(out, letters, options)[0] == ref_mvbench(out, letters, options), out
+        assert videomme.response(out, options)[0] == ref_videomme(out, options), out
+        assert videomme.extract(out) == ref_videomme_extract(out), out
+        assert perception_test.pred_idx(out, options[:3])[0] == ref_perception(out, options[:3]), out
+    assert mvbench.pred_idx("A,", letters, options) == (2, False)  # "A," is not a letter: index 2
+    assert mvbench.pred_idx("It is red", letters, options) == (0, True)
+    assert videomme.response("three", options) == ("D", True)  # "3" -> "three"
+    assert videomme.response("xyz", options) == ("C", False)
+    assert videomme.extract("The best option isThe correct option is B") == "B"
+    assert perception_test.pred_idx("Answer blue", options[:3]) == (2, False)  # " blue" is no option
+    assert perception_test.pred_idx("blue", options[:3]) == (1, True)
 
 
 # ----------------------------------------------------------------------------- MVBench
@@ -140,7 +140,7 @@ def _mvbench(tmp_path):
 
 def test_mvbench_reader_and_score(tmp_path):
     qdir, vdir = _mvbench(tmp_path)
-    items = mcqa.load_mvbench(qdir, TASKS)
+    items = mvbench.load(qdir, TASKS)
     assert [s.sample_id for s in items] == ["Action Sequence/0", "Action Sequence/1", "Episodic Reasoning/0",
                                             "Moving Count/0"]
     s = items[0]
@@ -179,7 +179,7 @@ def test_mvbench_clip_bounds_choose_the_frames(tmp_path):
     ep = os.path.join(vdir, "tvqa/frames_fps3_hq/ep1")
     for i in range(40):
         Image.fromarray(np.full((48, 64, 3), 4 * i, np.uint8)).save(os.path.join(ep, f"{i:05d}.png"))
-    items = {s.sample_id: s for s in mcqa.load_mvbench(qdir, TASKS)}
+    items = {s.sample_id: s for s in mvbench.load(qdir, TASKS)}
     cfg = convert.ConvertConfig(num_frames=8, image_size=32, image_format="png")
     cases = {"Action Sequence/0": (60, 10.0, [1.5, 7.0]), "Episodic Reasoning/0": (40, 3.0, [2, 9]),
              "Moving Count/0": (60, 10.0, None)}
@@ -233,14 +233,14 @@ VIDEOMME_Q1 = ("Select the best answer to the following multiple-choice question
 
 def test_videomme_reader_and_score(tmp_path):
     data, vdir = _videomme(tmp_path)
-    items = mcqa.load_videomme(data, vdir)
+    items = videomme.load(data, vdir)
     assert [runner.item_id(s) for s in items] == ["001-1", "001-2", "002-1", "003-1"]
     assert isinstance(items[3], schema.SampleError) and items[3].reason == "media_not_found"
     assert items[2].media == "def.mkv"
     assert items[0].extra["prompt"] == VIDEOMME_Q1
     assert items[0].extra["options"] == ["7", "8", "9", "10"]
     assert items[1].extra["options"] == ["Su", "Moo", "Mar", "Venu"]  # the official cut drops the last character
-    subs = mcqa.load_videomme(data, vdir, subtitles={"abc": "Hello there."})
+    subs = videomme.load(data, vdir, subtitles={"abc": "Hello there."})
     assert subs[0].extra["prompt"].startswith("This video's subtitles are listed below:\nHello there.\nSelect")
     assert subs[2].extra["prompt"].startswith("This video's subtitles are listed below:\n\nSelect")
     out = str(tmp_path / "vm.jsonl")
@@ -290,18 +290,18 @@ def test_videomme_subtitles_from_srt(tmp_path):
     sdir = tmp_path / "subtitle"
     sdir.mkdir()
     (sdir / "abc.srt").write_text(SRT)
-    text = mcqa.videomme_subtitles(os.path.join(vdir, "abc.mp4"), str(sdir / "abc.srt"), 16)
+    text = videomme.read_subtitles(os.path.join(vdir, "abc.mp4"), str(sdir / "abc.srt"), 16)
     assert text == ref_videomme_subtitles(50, 10.0, 16)
     # Frames 1..13 fall in cue 1 (both lines joined by a space), 16 and 19 in the gap, then cues 2 and 3.
     assert text.split("\n")[:6] == ["Hello there."] * 5 + ["Second line."] and "Third." in text
-    assert mcqa.subtitle_frame_ids(50, 16)[:8] == [1, 4, 7, 10, 13, 16, 19, 22]
-    assert mcqa.videomme_subtitles(os.path.join(vdir, "abc.mp4"), str(sdir / "none.srt")) == ""
-    items = mcqa.load_videomme(data, vdir, subtitle_folder=str(sdir))
+    assert videomme.subtitle_frame_ids(50, 16)[:8] == [1, 4, 7, 10, 13, 16, 19, 22]
+    assert videomme.read_subtitles(os.path.join(vdir, "abc.mp4"), str(sdir / "none.srt")) == ""
+    items = videomme.load(data, vdir, subtitle_folder=str(sdir))
     assert items[0].extra["prompt"] == f"This video's subtitles are listed below:\n{text}\n" + VIDEOMME_Q1
     assert items[2].extra["prompt"].startswith("This video's subtitles are listed below:\n\nSelect")  # no .srt
     assert isinstance(items[3], schema.SampleError)
     with pytest.raises(ValueError, match="video_folder"):
-        mcqa.load_videomme(data, None, subtitle_folder=str(sdir))
+        videomme.load(data, None, subtitle_folder=str(sdir))
     args = cli.build_parser().parse_args(["mcqa", "--benchmark", "videomme", "--checkpoint", "c", "--data", data,
                                           "--media_root", vdir, "--out", "o.jsonl", "--subtitle_folder", str(sdir)])
     assert cli._items("videomme", args)[0].extra["prompt"] == items[0].extra["prompt"]
@@ -319,7 +319,7 @@ def test_perception_test_reader_submission_and_score(tmp_path, monkeypatch):
         {"id": 1, "question": "How many?", "options": ["one", "two", "three"], "answer_id": 0, "area": "abstraction"}]}}
     path = tmp_path / "pt.json"
     path.write_text(json.dumps(data))
-    items = mcqa.load_perception_test(str(path), str(vdir))
+    items = perception_test.load(str(path), str(vdir))
     assert [s.sample_id for s in items] == ["video_1/0", "video_1/1"]
     assert items[0].extra["prompt"] == ("Question: What is on the table?\nOptions:\n(A) a cup\n(B) a book\n(C) a pen\n"
                                         + SUFFIX)
@@ -343,18 +343,18 @@ def test_video_ids_outside_the_video_folder_are_refused(tmp_path):
     q = {"id": 0, "question": "?", "options": ["a", "b", "c"], "answer_id": 0}
     data = {k: {"metadata": {"video_id": vid}, "mc_question": [q]}
             for k, vid in (("1", "video_1"), ("2", "../elsewhere/v"), ("3", str(tmp_path / "elsewhere" / "v")))}
-    items = mcqa.load_perception_test(data, str(vdir))
+    items = perception_test.load(data, str(vdir))
     assert isinstance(items[0], schema.Sample)
     assert [(e.reason, e.field) for e in items[1:]] == [("media_outside_root", "metadata.video_id")] * 2
     recs = [{"video_id": "9", "url": "https://www.youtube.com/watch?v=../elsewhere/v", "questions": [
         {"question_id": "9-1", "question": "?", "choices": ["A. a", "B. b", "C. c", "D. d"], "answer": "A"}]}]
-    (item,) = mcqa.load_videomme(recs, str(vdir), subtitle_folder=str(tmp_path / "subs"))
+    (item,) = videomme.load(recs, str(vdir), subtitle_folder=str(tmp_path / "subs"))
     assert (item.reason, item.sample_id, item.field) == ("media_outside_root", "9-1", "url")
 
 
 def test_cli_mcqa_sharded_then_score(tmp_path, monkeypatch, capsys):
     qdir, vdir = _mvbench(tmp_path)
-    monkeypatch.setattr(mcqa, "MVBENCH_TASKS", TASKS)
+    monkeypatch.setattr(mvbench, "TASKS", TASKS)
     frames = []
 
     def load(args):
@@ -375,7 +375,7 @@ def test_cli_mcqa_sharded_then_score(tmp_path, monkeypatch, capsys):
 
 def test_rejected_sample_gets_an_error_row(tmp_path):
     qdir, vdir = _mvbench(tmp_path)
-    items = mcqa.load_mvbench(qdir, TASKS)
+    items = mvbench.load(qdir, TASKS)
     out = str(tmp_path / "mv.jsonl")
     fake = FakePredictor({}, reject={"Action Sequence/1"})
     res = mcqa.run(items, fake, out, media_root=vdir, batch_size=3)

@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 from data_pipeline import masks as masks_lib
-from data_pipeline.synthetic import train_tokenizer
+from data_pipeline.synthetic.tokenizer import train_tokenizer
 from vrefer_jax.config import model_config_from_gin
 from vrefer_jax.inference import cli
 from vrefer_jax.inference import generate as gen_lib
 from vrefer_jax.inference.predictor import Predictor, default_generation
-from vrefer_jax.inference.requests import PathPolicy, RequestError, request_to_sample
+from vrefer_jax.inference.request_files import PathPolicy, RequestError, request_to_sample
 from vrefer_jax.models import videorefer
 from vrefer_jax.text import load_tokenizer
 
@@ -329,7 +329,7 @@ def test_cli_bad_lines_get_one_error_row_each(world, tmp_path, capsys):
 
 def test_mask_image_size_limit(world, tmp_path, capsys):
     """Item 13: the mask size limit is explicit (--max-image-pixels), checked before decoding."""
-    from vrefer_jax.inference import requests as req_lib
+    from vrefer_jax.inference import request_files as req_lib
 
     with pytest.raises(req_lib.ImageTooLarge, match="2240 pixels, over the limit of 1000"):
         req_lib.read_mask(os.path.join(world["root"], "mask0.png"), max_pixels=1000)
@@ -383,7 +383,7 @@ def test_empty_mask_is_answered_with_a_warning(world, tmp_path, capsys):
 def test_request_paths_stay_under_their_root(world, tmp_path):
     """Item 4: paths inside requests resolve under the root; `../` and absolute paths are refused
     (media_outside_root) unless absolute paths are allowed; command-line paths are the user's own."""
-    from vrefer_jax.inference.requests import PathPolicy
+    from vrefer_jax.inference.request_files import PathPolicy
 
     root = world["root"]
     for name in ("clip", "mask0.png", "rle2.json", "photo.png"):
@@ -434,7 +434,7 @@ def test_cli_default_num_frames_is_official():
 
 def test_read_request_lines_keeps_bad_lines_in_place(tmp_path):
     """Item 13 (reader): every non-blank line / list item keeps its place; bad ones become BadLine."""
-    from vrefer_jax.inference.requests import BadLine, read_request_lines, read_requests
+    from vrefer_jax.inference.request_files import BadLine, read_request_lines, read_requests
 
     p = tmp_path / "r.jsonl"
     p.write_text('[1, 2]\n\n{"id": "a"}\n{"id": \n"text"\n')

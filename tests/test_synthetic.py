@@ -1,4 +1,4 @@
-"""data_pipeline.synthetic: determinism, exact masks, correct answers, official formats, tokenizer, scorer."""
+"""data_pipeline.synthetic (and evaluation.attribute_score): determinism, exact masks, correct answers, official formats, tokenizer, scorer."""
 
 import dataclasses
 import functools
@@ -13,16 +13,17 @@ import pytest
 from PIL import Image
 
 from data_pipeline import bench_formats, convert, masks, records, schema
-from data_pipeline import synthetic as syn
+from data_pipeline.synthetic import dataset, questions, render, samples, scene, tokenizer
+from vrefer_jax.evaluation import attribute_score
 
-CFG = syn.SynthConfig(num_frames=16, size=64, mask_frames=4, question_kinds=tuple(syn.KIND_TYPES))  # every kind
+CFG = scene.SynthConfig(num_frames=16, size=64, mask_frames=4, question_kinds=tuple(scene.KIND_TYPES))  # every kind
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("syn"))
     t0 = time.perf_counter()
-    summary = syn.generate(out, seed=3, train_videos=24, eval_videos=12, cfg=CFG, vocab_size=600)
+    summary = dataset.generate(out, seed=3, train_videos=24, eval_videos=12, cfg=CFG, vocab_size=600)
     print(f"\ngenerated 36 videos in {time.perf_counter() - t0:.2f}s: {summary}")
     load = lambda name: json.load(open(os.path.join(out, name)))
     return out, load("train.json"), load("bench_q.json"), load("bench_d.json"), load("tracks.json")
@@ -41,7 +42,7 @@ def _objects_of(entry, tracks):
         key = next(iter(obj))
         m = masks.decode_segmentation(obj[key]["segmentation"], 64, 64)
         rgb = tuple(frames[int(key)][m][0])
-        (name,) = [c for c, v in syn.COLOURS.items() if v == rgb]
+        (name,) = [c for c, v in scene.COLOURS.items() if v == rgb]
         (tr,) = [t for t in tracks["videos"][os.path.basename(entry["video"])]["objects"] if t["colour"] == name]
         out.append(tr)
     return out
@@ -53,14 +54,14 @@ def _frames_cache(root, rel):
 
 
 def test_deterministic_by_seed_and_split():
-    a = syn.make_video(7, "train", 2, CFG)
-    b = syn.make_video(7, "train", 2, CFG)
-    c = syn.make_video(8, "train", 2, CFG)
-    d = syn.make_video(7, "eval", 2, CFG)
+    a = render.make_video(7, "train", 2, CFG)
+    b = render.make_video(7, "train", 2, CFG)
+    c = render.make_video(8, "train", 2, CFG)
+    d = render.make_video(7, "eval", 2, CFG)
     assert np.array_equal(a.frames, b.frames) and np.array_equal(a.masks, b.masks)
     assert not np.array_equal(a.frames, c.frames) and not np.array_equal(a.frames, d.frames)
-    qa = syn.make_questions(a, np.random.default_rng(0), CFG)
-    qb = syn.make_questions(b, np.random.default_rng(0), CFG)
+    qa = questions.make_questions(a, np.random.default_rng(0), CFG)
+    qb = questions.make_questions(b, np.random.default_rng(0), CFG)
     assert qa == qb
 
 
@@ -68,7 +69,7 @@ def test_generate_is_byte_identical(tmp_path):
     digests = []
     for run in ("a", "b"):
         out = tmp_path / run
-        syn.generate(str(out), seed=1, train_videos=3, eval_videos=2, cfg=CFG, vocab_size=400)
+        dataset.generate(str(out), seed=1, train_videos=3, eval_videos=2, cfg=CFG, vocab_size=400)
         h = hashlib.sha256()
         for dirpath, _, files in sorted(os.walk(out)):
             for f in sorted(files):
@@ -82,17 +83,17 @@ def test_generate_is_byte_identical(tmp_path):
 
 def test_masks_are_the_visible_pixels():
     for i in range(6):
-        v = syn.make_video(11, "train", i, syn.SynthConfig(num_frames=12, size=96, max_objects=4))
+        v = render.make_video(11, "train", i, scene.SynthConfig(num_frames=12, size=96, max_objects=4))
         n = len(v.tracks)
         assert 2 <= n <= 4 and len({t.colour for t in v.tracks}) == n
         for k, tr in enumerate(v.tracks):
-            colour_pixels = (v.frames == np.array(syn.COLOURS[tr.colour], np.uint8)).all(-1)  # [T, H, W]
+            colour_pixels = (v.frames == np.array(scene.COLOURS[tr.colour], np.uint8)).all(-1)  # [T, H, W]
             assert np.array_equal(colour_pixels, v.masks[k])
             for t in range(0, 12, 5):  # visible = drawn minus whatever later objects cover
-                drawn = syn.shape_mask(tr.shape, *tr.centres[t], tr.radius, 96)
+                drawn = render.shape_mask(tr.shape, *tr.centres[t], tr.radius, 96)
                 later = np.zeros_like(drawn)
                 for tr2 in v.tracks[k + 1:]:
-                    later |= syn.shape_mask(tr2.shape, *tr2.centres[t], tr2.radius, 96)
+                    later |= render.shape_mask(tr2.shape, *tr2.centres[t], tr2.radius, 96)
                 assert np.array_equal(v.masks[k, t], drawn & ~later)
         assert not v.masks.any(0).all()  # some background left
 
@@ -105,7 +106,7 @@ def test_rle_annotations_match_png_frames(data):
             colours = set()
             for key, ann in obj.items():
                 m = masks.decode_segmentation(ann["segmentation"], 64, 64)
-                assert m.sum() >= syn.MIN_VISIBLE
+                assert m.sum() >= scene.MIN_VISIBLE
                 px = frames[int(key)][m]
                 assert (px == px[0]).all()  # one flat colour under the mask
                 colours.add(tuple(px[0]))
@@ -119,7 +120,7 @@ def test_annotated_frames_are_keyframes(data):
     eval entries on the `eval_mask_frames` keyframes, `frame_idx` among them when all referred
     objects are visible on one, so single- and multi-frame readings agree with training."""
     _, train, bq, bd, _ = data
-    keys = set(syn.keyframes(16, CFG.mask_frames))
+    keys = set(samples.keyframes(16, CFG.mask_frames))
     assert keys == {0, 5, 10, 15}
     for e in train:  # plus at most one frame where all referred objects show when no keyframe has them
         for obj in e["annotation"]:
@@ -128,15 +129,15 @@ def test_annotated_frames_are_keyframes(data):
     for e in bq + bd:
         fi = e["frame_idx"]
         for obj in e["annotation"]:
-            assert {int(k) for k in obj} <= set(syn.keyframes(16, CFG.eval_mask_frames)) | {fi}
+            assert {int(k) for k in obj} <= set(samples.keyframes(16, CFG.eval_mask_frames)) | {fi}
             assert str(fi) in obj  # the single-frame mode's mask
         in_keys += fi in keys
     assert in_keys >= 0.8 * len(bq + bd)
-    v = syn.make_video(3, "eval", 0, CFG)
-    fi, frames = syn._annotated(v, [0], np.random.default_rng(0), 0)  # 0: every frame
+    v = render.make_video(3, "eval", 0, CFG)
+    fi, frames = samples._annotated(v, [0], np.random.default_rng(0), 0)  # 0: every frame
     assert frames == list(range(16))
-    fi, frames = syn._annotated(v, [0], np.random.default_rng(0), 1)
-    assert frames == [fi] and v.masks[0, fi].sum() >= syn.MIN_VISIBLE
+    fi, frames = samples._annotated(v, [0], np.random.default_rng(0), 1)
+    assert frames == [fi] and v.masks[0, fi].sum() >= scene.MIN_VISIBLE
 
 
 def _letter(ans):
@@ -189,7 +190,7 @@ def test_answers_match_ground_truth(data):
             row, col = ("top" if p[1] < 32 else "bottom"), ("left" if p[0] < 32 else "right")
             assert ans == f"The {row}-{col} quarter"
         assert len(e["options"]) == len(set(e["options"])) >= 2
-    assert seen == set(syn.QUESTION_TYPES)
+    assert seen == set(scene.QUESTION_TYPES)
 
 
 def test_official_formats_parse_and_convert(data, tmp_path):
@@ -221,9 +222,9 @@ def test_multi_round_conversations(tmp_path):
     from data_pipeline.loader import LoaderConfig, SampleTransform
     from vrefer_jax.text.tokenizer import load_tokenizer
 
-    one = syn.train_samples(syn.make_video(5, "train", 0, CFG), "videos/train/v", np.random.default_rng(1), CFG)
+    one = samples.train_samples(render.make_video(5, "train", 0, CFG), "videos/train/v", np.random.default_rng(1), CFG)
     cfg3 = dataclasses.replace(CFG, turns_per_sample=3)
-    multi = syn.train_samples(syn.make_video(5, "train", 0, cfg3), "videos/train/v", np.random.default_rng(1), cfg3)
+    multi = samples.train_samples(render.make_video(5, "train", 0, cfg3), "videos/train/v", np.random.default_rng(1), cfg3)
     assert [len(m["conversations"]) // 2 for m in multi] == [3, 3, len(one) - 6][: len(multi)]
     pairs = lambda ss: sorted((c[0]["value"].removeprefix("<video>\n"), c[1]["value"])
                               for s_ in ss for c in zip(s_["conversations"][::2], s_["conversations"][1::2]))
@@ -233,7 +234,7 @@ def test_multi_round_conversations(tmp_path):
         assert humans[0].startswith("<video>\n") and not any("<video>" in h for h in humans[1:])
         assert sum(h.count("<region>") for h in humans) == len(m["annotation"]) == len(schema.parse_sample(m, i).objects)
     root = str(tmp_path)
-    syn.generate(root, seed=5, train_videos=2, eval_videos=1, cfg=cfg3, vocab_size=600)
+    dataset.generate(root, seed=5, train_videos=2, eval_videos=1, cfg=cfg3, vocab_size=600)
     train = json.load(open(os.path.join(root, "train.json")))
     rep = convert.convert(train, str(tmp_path / "rec"), media_root=root, num_shards=1, progress=False,
                           config=convert.ConvertConfig(num_frames=4, image_size=28, image_format="png"))
@@ -250,8 +251,8 @@ def test_multi_round_conversations(tmp_path):
 
 
 def test_mp4_media_converts(tmp_path):
-    cfg = syn.SynthConfig(num_frames=12, size=64, media="mp4", mask_frames=1)
-    syn.generate(str(tmp_path), seed=2, train_videos=2, eval_videos=0, cfg=cfg, tokenizer=False)
+    cfg = scene.SynthConfig(num_frames=12, size=64, media="mp4", mask_frames=1)
+    dataset.generate(str(tmp_path), seed=2, train_videos=2, eval_videos=0, cfg=cfg, tokenizer=False)
     train = json.load(open(tmp_path / "train.json"))
     assert all(len(obj) == 1 for s in train for obj in s["annotation"])  # single-frame mode
     rep = convert.convert(train, str(tmp_path / "rec"), media_root=str(tmp_path), num_shards=1,
@@ -268,7 +269,7 @@ def test_tokenizer(data):
     text = train[0]["conversations"][0]["value"].split("\n", 1)[1]
     ids = tok.encode(text)
     assert ids.count(tok.region_id) == text.count("<region>") >= 1
-    for sp in syn.SPECIAL_TOKENS:
+    for sp in tokenizer.SPECIAL_TOKENS:
         assert tok.encode(sp) == [tok.token_to_id(sp)]
     assert tok.decode(ids, skip_special_tokens=False) == text
     ratio = len(ids) / len(text.encode())
@@ -279,40 +280,40 @@ def test_tokenizer(data):
 def test_score_description(data):
     _, _, _, bd, _ = data
     for e in bd:
-        assert syn.score_description(e["caption"], e["attributes"])["score"] == 1.0, e["caption"]
+        assert attribute_score.score_description(e["caption"], e["attributes"])["score"] == 1.0, e["caption"]
     gt = {"colour": "red", "shape": "circle", "motion": "left"}
-    assert syn.score_description("A red circle moving left.", gt)["score"] == 1.0
+    assert attribute_score.score_description("A red circle moving left.", gt)["score"] == 1.0
     detailed = "A small red disc that moves towards the left, from the top-right."
-    assert syn.score_description(detailed, gt)["score"] == 1.0
-    wrong = syn.score_description("A blue circle moving left.", gt)
+    assert attribute_score.score_description(detailed, gt)["score"] == 1.0
+    wrong = attribute_score.score_description("A blue circle moving left.", gt)
     assert wrong["colour"] == 0.0 and wrong["score"] == pytest.approx(2 / 3)
-    assert syn.score_description("A red or blue circle moving left.", gt)["colour"] == 0.0
-    assert syn.score_description("A red circle moving right, near the left edge.", gt)["motion"] == 0.0
-    assert syn.score_description("", gt)["score"] == 0.0
-    agg = syn.score_descriptions([e["caption"] for e in bd], bd)
+    assert attribute_score.score_description("A red or blue circle moving left.", gt)["colour"] == 0.0
+    assert attribute_score.score_description("A red circle moving right, near the left edge.", gt)["motion"] == 0.0
+    assert attribute_score.score_description("", gt)["score"] == 0.0
+    agg = attribute_score.score_descriptions([e["caption"] for e in bd], bd)
     assert agg["score"] == 1.0
 
 
 def test_cli_and_config_errors(tmp_path, capsys):
-    assert syn.main(["--out", str(tmp_path), "--train-videos", "1", "--eval-videos", "1", "--no-tokenizer",
+    assert dataset.main(["--out", str(tmp_path), "--train-videos", "1", "--eval-videos", "1", "--no-tokenizer",
                      "--num-frames", "32", "--size", "128"]) == 0
     assert json.loads(capsys.readouterr().out)["train_videos"] == 1
     assert len(os.listdir(tmp_path / "videos" / "train" / "train_000000")) == 32
-    assert syn.main(["--out", str(tmp_path / "k"), "--train-videos", "2", "--eval-videos", "2", "--no-tokenizer",
+    assert dataset.main(["--out", str(tmp_path / "k"), "--train-videos", "2", "--eval-videos", "2", "--no-tokenizer",
                      "--question-kinds", "shape, size", "--captions-per-video", "0"]) == 0
     capsys.readouterr()
     train = json.load(open(tmp_path / "k" / "train.json"))
     assert {s["type"] for s in train} <= {"Basic Questions", "Relationship Questions"} and train
     with pytest.raises(ValueError):
-        syn.main(["--out", str(tmp_path / "x"), "--question-kinds", "hue"])
+        dataset.main(["--out", str(tmp_path / "x"), "--question-kinds", "hue"])
     with pytest.raises(ValueError):
-        syn.SynthConfig(num_frames=33)
+        scene.SynthConfig(num_frames=33)
     with pytest.raises(ValueError):
-        syn.SynthConfig(size=256)
+        scene.SynthConfig(size=256)
     for bad in (dict(question_kinds=("hue",)), dict(question_kinds=()), dict(travel=(0.5, 0.2)),
                 dict(min_speed_ratio=0.5)):
         with pytest.raises(ValueError):
-            syn.SynthConfig(**bad)
+            scene.SynthConfig(**bad)
 
 
 def test_question_kinds(data):
@@ -321,26 +322,26 @@ def test_question_kinds(data):
     words = {"colour": "What colour", "shape": "What shape", "direction": "In which direction",
              "position": "relative to", "size": "larger or smaller", "speed": "moves faster",
              "exit edge": "which edge", "future position": "which part of the frame"}
-    assert set(words) == set(syn.KIND_TYPES)
+    assert set(words) == set(scene.KIND_TYPES)
     for e in bq:
         assert words[e["kind"]] in e["Question"], e
-        assert e["type"] == syn.KIND_TYPES[e["kind"]], e
+        assert e["type"] == scene.KIND_TYPES[e["kind"]], e
     assert {"colour", "direction", "future position"} <= {e["kind"] for e in bq}
 
 
 def test_question_kinds_select_what_is_asked():
     """`question_kinds` decides what is asked (a type with none of its kinds is not asked);
     `min_speed_ratio` and `travel` shape the speed questions and the tracks."""
-    default = syn.SynthConfig()
-    assert set(default.question_kinds) == set(syn.KIND_TYPES) - {"shape", "size", "speed"}
-    only = syn.SynthConfig(question_kinds=("shape", "speed"), min_speed_ratio=2.0, travel=(0.4, 0.9))
+    default = scene.SynthConfig()
+    assert set(default.question_kinds) == set(scene.KIND_TYPES) - {"shape", "size", "speed"}
+    only = scene.SynthConfig(question_kinds=("shape", "speed"), min_speed_ratio=2.0, travel=(0.4, 0.9))
     kinds, types = set(), set()
     for i in range(30):
-        v = syn.make_video(4, "train", i, only)
+        v = render.make_video(4, "train", i, only)
         for tr in v.tracks:  # travel share of the free span (clipped start keeps it exact)
             free = 64 - 2 * (tr.radius + 1)
             assert 0.4 - 1e-6 <= tr.speed * 15 / free <= 0.9 + 1e-6
-        for q in syn.make_questions(v, np.random.default_rng(i), only):
+        for q in questions.make_questions(v, np.random.default_rng(i), only):
             kinds.add(q["kind"])
             types.add(q["type"])
             if q["kind"] == "speed":

@@ -117,11 +117,12 @@ def test_schedule_is_hf_cosine_with_warmup():
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    from data_pipeline import convert, inputs, synthetic
+    from data_pipeline import convert, inputs
+    from data_pipeline.synthetic import dataset, scene
 
     d = str(tmp_path_factory.mktemp("synth"))
-    synthetic.generate(d, seed=3, train_videos=6, eval_videos=1, vocab_size=512,
-                       cfg=synthetic.SynthConfig(num_frames=8, size=32, mask_frames=1))
+    dataset.generate(d, seed=3, train_videos=6, eval_videos=1, vocab_size=512,
+                       cfg=scene.SynthConfig(num_frames=8, size=32, mask_frames=1))
     cfg = tiny_cfg()
     convert.convert(inputs.load_entries(os.path.join(d, "train.json")), os.path.join(d, "rec"), media_root=d,
                     num_shards=2, config=convert.ConvertConfig(num_frames=cfg.num_frames, image_size=cfg.vision.image_size,

@@ -40,8 +40,8 @@ class SyntheticJob:
     mask_frames: int = 2
     eval_mask_frames: int = 4
     turns_per_sample: int = 1
-    fixed_options: bool = True  # see data_pipeline.synthetic.SynthConfig.fixed_options
-    # None: data_pipeline.synthetic.SynthConfig's default.
+    fixed_options: bool = True  # see data_pipeline.synthetic.scene.SynthConfig.fixed_options
+    # None: data_pipeline.synthetic.scene.SynthConfig's default.
     question_kinds: tuple[str, ...] | None = None
     travel: tuple[float, float] | None = None
     min_speed_ratio: float | None = None
@@ -110,7 +110,7 @@ def evaluate(cfg, params, tok, data_dir: str, out_dir: str, job: SyntheticJob, t
 def accuracy_by_kind(rows: dict[str, dict], bench_q_path: str) -> dict[str, dict[str, Any]]:
     """Official-parser accuracy per question kind (the synthetic entries' `kind`: colour, shape,
     direction, ...), with the type it belongs to and its chance level."""
-    from data_pipeline.synthetic import QUESTION_TYPES
+    from data_pipeline.synthetic.scene import QUESTION_TYPES
     from vrefer_jax.evaluation.bench_q import official_correct
 
     with open(bench_q_path) as f:
@@ -135,7 +135,7 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def format_table(trained: dict, ablated: dict, chance: dict) -> str:
-    from data_pipeline.synthetic import QUESTION_TYPES
+    from data_pipeline.synthetic.scene import QUESTION_TYPES
 
     def acc(res, t):
         pt = res["bench_q"]["official"]["per_type"].get(t)
@@ -168,7 +168,7 @@ def format_table(trained: dict, ablated: dict, chance: dict) -> str:
 def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> dict[str, Any]:
     from data_pipeline import convert as convert_lib
     from data_pipeline import inputs as inputs_lib
-    from data_pipeline import synthetic
+    from data_pipeline.synthetic import dataset, scene
     from vrefer_jax.training import trainer
 
     job = job or SyntheticJob()
@@ -183,9 +183,9 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
         optional = {k: tuple(v) if isinstance(v, (list, tuple)) else v
                     for k in ("question_kinds", "travel", "min_speed_ratio", "captions_per_video")
                     if (v := getattr(job, k)) is not None}
-        summary = synthetic.generate(
+        summary = dataset.generate(
             data_dir, seed=job.seed, train_videos=job.train_videos, eval_videos=job.eval_videos,
-            cfg=synthetic.SynthConfig(num_frames=job.video_frames, size=job.video_size, mask_frames=job.mask_frames,
+            cfg=scene.SynthConfig(num_frames=job.video_frames, size=job.video_size, mask_frames=job.mask_frames,
                                       eval_mask_frames=job.eval_mask_frames, turns_per_sample=job.turns_per_sample,
                                       fixed_options=job.fixed_options, **optional),
             vocab_size=job.vocab_size)

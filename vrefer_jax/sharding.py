@@ -74,7 +74,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vit_pos", None),
     # conv_in stays replicated: with it over `fsdp` while the batch is split over (data, fsdp),
     # XLA's SPMD partitioner returns wrong connector gradients (RegStage SE gate -> 1x1 conv;
-    # reproduced in plain JAX on a (2, 2, 2) CPU mesh; tests/test_train_step.py guards it).
+    # reproduced in plain JAX on a (2, 2, 2) CPU mesh;
+    # tests/test_train.py::test_sharded_step_matches_single_device guards it).
     ("conv_in", None),
     ("conv_out", "tensor"),
     ("conv_spatial", None),

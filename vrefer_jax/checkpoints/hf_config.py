@@ -20,6 +20,7 @@ import json
 import os
 from typing import Any
 
+from vrefer_jax import json_files
 from vrefer_jax.config import ASPECT_RATIOS, ConnectorConfig, ModelConfig, ObjectEncoderConfig, TextConfig, VisionConfig
 
 SO400M = "google/siglip-so400m-patch14-384"
@@ -58,9 +59,8 @@ def read_json(path: str) -> dict:
 
 
 def write_json(path: str, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    """Hugging Face style JSON (indent 2), through the project's one atomic writer."""
+    json_files.write_json(path, obj, indent=2)
 
 
 # ----------------------------------------------------------------------------- reading

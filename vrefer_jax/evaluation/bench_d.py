@@ -5,7 +5,7 @@ Two scorers:
 
 * `score_judge`: the four-dimension rubric through an OpenAI-compatible endpoint (`judge.py`).
 * `score_attributes`: our synthetic Bench-D (entries with `attributes` {colour, shape, motion}),
-  scored by `data_pipeline.synthetic.score_descriptions` without any LLM.
+  scored by `attribute_score.score_descriptions` without any LLM.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from data_pipeline import bench_formats, schema, synthetic
+from data_pipeline import bench_formats, schema
+from vrefer_jax.evaluation import attribute_score
 from vrefer_jax.evaluation import judge as judge_lib
 from vrefer_jax.evaluation import runner
 
@@ -79,7 +80,7 @@ def score_attributes(rows: Mapping[str, dict] | Sequence[dict],
     preds, cov = _predicted(_as_map(rows), items)
     usable = [(sid, r["pred"], e["attributes"]) for sid, r, e in preds if isinstance(e.get("attributes"), Mapping)]
     no_attr = [sid for sid, r, e in preds if not isinstance(e.get("attributes"), Mapping)]
-    means = synthetic.score_descriptions([p for _, p, _ in usable], [{"attributes": a} for *_, a in usable])
-    per_item = [{"id": sid, **synthetic.score_description(p, a)} for sid, p, a in usable]
+    means = attribute_score.score_descriptions([p for _, p, _ in usable], [{"attributes": a} for *_, a in usable])
+    per_item = [{"id": sid, **attribute_score.score_description(p, a)} for sid, p, a in usable]
     return {"benchmark": "videorefer-bench-d", "scorer": "attributes", "n": len(usable), **means,
             "per_item": per_item, "without_attributes": no_attr, **cov}

@@ -23,7 +23,8 @@ import os
 import sys
 from typing import Any
 
-from vrefer_jax.evaluation import bench_d, bench_q, judge, mcqa, runner
+from vrefer_jax.evaluation import bench_d, bench_q, judge, mcqa, mvbench, perception_test, runner, videomme
+from vrefer_jax.json_files import write_json
 
 BENCHMARKS = ("bench-q", "bench-d", "mvbench", "videomme", "perception_test")
 
@@ -47,12 +48,12 @@ def _items(bench: str, args: argparse.Namespace) -> list[runner.Item]:
         return bench_d.load(args.data, args.mode)
     if bench == "videomme":
         subs = runner.load_json(args.subtitles) if getattr(args, "subtitles", None) else None
-        return mcqa.load_videomme(args.data, getattr(args, "media_root", None), subs,
-                                  subtitle_folder=getattr(args, "subtitle_folder", None),
-                                  num_frames=getattr(args, "num_frames", None) or 16)
+        return videomme.load(args.data, getattr(args, "media_root", None), subs,
+                             subtitle_folder=getattr(args, "subtitle_folder", None),
+                             num_frames=getattr(args, "num_frames", None) or 16)
     if bench == "perception_test":
-        return mcqa.load_perception_test(args.data, getattr(args, "media_root", None))
-    return mcqa.load_mvbench(args.data)
+        return perception_test.load(args.data, getattr(args, "media_root", None))
+    return mvbench.load(args.data)
 
 
 def _judge_client(args: argparse.Namespace) -> judge.JudgeClient:
@@ -94,10 +95,10 @@ def _score(bench: str, args: argparse.Namespace, items: list[runner.Item] | None
         report = mcqa.score(rows, items, bench)
         if bench == "perception_test":
             sub = args.submission or _stem(args.out) + ".submission.json"
-            runner.write_json(sub, mcqa.perception_test_submission(rows))
+            write_json(sub, perception_test.submission(rows))
             report["submission"] = sub
     report["prediction_files"] = files
-    runner.write_json(args.report or _stem(args.out) + ".score.json", report)
+    write_json(args.report or _stem(args.out) + ".score.json", report)
     return report
 
 
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
             _add_judge(p)
     p = sub.add_parser("mcqa", help="MVBench / VideoMME / Perception Test: predict, then score")
     common(p, 16)
-    p.add_argument("--benchmark", required=True, choices=list(mcqa.LOADERS))
+    p.add_argument("--benchmark", required=True, choices=list(mcqa.BENCHMARKS))
     p.add_argument("--subtitles", help="VideoMME: JSON {youtube id: subtitle text} for the subtitle run")
     p.add_argument("--subtitle_folder", help="VideoMME: the official <youtube id>.srt files for the subtitle run "
                    "(read at the official frame times; needs --media_root)")

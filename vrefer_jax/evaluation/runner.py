@@ -17,18 +17,19 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from data_pipeline import schema
+from vrefer_jax.shard_ranges import shard_bounds
 
 Item = schema.Sample | schema.SampleError
 
 
-class Predictor(Protocol):
-    """What the runners need from a model: one answer string per sample, in order."""
+class AnswerSource(Protocol):
+    """What the runners need from a model: one answer string per sample, in order
+    (`vrefer_jax.inference.predictor.Predictor` is one; tests use fakes)."""
 
     def answer(self, samples: Sequence[schema.Sample], media_root: str, gen=None,
                batch_size: int = ...) -> list[str]: ...
@@ -71,16 +72,6 @@ def check_unique_ids(items: Sequence[Item]) -> None:
 
 
 # ----------------------------------------------------------------------------- sharding
-
-
-def shard_bounds(n: int, shard_index: int, num_shards: int) -> tuple[int, int]:
-    """[start, stop) of shard `shard_index`: the official contiguous ceil(n / num_shards) chunks
-    (the last shards may be short or empty)."""
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}/{num_shards}")
-    size = math.ceil(n / num_shards) if n else 0
-    start = min(shard_index * size, n)
-    return start, min(start + size, n)
 
 
 def shard_path(out: str, shard_index: int, num_shards: int) -> str:
@@ -160,7 +151,7 @@ class RunResult:
     errors: int = 0
 
 
-def run_predictions(items: Sequence[Item], predictor: Predictor, out: str, *, media_root: str,
+def run_predictions(items: Sequence[Item], predictor: AnswerSource, out: str, *, media_root: str,
                     row_fn: Callable[[schema.Sample], Mapping[str, Any]], gen=None, batch_size: int = 1,
                     shard_index: int = 0, num_shards: int = 1, limit: int | None = None,
                     log: Callable[[str], None] | None = None) -> RunResult:
@@ -208,7 +199,7 @@ def run_predictions(items: Sequence[Item], predictor: Predictor, out: str, *, me
     return res
 
 
-def _answer(predictor: Predictor, batch: list[schema.Sample], media_root: str, gen,
+def _answer(predictor: AnswerSource, batch: list[schema.Sample], media_root: str, gen,
             batch_size: int) -> list[tuple[schema.Sample, str | schema.SampleError]]:
     """The batch's answers; when the predictor rejects a sample (`SampleError`, e.g. unreadable
     media), the batch is retried one sample at a time so only that sample gets an error row."""
@@ -248,11 +239,3 @@ def coverage(items: Sequence[Item], rows: Mapping[str, dict]) -> dict[str, list]
     return {"missing": [i for i in ids if i not in rows],
             "errors": [rows[i]["error"] for i in ids if i in rows and rows[i].get("error")],
             "unknown": sorted(set(rows) - known)}
-
-
-def write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)

@@ -8,7 +8,7 @@
 
 Objects (`--mask PNG`, `--rle JSON`, `--box x0,y0,x1,y1`; repeatable, in `<region>` order) sit on
 `--frame`, or on several frames with `"F=VALUE;F=VALUE"` (multi-frame mode). Request lines follow
-`vrefer_jax.inference.requests`. (`python -m vrefer_jax.inference.cli ...` without the console script.)
+`vrefer_jax.inference.request_files`. (`python -m vrefer_jax.inference.cli ...` without the console script.)
 
 Strictness. Paths on the command line are yours and used as given. Paths inside a --requests file
 (video, image, mask PNG, RLE file) resolve against --media-root (default: the requests file's folder)
@@ -27,7 +27,7 @@ import json
 import os
 import sys
 
-from vrefer_jax.inference import requests as req_lib
+from vrefer_jax.inference import request_files as req_lib
 
 # Frames per video of the official `mm_infer` path: DAMO-NLP-SG/VideoRefer `videorefer/constants.py`
 # `NUM_FRAMES = 8` is the default of `mm_utils.process_video(..., num_frames=NUM_FRAMES)`, and the
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--frame", type=int, default=0, help="frame of single-frame objects (default 0)")
     q.add_argument("--id", default="request")
     b = p.add_argument_group("batch mode")
-    b.add_argument("--requests", help="JSONL file of requests (see vrefer_jax/inference/requests.py)")
+    b.add_argument("--requests", help="JSONL file of requests (see vrefer_jax/inference/request_files.py)")
     b.add_argument("--output", help="JSONL answers (default: stdout)")
     b.add_argument("--media-root", "--media_root", default="",
                    help="folder that paths inside --requests lines resolve against, and must stay inside "

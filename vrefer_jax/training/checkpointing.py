@@ -32,6 +32,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vrefer_jax.json_files import write_json
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "vrefer_checksums.json"
@@ -64,10 +66,7 @@ def write_manifest(step_dir: str) -> None:
     """Size and SHA-256 of every file under `step_dir`, written atomically beside them."""
     files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)), "sha256": _sha256(os.path.join(step_dir, rel))}
              for rel in _files(step_dir)}
-    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"algorithm": "sha256", "files": files}, f, indent=0)
-    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+    write_json(os.path.join(step_dir, MANIFEST), {"algorithm": "sha256", "files": files}, indent=0)
 
 
 def verify_step(step_dir: str) -> str | None:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from vrefer_jax.config import ModelConfig
@@ -38,10 +37,3 @@ class FlopModel:
         conn = 2 * self.n_conn * patches * batch_size * c.num_frames * (3 if "mm_projector" in self.trainable else 2)
         return float(dec + vit + conn)
 
-
-def device_peak_flops() -> float:
-    """Vendor bf16 dense peak per device for known accelerators (0 when unknown, e.g. CPU)."""
-    kind = jax.devices()[0].device_kind.lower()
-    table = {"v5p": 459e12, "v5 lite": 197e12, "v5e": 197e12, "v4": 275e12, "v6": 918e12,
-             "h100": 989e12, "h200": 989e12, "a100": 312e12}
-    return next((v for k, v in table.items() if k in kind), 0.0)
