@@ -1,7 +1,6 @@
 """The batch contract (`vrefer_jax.batch`): one module owns the fields, the expanded length, padding
-and the host checks; the import rules that keep it (and the data side) below the models."""
+and the host checks (the import rules that keep it below the models: tests/test_layering.py)."""
 
-import ast
 import pathlib
 
 import numpy as np
@@ -12,52 +11,6 @@ from vrefer_jax.config import IGNORE_INDEX, VIDEO_TOKEN_INDEX, model_config_from
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "models" / "tiny.gin")
-
-
-def imported_modules(path: pathlib.Path, pkg: str | None = None) -> set[str]:
-    """Every module a source file imports (absolute names; relative imports resolved against its
-    package `pkg`, by default from its place in the repository), lazy ones inside functions too."""
-    tree = ast.parse(path.read_text(), str(path))
-    if pkg is None:
-        pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
-            out.add(base)
-            out.update(f"{base}.{a.name}" for a in node.names)
-    return out
-
-
-def offenders(files, forbidden):
-    return sorted(f"{f.relative_to(ROOT)} imports {m}" for f in files for m in imported_modules(f)
-                  if any(m == p or m.startswith(p + ".") for p in forbidden))
-
-
-@pytest.mark.parametrize("files, forbidden", [
-    (["vrefer_jax/batch.py", "vrefer_jax/numerics.py"],
-     ["vrefer_jax.models", "data_pipeline", "vrefer_jax.training", "vrefer_jax.inference", "vrefer_jax.checkpoints"]),
-    (["data_pipeline/*.py"], ["vrefer_jax.models", "vrefer_jax.training"]),
-    (["vrefer_jax/models/*.py"], ["data_pipeline", "vrefer_jax.training", "vrefer_jax.inference"]),
-])
-def test_import_rules(files, forbidden):
-    paths = [p for g in files for p in sorted(ROOT.glob(g))]
-    assert paths
-    assert offenders(paths, forbidden) == []
-
-
-def test_import_rule_checker_sees_lazy_and_relative_imports(tmp_path):
-    """The checker itself: a lazy import inside a function and a relative import both count."""
-    src = tmp_path / "m.py"
-    src.write_text("import numpy\n\ndef f():\n    from vrefer_jax.models.connector import num_video_tokens\n"
-                   "    from ..models import splice\n")
-    mods = imported_modules(src, pkg="vrefer_jax.inference")
-    assert {"vrefer_jax.models.connector", "vrefer_jax.models.splice", "numpy"} <= mods
-    assert not {m for m in mods if m.startswith("vrefer_jax.inference")}
 
 
 def _example(sid="s", n_ids=5, F=2, objects=((0, 1), (1,)), g=3, T=2, S=4):
