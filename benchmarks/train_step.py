@@ -33,12 +33,12 @@ sys.path.insert(0, str(HERE))
 
 from forward import bench_batch, matmul_peak  # noqa: E402
 
+from vrefer_jax.batch import BATCH_KEYS  # noqa: E402
 from vrefer_jax.config import model_config_from_gin  # noqa: E402
 from vrefer_jax.models import videorefer  # noqa: E402
-from vrefer_jax.sharding import logical_axis_rules  # noqa: E402
+from vrefer_jax.sharding import MeshConfig, logical_axis_rules, make_mesh  # noqa: E402
 from vrefer_jax.training import train_state  # noqa: E402
 from vrefer_jax.training.stages import available_stages, stage_trainable  # noqa: E402
-from vrefer_jax.sharding import MeshConfig, make_mesh  # noqa: E402
 from vrefer_jax.training.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
 from vrefer_jax.training.step import StepConfig, batch_sharding, make_train_step  # noqa: E402
 
@@ -82,7 +82,7 @@ def run(cfg, name: str, *, batch: int, text_len: int, accum: int, devices: int, 
     t0 = time.perf_counter()
     compiled = step.lower(train_state.abstract_unboxed(cfg, tx, shardings), b).compile()
     compile_s = time.perf_counter() - t0
-    b = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in b.items() if k in videorefer.BATCH_KEYS}
+    b = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in b.items() if k in BATCH_KEYS}
 
     state, m = compiled(state, b)  # warm-up
     jax.block_until_ready(state)

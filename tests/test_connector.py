@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 regnet = pytest.importorskip("timm.models.regnet")
 timm_layers = pytest.importorskip("timm.layers")
 
+from vrefer_jax.batch import num_video_tokens  # noqa: E402
 from vrefer_jax.checkpoints import key_map  # noqa: E402
 from vrefer_jax.checkpoints import videorefer_keys as keys  # noqa: E402
 from vrefer_jax.config import ConnectorConfig  # noqa: E402
@@ -170,7 +171,7 @@ def test_stc_parity(kind, b, t, g, c_vis, c, depth):
     model = connector.Connector(cfg, in_features=c_vis, out_features=c)
     got = compare(f"{kind}(B={b}, T={t}, g={g}, {c_vis}->{c}, d={depth})", ref, model,
                   frames(b, t, g, c_vis), keys.connector_rules(cfg, c_vis, c))
-    assert got.shape == (b, connector.num_video_tokens(cfg, t, g), c)
+    assert got.shape == (b, num_video_tokens(cfg, t, g), c)
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp2x_gelu", "mlp3x_gelu"])
@@ -183,20 +184,20 @@ def test_mean_projector_parity(kind):
     model = connector.Connector(cfg, in_features=c_vis, out_features=c)
     got = compare(f"{kind}(T={t}, g={g})", ref, model, frames(2, t, g, c_vis), keys.connector_rules(cfg, c_vis, c),
                   hf_prefix="proj.")
-    assert got.shape == (2, g * g, c) and connector.num_video_tokens(cfg, t, g) == g * g
+    assert got.shape == (2, g * g, c) and num_video_tokens(cfg, t, g) == g * g
 
 
 def test_token_counts():
     v35 = ConnectorConfig(projector_type="stc_connector_v35")
     for t, n in [(16, 1352), (8, 676), (4, 338), (3, 169)]:
-        assert connector.num_video_tokens(v35, t, 27) == n
+        assert num_video_tokens(v35, t, 27) == n
         model = connector.Connector(v35, in_features=8, out_features=8)
         x = jax.ShapeDtypeStruct((1, t, 729, 8), jnp.float32)
         out = jax.eval_shape(lambda x: model.init_with_output(jax.random.PRNGKey(0), x)[0], x)
         assert out.shape == (1, n, 8)
-    assert connector.num_video_tokens(ConnectorConfig(projector_type="stc_connector"), 16, 27) == 9 * 14 * 14
-    assert connector.num_video_tokens(ConnectorConfig(projector_type="stp_connector"), 16, 27) == 1352
-    assert connector.num_video_tokens(ConnectorConfig(projector_type="mlp2x_gelu"), 16, 27) == 729
+    assert num_video_tokens(ConnectorConfig(projector_type="stc_connector"), 16, 27) == 9 * 14 * 14
+    assert num_video_tokens(ConnectorConfig(projector_type="stp_connector"), 16, 27) == 1352
+    assert num_video_tokens(ConnectorConfig(projector_type="mlp2x_gelu"), 16, 27) == 729
 
 
 def test_official_shapes_and_names():
@@ -243,7 +244,7 @@ def test_errors():
         with pytest.raises(ValueError, match="broken"):
             connector.Connector(ConnectorConfig(projector_type=bad), 8, 16).init(jax.random.PRNGKey(0), x)
         with pytest.raises(ValueError, match="broken"):
-            connector.num_video_tokens(ConnectorConfig(projector_type=bad), 16, 27)
+            num_video_tokens(ConnectorConfig(projector_type=bad), 16, 27)
     with pytest.raises(ValueError, match="unknown projector_type"):
         keys.connector_rules(ConnectorConfig(projector_type="qformer"), 8, 16)
     v35 = connector.Connector(ConnectorConfig(depth=1), 8, 16)
@@ -268,7 +269,7 @@ def test_traces_under_mesh_and_rules(kind):
         boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
         specs = nn.logical_to_mesh(nn.get_partition_spec(boxed))["params"]
         out = jax.eval_shape(model.apply, boxed, x)
-    assert out.shape == (2, connector.num_video_tokens(model.cfg, 4, 5), 16)
+    assert out.shape == (2, num_video_tokens(model.cfg, 4, 5), 16)
     if kind == "stc_connector_v35":
         assert specs["s1"]["b1"]["conv1"]["conv"]["kernel"] == PartitionSpec(None, None, None, "tensor")  # conv_in replicated (sharding.py)
         assert specs["readout_0"]["kernel"] == PartitionSpec(None, "tensor")

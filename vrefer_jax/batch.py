@@ -82,13 +82,13 @@ def projector_kind(projector_type: str) -> tuple[str, int]:
                      "linear, mlp{N}x_gelu")
 
 
-def _sampler_padding(projector_type: str) -> int:
+def sampler_padding(projector_type: str) -> int:
     return 1 if projector_type == "stc_connector" else 0
 
 
 def sampled_shape(cfg: ConnectorConfig, num_frames: int, grid: int) -> tuple[int, int, int]:
     """(T', h', w') after the STC sampler: floor((n + 2*pad - k) / k) + 1 per dim (k = stride)."""
-    pad = _sampler_padding(cfg.projector_type)
+    pad = sampler_padding(cfg.projector_type)
     out = tuple((n + 2 * pad - k) // k + 1 for n, k in zip((num_frames, grid, grid), cfg.downsample))
     if min(out) <= 0:
         raise ValueError(f"{cfg.projector_type} with downsample {cfg.downsample} needs at least "

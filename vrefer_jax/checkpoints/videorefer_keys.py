@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from vrefer_jax.checkpoints.key_map import KeyRule, prefixed
 from vrefer_jax.config import ConnectorConfig, ModelConfig, ObjectEncoderConfig, TextConfig, VisionConfig
-from vrefer_jax.models.connector import projector_kind
+from vrefer_jax.batch import projector_kind
 
 # ----------------------------------------------------------------------------- SigLIP tower
 

@@ -39,8 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vrefer_jax.batch import (  # noqa: F401 - token-count arithmetic shared with the batch contract
-    BROKEN_TYPES, STC_TYPES, _sampler_padding, num_video_tokens, projector_kind, sampled_shape)
+from vrefer_jax.batch import projector_kind, sampled_shape, sampler_padding  # token arithmetic of the contract
 from vrefer_jax.config import ConnectorConfig
 from vrefer_jax.models import layers, regstage
 from vrefer_jax.sharding import constrain
@@ -136,7 +135,7 @@ class Connector(nn.Module):
         if cfg.projector_type == "stp_connector":
             y = nn.avg_pool(y, ds, strides=ds, padding="VALID")
         else:
-            pad = _sampler_padding(cfg.projector_type)
+            pad = sampler_padding(cfg.projector_type)
             y = regstage.conv(c, ds, regstage.kernel_axes(3, "conv_in", "conv_out"),
                               bias_axis="conv_out", strides=ds, padding=((pad, pad),) * 3,
                               name="sampler_0", **kw)(y)

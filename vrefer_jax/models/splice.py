@@ -19,7 +19,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vrefer_jax.batch import BatchError, check_batch  # noqa: F401 - the host-side checks of this gather
 from vrefer_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 
 _TEXT, _VISUAL, _REGION = 0, 1, 2

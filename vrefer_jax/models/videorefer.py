@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vrefer_jax import batch as batch_lib
-from vrefer_jax.batch import BATCH_KEYS  # noqa: F401 - re-exported: the contract's field names
 from vrefer_jax.config import IGNORE_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
 from vrefer_jax.models import connector as connector_lib
 from vrefer_jax.models import object_encoder as object_encoder_lib

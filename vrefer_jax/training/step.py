@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from vrefer_jax.batch import BATCH_KEYS
 from vrefer_jax.config import ModelConfig
 from vrefer_jax.models import videorefer
 from vrefer_jax.training.loss import cross_entropy_sum
@@ -83,7 +84,7 @@ def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, tx: optax.GradientTr
         return jax.tree.map(split, batch)
 
     def step(state: TrainState, batch):
-        batch = {k: v for k, v in batch.items() if k in videorefer.BATCH_KEYS}
+        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
         train_p, frozen_p = _split_trainable(state.params, trainable)
         zeros = jax.tree.map(jnp.zeros_like, train_p)
 
@@ -122,7 +123,7 @@ def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, tx: optax.GradientTr
                        supervised_tokens=count, tokens=tokens, finite=finite, nonfinite=new_state.nonfinite)
         return new_state, metrics
 
-    batch_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_spec.items() if k in videorefer.BATCH_KEYS}
+    batch_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_spec.items() if k in BATCH_KEYS}
     jitted = jax.jit(step, in_shardings=(shardings, batch_sh),
                      out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
 
@@ -146,13 +147,13 @@ def make_eval_step(cfg: ModelConfig, step_cfg: StepConfig, mesh, rules, param_sh
     model = videorefer.VideoRefer(cfg)
 
     def evaluate(params, batch):
-        batch = {k: v for k, v in batch.items() if k in videorefer.BATCH_KEYS}
+        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
         hidden, inputs = model.apply({"params": params}, batch, out_len=step_cfg.out_len, return_hidden=True)
         total, count = cross_entropy_sum(hidden, params["lm_head"]["kernel"], inputs["labels"],
                                          chunk_size=step_cfg.logits_chunk, compute_dtype=cfg.compute_dtype)
         return dict(loss_sum=total, count=count)
 
-    batch_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_spec.items() if k in videorefer.BATCH_KEYS}
+    batch_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_spec.items() if k in BATCH_KEYS}
     jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_sh),
                      out_shardings=NamedSharding(mesh, PartitionSpec()))
 
