@@ -517,3 +517,44 @@ def test_predictor_preprocesses_in_memory(world, monkeypatch):
     np.testing.assert_array_equal(got.frames, want.frames)
     np.testing.assert_array_equal(got.region_frames, want.region_frames)
     assert got.input_ids == want.input_ids and got.object_frames == want.object_frames
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 2, 2), (1, 4, 2)])
+def test_sharded_predictor_gives_the_same_tokens(world, tmp_path, shape):
+    """Serving on 8 fake devices (conftest): parameters placed by the logical-axis rules, the KV
+    cache and activations constrained alike; the tokens equal one device's, both for a predictor
+    built in memory and for `Predictor.load` restoring straight into the shardings."""
+    from vrefer_jax.checkpoints import store
+    from vrefer_jax.sharding import MeshConfig, make_mesh
+
+    mesh = make_mesh(MeshConfig(*shape), jax.devices()[:8])
+    pred = Predictor(world["cfg"], world["params"], world["tok"], num_frames=4, generation=world["gen"],
+                     bucket_floors=FLOORS, mesh=mesh)
+    embed = pred.params["llm"]["embed_tokens"]["embedding"]
+    assert len(embed.sharding.device_set) == 8
+    ss = samples(world)
+    want = world["pred"].answer(ss, world["root"], batch_size=2)
+    assert pred.answer(ss, world["root"], batch_size=2) == want
+    ckpt = str(tmp_path / "ckpt")
+    store.save_imported(ckpt, world["cfg"], world["params"], None, world["tok_dir"])
+    loaded = Predictor.load(ckpt, mesh=mesh, num_frames=4, generation=world["gen"], bucket_floors=FLOORS)
+    assert loaded.params["llm"]["embed_tokens"]["embedding"].sharding == embed.sharding
+    assert loaded.answer(ss, world["root"], batch_size=2) == want
+
+
+def test_cli_mesh(world, tmp_path, capsys):
+    """`vrefer-infer --mesh`: the same answers as one device; a bad mesh is one line, exit 2."""
+    from vrefer_jax.checkpoints import store
+
+    ckpt = str(tmp_path / "ckpt")
+    store.save_imported(ckpt, world["cfg"], world["params"], None, world["tok_dir"])
+    (tmp_path / "reqs.jsonl").write_text(json.dumps(REQS[0]) + "\n")
+    base = ["--checkpoint", ckpt, "--requests", str(tmp_path / "reqs.jsonl"), "--media-root", world["root"],
+            "--num-frames", "4", "--max-new-tokens", "6"]
+    assert cli.main(base + ["--output", str(tmp_path / "a.jsonl"), "--mesh", "data=1,fsdp=4,tensor=2"]) == 0
+    got = json.loads((tmp_path / "a.jsonl").read_text())["answer"]
+    assert got == world["pred"].answer(samples(world, [REQS[0]]), world["root"])[0]
+    capsys.readouterr()
+    assert cli.main(base + ["--mesh", "heads=8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mesh" in err[0] and "unknown axes" in err[0]

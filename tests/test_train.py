@@ -261,3 +261,12 @@ def test_fit_sharding_replicates_what_does_not_divide():
     assert fit_sharding(s, (152064, 3584)).spec == P("tensor", "fsdp")
     assert fit_sharding(NamedSharding(mesh, P(("fsdp", "tensor"))), (6,)).spec == P("fsdp")
     assert fit_sharding(NamedSharding(mesh, P(None, "tensor")), (3, 5)).spec == P(None, None)
+
+
+def test_mesh_config_parse():
+    assert MeshConfig.parse("data=1,fsdp=1,tensor=8") == MeshConfig(1, 1, 8)
+    assert MeshConfig.parse("tensor=4") == MeshConfig(-1, 1, 4)
+    assert MeshConfig.parse("2, -1, 2") == MeshConfig(2, -1, 2)
+    for bad in ("heads=2", "data=x", "1,2"):
+        with pytest.raises(ValueError, match="mesh"):
+            MeshConfig.parse(bad)

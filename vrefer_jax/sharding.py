@@ -110,6 +110,21 @@ class MeshConfig:
     tensor: int = 1
     dcn_data: int = 1  # slices (multi-slice data parallelism over DCN)
 
+    @classmethod
+    def parse(cls, text: str) -> MeshConfig:
+        """'data=1,fsdp=2,tensor=4' (omitted axes: data -1, fsdp 1, tensor 1) or '1,2,4'."""
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        try:
+            if all("=" not in p for p in parts) and len(parts) == 3:
+                return cls(*(int(p) for p in parts))
+            sizes = {k.strip(): int(v) for k, v in (p.split("=", 1) for p in parts)}
+        except ValueError:
+            raise ValueError(f"mesh {text!r}: expected 'data=D,fsdp=F,tensor=T' or 'D,F,T'") from None
+        unknown = set(sizes) - set(AXES)
+        if unknown:
+            raise ValueError(f"mesh {text!r}: unknown axes {sorted(unknown)} (axes: {AXES})")
+        return cls(**sizes)
+
     def resolve(self, num_devices: int) -> tuple[int, int, int]:
         """Axis sizes with -1 filled in; raises if they do not multiply to `num_devices`."""
         sizes = [self.data, self.fsdp, self.tensor]

@@ -54,11 +54,14 @@ def abstract_params(cfg: ModelConfig, boxed: bool = False):
 
 
 def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules=None):
-    """Per-leaf `NamedSharding`s from the parameters' logical axis names and the rules table."""
-    from vrefer_jax.sharding import logical_axis_rules
+    """Per-leaf `NamedSharding`s from the parameters' logical axis names and the rules table; a
+    mesh axis that does not divide a dimension (the 7B vocabulary over tensor=4) is dropped from
+    it (`sharding.fit_sharding`)."""
+    from vrefer_jax.sharding import fit_sharding, logical_axis_rules
 
     specs = nn.get_partition_spec(abstract_params(cfg, boxed=True))
-    return nn.logical_to_mesh_sharding(specs, mesh, rules if rules is not None else logical_axis_rules())
+    named = nn.logical_to_mesh_sharding(specs, mesh, rules if rules is not None else logical_axis_rules())
+    return jax.tree.map(lambda s, a: fit_sharding(s, a.shape), named, abstract_params(cfg))
 
 
 def sharding_at(shardings, path: Sequence[str]):

@@ -32,9 +32,11 @@ BENCHMARKS = ("bench-q", "bench-d", "mvbench", "videomme", "perception_test")
 def load_predictor(args: argparse.Namespace):
     """The real predictor (imported here so scoring works without the model stack)."""
     from vrefer_jax.inference.predictor import Predictor
+    from vrefer_jax.sharding import MeshConfig, make_mesh
 
+    mesh = make_mesh(MeshConfig.parse(args.mesh)) if args.mesh else None
     return Predictor.load(args.checkpoint, tokenizer=args.tokenizer, num_frames=args.num_frames,
-                          allow_absolute_media=args.allow_absolute_media)
+                          allow_absolute_media=args.allow_absolute_media, mesh=mesh)
 
 
 def _stem(out: str) -> str:
@@ -172,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "must stay inside --media_root; others are error rows, media_outside_root)")
         p.add_argument("--out", required=True, help="prediction JSONL (shards get a suffix)")
         p.add_argument("--checkpoint", required=True)
+        p.add_argument("--mesh", default=None, help="serve on a device mesh, e.g. 'data=1,fsdp=1,tensor=8' "
+                       "(default: one device)")
         p.add_argument("--tokenizer", default=None)
         p.add_argument("--num_frames", type=int, default=frames)
         p.add_argument("--batch_size", type=int, default=1)

@@ -49,13 +49,12 @@ def compile_generate(cfg, devices, mesh_shape: tuple[int, int, int], *, batch: i
     from vrefer_jax.inference import generate as gen_lib
     from vrefer_jax.inference.sampling import GenerationConfig
     from vrefer_jax.models import videorefer
-    from vrefer_jax.sharding import MeshConfig, fit_sharding, logical_axis_rules, make_mesh
+    from vrefer_jax.sharding import MeshConfig, logical_axis_rules, make_mesh
 
     rules = rules or logical_axis_rules()
     mesh = make_mesh(MeshConfig(*mesh_shape), devices)
     shardings = param_shardings(cfg, mesh, rules)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(param_dtype),
-                                                            sharding=fit_sharding(s, a.shape)),
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(param_dtype), sharding=s),
                           abstract_params(cfg), shardings)
     region_len = cfg.object_encoder.region_token_num * max_objects
     out_len = text_len + videorefer.num_video_tokens(cfg) + region_len
@@ -141,7 +140,9 @@ def main(argv=None) -> None:
     from vrefer_jax.config import model_config_from_gin
 
     cfg = model_config_from_gin([args.model], args.gin_bindings)
-    mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else None
+    from vrefer_jax.sharding import MeshConfig
+
+    mesh = MeshConfig.parse(args.mesh).resolve(target.num_devices) if args.mesh else None
     r = check(cfg, target, batch=args.batch, text_len=args.text_len, new_tokens=args.new_tokens,
               max_objects=args.max_objects, mesh=mesh, param_dtype=args.param_dtype, try_tpu=not args.no_tpu)
     print(format_report(r))

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vision-tower", help="SigLIP folder, for HF checkpoints (as vrefer-convert import)")
     m.add_argument("--use-stored-vision-tower", action="store_true")
     m.add_argument("--dtype", help="compute dtype (default: the checkpoint's model config)")
+    m.add_argument("--mesh", help="serve on a device mesh, e.g. 'data=1,fsdp=1,tensor=8' (parameters, KV cache and "
+                                   "activations sharded by the logical-axis rules; default: one device)")
     q = p.add_argument_group("one request")
     src = q.add_mutually_exclusive_group()
     src.add_argument("--video", help="video file or frame folder")
@@ -179,11 +181,16 @@ def _run(a, predictor, reqs, where, root, ok, bad, out) -> int:
 
     if predictor is None:
         from vrefer_jax.inference.predictor import Predictor
+        from vrefer_jax.sharding import MeshConfig, make_mesh
 
+        try:
+            mesh = make_mesh(MeshConfig.parse(a.mesh)) if a.mesh else None
+        except ValueError as e:
+            return _fail(f"--mesh: {_one_line(e)}")
         try:
             predictor = Predictor.load(a.checkpoint, a.tokenizer, vision_tower=a.vision_tower,
                                        use_stored_vision_tower=a.use_stored_vision_tower, dtype=a.dtype,
-                                       num_frames=a.num_frames, aspect=a.aspect)
+                                       num_frames=a.num_frames, aspect=a.aspect, mesh=mesh)
         except Exception as e:  # noqa: BLE001 - any load failure is one line, not a traceback
             return _fail(f"cannot load --checkpoint {a.checkpoint}: {_one_line(e)}")
     else:

@@ -24,6 +24,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -34,6 +35,7 @@ from vrefer_jax import batch as batch_lib
 from vrefer_jax.config import ModelConfig
 from vrefer_jax.inference.generate import generate_videorefer
 from vrefer_jax.inference.sampling import GenerationConfig
+from vrefer_jax.sharding import logical_axis_rules
 from vrefer_jax.text.multimodal import build_inference_prompt
 from vrefer_jax.text.tokenizer import Tokenizer, load_tokenizer
 
@@ -84,18 +86,28 @@ class Predictor:
     generation: the default `GenerationConfig` (default: `default_generation(...)`).
     bucket_floors: smallest bucket per size (see `BUCKET_FLOORS`); raise them to share one program
       between e.g. single- and multi-frame samples.
+    mesh: a `(data, fsdp, tensor)` mesh (`sharding.make_mesh`) to serve on: the parameters are
+      placed by the logical-axis rules (`rules`, default the table in force), generation runs under
+      the mesh, so the KV cache and activations follow the same rules (heads / MLP over `tensor`,
+      rows over data x fsdp). None: one device.
     """
 
     def __init__(self, cfg: ModelConfig, params: Mapping, tokenizer: Tokenizer, *, num_frames: int | None = None,
                  aspect: str | None = None, generation: GenerationConfig | None = None,
                  generation_config_dict: Mapping | None = None, bucket_floors: Mapping[str, int] | None = None,
-                 allow_absolute_media: bool = False):
+                 allow_absolute_media: bool = False, mesh: jax.sharding.Mesh | None = None, rules=None):
         self.cfg, self.tokenizer = cfg, tokenizer
         unknown = set(bucket_floors or {}) - set(BUCKET_FLOORS)
         if unknown:
             raise ValueError(f"unknown bucket_floors keys {sorted(unknown)}; expected {sorted(BUCKET_FLOORS)}")
         self.bucket_floors = {**BUCKET_FLOORS, **(bucket_floors or {})}
-        self.params = jax.tree.map(jax.numpy.asarray, params)
+        self.mesh, self.rules = mesh, (rules or logical_axis_rules()) if mesh is not None else None
+        if mesh is None:
+            self.params = jax.tree.map(jax.numpy.asarray, params)
+        else:  # a no-op for leaves already restored into these shardings (`Predictor.load`)
+            from vrefer_jax.checkpoints import store
+
+            self.params = jax.device_put(params, store.param_shardings(cfg, mesh, self.rules))
         self.num_frames = int(num_frames or cfg.num_frames)
         self.aspect = aspect = aspect or cfg.image_aspect_ratio
         self.generation = generation or default_generation(tokenizer, generation_config_dict)
@@ -110,16 +122,18 @@ class Predictor:
 
     @classmethod
     def load(cls, checkpoint: str, tokenizer: str | None = None, *, vision_tower: str | None = None,
-             use_stored_vision_tower: bool = False, dtype: str | None = None, **kw) -> Predictor:
+             use_stored_vision_tower: bool = False, dtype: str | None = None, mesh=None, rules=None,
+             **kw) -> Predictor:
         """From an Orbax folder written by `vrefer-convert import` / `from-parts` (`params/` +
         `model_config.json`) or an official HF folder (imported on the fly; `vision_tower` /
         `use_stored_vision_tower` as in `vrefer-convert import`). `tokenizer` defaults to the
         checkpoint's (`<ckpt>/hf` for Orbax folders). `dtype` sets the compute dtype.
-        `generation_config.json` is looked up in the checkpoint folder, then `<ckpt>/hf`."""
+        `generation_config.json` is looked up in the checkpoint folder, then `<ckpt>/hf`. With a
+        `mesh`, an Orbax folder is restored straight into the parameter shardings."""
         from vrefer_jax.checkpoints import hf_config, store
 
         if store.is_imported(checkpoint):
-            cfg, params = store.load_imported(checkpoint)
+            cfg, params = store.load_imported(checkpoint, mesh=mesh, rules=rules)
             side = os.path.join(checkpoint, store.HF)
         elif os.path.isfile(os.path.join(checkpoint, "config.json")):
             from vrefer_jax.checkpoints.hf_import import import_videorefer
@@ -143,7 +157,7 @@ class Predictor:
             if os.path.isfile(p):
                 gen_dict = hf_config.read_json(p)
                 break
-        return cls(cfg, params, tok, generation_config_dict=gen_dict, **kw)
+        return cls(cfg, params, tok, generation_config_dict=gen_dict, mesh=mesh, rules=rules, **kw)
 
     # ------------------------------------------------------------------ host side
 
@@ -178,8 +192,9 @@ class Predictor:
     def make_batch(self, prepared: Sequence[Prepared], batch_size: int | None = None) -> tuple[dict, int]:
         """Bucketed contract batch (no labels) and its static expanded length `out_len`.
 
-        Rows past `len(prepared)` (up to `batch_size`) repeat the first row."""
-        rows = list(prepared) + [prepared[0]] * max(0, (batch_size or len(prepared)) - len(prepared))
+        Rows past `len(prepared)` (up to `batch_size`, rounded up to a multiple of the mesh's row
+        shards) repeat the first row."""
+        rows = list(prepared) + [prepared[0]] * max(0, self._rows(batch_size or len(prepared)) - len(prepared))
         T = rows[0].frames.shape[0]
         if any(r.frames.shape[0] != T for r in rows):
             raise ValueError("all rows of a batch need the same frame count")
@@ -203,7 +218,11 @@ class Predictor:
         the raw `GenerationOutput` (host numpy arrays)."""
         gen = gen or self.generation
         batch_lib.validate(self.cfg, batch, out_len, sample_ids=sample_ids)
-        out = generate_videorefer(self.cfg, self.params, batch, out_len, gen)
+        if self.mesh is None:
+            out = generate_videorefer(self.cfg, self.params, batch, out_len, gen)
+        else:
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                out = generate_videorefer(self.cfg, self.params, batch, out_len, gen)
         out = jax.tree.map(np.asarray, out)
         texts = [self.decode(out.tokens[b, : out.lengths[b]]) for b in range(out.tokens.shape[0])]
         return (texts, out) if return_output else texts
@@ -234,6 +253,14 @@ class Predictor:
                 for i, t in zip(chunk, texts):
                     answers[i] = t
         return answers
+
+    def _rows(self, n: int) -> int:
+        """`n` rounded up to a multiple of data x fsdp, so rows split evenly over the mesh (one row
+        over 4 row shards crashed XLA's CPU compiler, jax 0.10.2; `test_cli_mesh` runs that case)."""
+        if self.mesh is None:
+            return n
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return -(-n // shards) * shards
 
     def configure(self, num_frames: int | None = None, aspect: str | None = None) -> Predictor:
         """Change the frame count / aspect mode in place (the parameters stay where they are)."""

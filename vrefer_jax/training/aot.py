@@ -37,14 +37,14 @@ from vrefer_jax.aot_targets import (GIB, Target, compiled_memory, ensure_host_de
                                     shard_bytes, target_devices)
 from vrefer_jax.training.stages import available_stages, stage_trainable
 
+
 def parse_mesh(spec: str | None, n: int):
-    """'data,fsdp,tensor' (one may be -1) or None -> all devices on fsdp."""
+    """'data,fsdp,tensor' / 'data=..,fsdp=..,tensor=..' (one may be -1) or None -> all devices on fsdp."""
     from vrefer_jax.sharding import MeshConfig
 
     if not spec:
         return MeshConfig(data=1, fsdp=-1, tensor=1)
-    d, f, t = (int(x) for x in spec.split(","))
-    return MeshConfig(data=d, fsdp=f, tensor=t)
+    return MeshConfig.parse(spec)
 
 
 def batch_shapes(cfg, global_batch: int, seq_len: int, max_objects: int = 4, max_object_frames: int = 8,
