@@ -195,7 +195,8 @@ def hf_to_flax(
 
 
 def flax_to_hf(params: Mapping, rules: list[KeyRule]) -> dict[str, np.ndarray]:
-    """Flax params -> HF state dict (numpy arrays, HF layout)."""
+    """Flax params -> HF state dict (numpy arrays, HF layout), all in memory: the reference oracle
+    the round-trip tests check the streaming export (`hf_export`) and the rules against."""
     out: dict[str, np.ndarray] = {}
     for rule in rules:
         arr = np.asarray(_to_numpy(get_path(params, rule.flax)))

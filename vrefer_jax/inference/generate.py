@@ -233,10 +233,5 @@ def generate_videorefer(
     return _generate_videorefer(params, inputs, rng, cfg=cfg, gen=gen.static, out_len=int(out_len))
 
 
-def compiled_count() -> dict[str, int]:
-    """How many programs each entry point has compiled (for tests: one per bucket)."""
-    return {"text": _generate_text._cache_size(), "videorefer": _generate_videorefer._cache_size()}
-
-
 __all__ = ["GenerationOutput", "DecoderFns", "decode_loop", "generate_text", "generate_videorefer",
-           "compiled_count", "INPUT_KEYS"]
+           "INPUT_KEYS"]

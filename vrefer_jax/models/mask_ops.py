@@ -40,7 +40,8 @@ def resize_masks(masks: jax.Array, out_h: int, out_w: int) -> jax.Array:
 
 
 def resize_masks_np(masks: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """NumPy twin of `resize_masks` for the host: [..., H, W] -> float32 [..., out_h, out_w]."""
+    """NumPy twin of `resize_masks`: [..., H, W] -> float32 [..., out_h, out_w]. A reference oracle
+    (tests check the device resize and the data side's `masks.grid_masks` against it)."""
     masks = np.asarray(masks)
     h, w = masks.shape[-2:]
     x = masks.astype(np.float32) @ bilinear_weights(w, out_w).T
@@ -58,6 +59,8 @@ def mask_pool_weights(masks: jax.Array) -> jax.Array:
 
 def mask_pool(feats: jax.Array, masks: jax.Array) -> jax.Array:
     """Official `MaskPooling`: feats [..., g, g, C] fp32, masks [..., g, g] -> pooled [..., C] fp32.
+    A reference oracle: the object encoder pools with `mask_pool_weights` in one einsum; tests
+    check both against the official formula.
 
     Masked mean over the grid with denominator `count + 1e-8`; an empty mask gives exact zeros.
     """

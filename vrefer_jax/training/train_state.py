@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from vrefer_jax.config import ModelConfig
 from vrefer_jax.models import videorefer
@@ -74,5 +73,3 @@ def create_state(cfg: ModelConfig, tx, shardings: TrainState, seed: int, params=
     return jax.jit(init, out_shardings=shardings)(rng)
 
 
-def replicated(mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
