@@ -20,7 +20,7 @@ $(BIN)/.installed: setup.py
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/vrefer-train --gin_file=configs/experiments/synthetic_tiny.gin
+	$(BIN)/vrefer-demo
 
 test: venv
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -48,6 +48,7 @@ setup(
         "vrefer-convert = vrefer_jax.checkpoints.cli:main",
         "vrefer-data = data_pipeline.cli:main",
         "vrefer-train = vrefer_jax.training.cli:main",
+        "vrefer-demo = vrefer_jax.main_job:main",
         "vrefer-infer = vrefer_jax.inference.cli:main",
         "vrefer-eval = vrefer_jax.evaluation.cli:main",
     ]},

@@ -30,3 +30,18 @@ def test_user_paths_are_required_not_placeholders(path, capsys, monkeypatch):
     given = [x for v in REQUIRED.values() for x in ("--gin_bindings", v)]
     assert cli.main(["--gin_file", os.path.relpath(path, ROOT)] + given) == 2
     assert "experiment.workdir" in capsys.readouterr().err
+
+
+def test_each_experiment_kind_has_its_own_command(capsys, monkeypatch):
+    """vrefer-train runs training experiments, vrefer-demo the main job; each names the other."""
+    from vrefer_jax import main_job
+
+    monkeypatch.chdir(ROOT)
+    assert cli.main(["--gin_file", "configs/experiments/synthetic_tiny.gin"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vrefer-demo" in err[0]
+    given = [x for v in REQUIRED.values() for x in ("--gin_bindings", v)]
+    assert main_job.main(["--gin_file", os.path.relpath(POD_EXPERIMENTS[0], ROOT), "--workdir", "/tmp/x"] + given) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vrefer-train" in err[0]
+    assert cli.main([]) == 2 and "give --gin_file" in capsys.readouterr().err

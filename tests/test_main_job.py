@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(workdir, bindings):
-    import vrefer_jax.training.cli  # noqa: F401  (registers `experiment`)
+    import vrefer_jax.gin_setup  # noqa: F401  (registers `experiment`)
     import vrefer_jax.training.trainer  # noqa: F401  (registers the training configurables)
     from vrefer_jax import main_job
 

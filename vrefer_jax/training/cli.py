@@ -1,9 +1,10 @@
 """`vrefer-train`: run a gin-configured training job.
 
-    vrefer-train --gin_file=configs/experiments/synthetic_tiny.gin [--gin_file=...]
+    vrefer-train --gin_file=configs/experiments/videorefer7b_stage3_v5p64.gin [--gin_file=...]
                  [--gin_bindings='TrainConfig.total_steps = 100' ...] [--workdir=DIR] [--no-resume]
 
-With no arguments it runs the main job (configs/experiments/synthetic_tiny.gin). Multi-process
+The experiment must be a training one (`experiment.kind = 'train'`); the main job has its own
+command, `vrefer-demo`. Every `%gin.REQUIRED` of the files must be bound. Multi-process
 runs (TPU pods, GPU clusters) start `jax.distributed` from the environment (see
 `vrefer_jax.distributed.maybe_initialize_distributed`); every process runs the same command.
 
@@ -19,50 +20,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-import gin
-
-DEFAULT_EXPERIMENT = "configs/experiments/synthetic_tiny.gin"
-
-
-@gin.configurable
-def experiment(kind: str = "train", workdir: str = "runs/default"):
-    """kind: 'train' (a plain training job) or 'synthetic_demo' (the main job: data generation,
-    training, evaluation, export and a question answered; see vrefer_jax.main_job)."""
-    return kind, workdir
+from vrefer_jax import gin_setup
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vrefer-train", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n")[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-    ap.add_argument("--gin_bindings", action="append", default=[], help="gin binding (repeatable)")
-    ap.add_argument("--workdir", default=None, help="output folder (default: experiment.workdir)")
-    ap.add_argument("--resume", dest="resume", action="store_true", default=True,
-                    help="continue from the newest intact checkpoint in workdir (default); a finished "
-                         "run is left as it is")
-    ap.add_argument("--no-resume", dest="resume", action="store_false",
-                    help="start from step 0; refused when workdir already holds checkpoints")
-    ap.add_argument("--gin_search_path", action="append", default=[],
-                    help="folders where gin includes are looked up (default: the repo root and cwd)")
+    gin_setup.add_arguments(ap)
     return ap
-
-
-def _search_paths(extra):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return [*extra, os.getcwd(), root]
-
-
-def _resolve(path: str, paths) -> str:
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    for p in paths:
-        cand = os.path.join(p, path)
-        if os.path.exists(cand):
-            return cand
-    raise FileNotFoundError(f"gin file {path!r} not found (searched {paths})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,41 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     from vrefer_jax.distributed import maybe_initialize_distributed
 
     maybe_initialize_distributed()
-    paths = _search_paths(a.gin_search_path)
-    for p in paths:
-        gin.add_config_file_search_path(p)
-    files = [_resolve(f, paths) for f in (a.gin_file or [DEFAULT_EXPERIMENT])]
-    import vrefer_jax.config  # noqa: F401  (registers configurables)
-    import vrefer_jax.sharding  # noqa: F401
-    from vrefer_jax import main_job  # noqa: F401  (registers SyntheticJob)
-    from vrefer_jax.training import trainer
+    from vrefer_jax.training import trainer  # registers the configurables the experiment binds
+    from vrefer_jax.training.checkpointing import CheckpointError
 
-    # --workdir is a binding, so that it satisfies an experiment's `%gin.REQUIRED` workdir
-    bindings = [*a.gin_bindings, *([f"experiment.workdir = {a.workdir!r}"] if a.workdir else [])]
-    gin.clear_config()  # a run starts from its own files only (not from an earlier main() in this process)
     try:
-        gin.parse_config_files_and_bindings(files, bindings)
-    except ValueError as e:  # e.g. "DataConfig.train set to `%gin.REQUIRED` but not subsequently overridden"
-        print(f"vrefer-train: {e} (give it with --gin_bindings)", file=sys.stderr)
+        workdir = gin_setup.parse(a, "train")
+        out = trainer.train(workdir, resume=a.resume)
+    except (gin_setup.GinSetupError, trainer.ConfigError, CheckpointError) as e:
+        print(f"vrefer-train: {e}", file=sys.stderr)
         return 2
-    kind, workdir = experiment()
-    if kind == "synthetic_demo":
-        main_job.run(workdir, resume=a.resume)
-    elif kind == "train":
-        from vrefer_jax.training.checkpointing import CheckpointError
-
-        try:
-            out = trainer.train(workdir, resume=a.resume)
-        except (trainer.ConfigError, CheckpointError) as e:
-            print(f"vrefer-train: {e}", file=sys.stderr)
-            return 2
-        if out["already_done"]:
-            print(f"{workdir} already finished at step {out['step']}: nothing to do "
-                  "(raise TrainConfig.total_steps to train on)")
-        else:
-            print(f"finished at step {out['step']}" + (" (preempted: checkpoint saved)" if out["preempted"] else ""))
+    if out["already_done"]:
+        print(f"{workdir} already finished at step {out['step']}: nothing to do "
+              "(raise TrainConfig.total_steps to train on)")
     else:
-        raise ValueError(f"experiment.kind must be 'train' or 'synthetic_demo', got {kind!r}")
+        print(f"finished at step {out['step']}" + (" (preempted: checkpoint saved)" if out["preempted"] else ""))
     return 0
 
 
