@@ -33,16 +33,13 @@ from __future__ import annotations
 import dataclasses
 import faulthandler
 import functools
-import itertools
 import json
 import multiprocessing
 import os
 import time
 import traceback
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from data_pipeline import masks as masks_lib
@@ -50,6 +47,7 @@ from data_pipeline.inputs import InputError, entries_sha256
 from data_pipeline import records as records_lib
 from data_pipeline import schema
 from data_pipeline import video as video_lib
+from data_pipeline import worker_pool
 from vrefer_jax import paths as paths_lib
 from vrefer_jax.json_files import write_json
 from vrefer_jax.shard_ranges import shard_bounds
@@ -262,84 +260,6 @@ def _worker_died(task: tuple[int, Any]) -> tuple[str, dict]:
                                 "(a crash in a decoder, or killed; see the worker's stderr)")
 
 
-# After this many samples in a row kill their worker even when run alone, the workers cannot work at
-# all (an unpicklable `parse`, a broken install): stop rather than spawn a process per sample.
-_MAX_DEATHS_IN_A_ROW = 8
-
-
-def _parallel_results(tasks: Iterator[tuple[int, Any]], workers: int, mp_context, init_args: tuple,
-                      chunksize: int) -> Iterator[tuple[str, Any]]:
-    """`_process` over `tasks` in worker processes, results in task order.
-
-    A worker that dies (segfault, os._exit, OOM kill) breaks the whole `ProcessPoolExecutor`, which
-    fails every chunk in flight. Those samples are then re-run one at a time in a single-worker pool:
-    each that completes is kept, each that kills its worker again is skipped as `worker_died`, and
-    a fresh pool takes over the rest. The output is therefore the same as if nothing had died,
-    apart from the culprits, and does not depend on which samples happened to share the pool.
-    """
-    def pool(n: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(n, mp_context=mp_context, initializer=_init_worker, initargs=init_args)
-
-    def chunks() -> Iterator[list[tuple[int, Any]]]:
-        it = iter(tasks)
-        while chunk := list(itertools.islice(it, chunksize)):
-            yield chunk
-
-    def isolated(chunk: list[tuple[int, Any]]) -> Iterator[tuple[str, Any]]:
-        nonlocal deaths
-        solo = pool(1)
-        try:
-            for task in chunk:
-                try:
-                    (res,) = solo.submit(_process_chunk, [task]).result()
-                    deaths = 0
-                except BrokenProcessPool:
-                    deaths += 1
-                    if deaths >= _MAX_DEATHS_IN_A_ROW:
-                        raise RuntimeError(f"{deaths} samples in a row killed their worker process, the last "
-                                           f"one sample index {task[0]}: the workers cannot run (see their "
-                                           "stderr)") from None
-                    solo.shutdown(wait=True)
-                    solo, res = pool(1), _worker_died(task)
-                yield res
-        finally:
-            solo.shutdown(wait=True, cancel_futures=True)
-
-    deaths = 0
-    window = 4 * workers  # chunks in flight: enough to keep every worker busy, bounded memory
-    source = chunks()
-    inflight: deque = deque()
-    ex = pool(workers)
-    try:
-        while True:
-            while len(inflight) < window and (chunk := next(source, None)) is not None:
-                inflight.append((chunk, ex.submit(_process_chunk, chunk)))
-            if not inflight:
-                ex.shutdown(wait=True)
-                return
-            chunk, fut = inflight.popleft()
-            try:
-                yield from fut.result()
-                continue
-            except BrokenProcessPool:
-                pass
-            # The pool is dead. Chunks that finished before it died keep their results; the others
-            # (this one included) are re-run sample by sample, in order.
-            ex.shutdown(wait=True, cancel_futures=True)
-            for c, f in [(chunk, fut), *inflight]:
-                if f.done() and not f.cancelled() and f.exception() is None:
-                    yield from f.result()
-                else:
-                    yield from isolated(c)
-            inflight.clear()
-            ex = pool(workers)
-    finally:  # after a normal end this is a no-op; if the caller stopped early (an error, Ctrl-C), kill what runs
-        procs = list((getattr(ex, "_processes", None) or {}).values())  # shutdown() forgets them
-        ex.shutdown(wait=False, cancel_futures=True)
-        for proc in procs:
-            proc.terminate()
-
-
 # ----------------------------------------------------------------------------- shards
 
 
@@ -463,8 +383,8 @@ def convert(
 
     init_args = (parse, media_root, config, source)
     if workers > 0:
-        results = _parallel_results(tasks(), workers, multiprocessing.get_context(start_method), init_args,
-                                    chunksize)
+        results = worker_pool.ordered_map(_process_chunk, tasks(), workers, multiprocessing.get_context(start_method),
+                                          _init_worker, init_args, chunksize, _worker_died)
     else:
         _WORKER.update(parse=parse, media_root=media_root, cfg=config, source=source)
         results = map(_process, tasks())
