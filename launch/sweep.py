@@ -14,7 +14,8 @@ A definition (JSON; YAML too when pyyaml is importable)::
               "args": []},                               # extra trainer flags
      "grid": {"OptimizerConfig.learning_rate": [1e-3, 2e-4], "OptimizerConfig.warmup_ratio": [0.03]},
      # or "list": [{"OptimizerConfig.learning_rate": 1e-3}, {...}]   (explicit binding sets)
-     "command": ["python", "-m", "vrefer_jax.training.cli"],   # optional (local backend)
+     "command": ["python", "-m", "vrefer_jax.main_job"],   # optional (local backend; default the trainer,
+                                                          # this one for the main job's experiment)
      "env": {"XLA_FLAGS": "..."}}             # optional (local backend; recorded as *** in sweep.json)
 
 Grid order is the order of the keys, the last one varying fastest. Each run gets a folder
