@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 import ml_dtypes
 import numpy as np
 
+from vrefer_jax.json_files import write_json
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -221,7 +223,5 @@ def write_checkpoint(
         weight_map.update({e[0]: fname for e in shard})
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
-            f.write("\n")
+        write_json(os.path.join(folder, INDEX_NAME), index, indent=2)  # atomic: no half-written index
     return weight_map
