@@ -27,6 +27,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import gin
 import grain
 import numpy as np
 
@@ -51,9 +52,11 @@ class CapExceededError(ValueError):
         self.sample_id, self.field, self.size, self.cap = sample_id, field, size, cap
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
-    """Static shapes and pipeline options.
+    """Static shapes and pipeline options (gin-configurable: the trainer builds its train and eval
+    loaders in the gin scopes `train/` and `eval/`; `for_model` fills what the model fixes).
 
     seq_len L (text tokens before expansion), num_frames T, image_size S, grid g (vision grid),
     max_region_frames F, max_objects K, max_object_frames M.

@@ -4,6 +4,7 @@ clear line from `vrefer-train`, before anything starts."""
 import glob
 import os
 
+import gin
 import pytest
 
 from vrefer_jax.training import cli
@@ -13,6 +14,13 @@ POD_EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "configs/experiments/video
 REQUIRED = {"DataConfig.train": "DataConfig.train = ('/data/rec/*.tfrecord',)",
             "DataConfig.tokenizer": "DataConfig.tokenizer = '/ckpt/tok'",
             "TrainConfig.init_from": "TrainConfig.init_from = '/ckpt/init'"}
+
+
+@pytest.fixture(autouse=True)
+def clear_gin():
+    """A parsed experiment must not leak its bindings (LoaderConfig, ...) into later tests."""
+    yield
+    gin.clear_config()
 
 
 @pytest.mark.parametrize("path", POD_EXPERIMENTS, ids=os.path.basename)
@@ -45,3 +53,26 @@ def test_each_experiment_kind_has_its_own_command(capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vrefer-train" in err[0]
     assert cli.main([]) == 2 and "give --gin_file" in capsys.readouterr().err
+
+
+def test_loader_bindings_per_scope(monkeypatch):
+    """One LoaderConfig for both trainer loaders: unscoped bindings apply to both, `eval/` ones
+    only to the eval loader; what the model fixes comes from the model config."""
+    from data_pipeline.loader import LoaderConfig
+    from vrefer_jax.config import model_config_from_gin
+    from vrefer_jax.training import trainer
+
+    cfg = model_config_from_gin([os.path.join(ROOT, "configs/models/tiny.gin")])
+    gin.parse_config(["LoaderConfig.seq_len = 96", "LoaderConfig.overflow = 'skip'",
+                      "eval/LoaderConfig.overflow = 'error'", "LoaderConfig.num_frames = 99"])
+    got = {}
+    monkeypatch.setattr("data_pipeline.loader.make_loader",
+                        lambda sources, lcfg, tokenizer, weights: got.setdefault(sources[0], lcfg))
+    for scope in ("train", "eval"):
+        trainer._loader(scope, cfg, 4, 0, [scope], None)
+    assert isinstance(got["train"], LoaderConfig) and got["train"].seq_len == got["eval"].seq_len == 96
+    assert (got["train"].overflow, got["eval"].overflow) == ("skip", "error")
+    assert got["train"].num_frames == cfg.num_frames  # fixed by the model
+    gin.clear_config()
+    with pytest.raises(trainer.ConfigError, match="seq_len"):
+        trainer._loader("train", cfg, 4, 0, ["x"], None)

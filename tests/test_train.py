@@ -130,13 +130,16 @@ def records(tmp_path_factory):
     return d
 
 
+# LoaderConfig fields of these tests (gin's `LoaderConfig.*` in a real run)
+LOADER = dict(seq_len=160, max_region_frames=2, max_objects=2, max_object_frames=1, overflow="skip", read_threads=1)
+
+
 def _configs(d):
     from vrefer_jax.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(os.path.join(d, "tokenizer.json"))
     cfg = tiny_cfg().replace(region_token_id=tok.region_id, pad_token_id=tok.token_to_id("<|endoftext|>"))
-    data = trainer.DataConfig(train=(os.path.join(d, "rec", "train-*.tfrecord"),), tokenizer=os.path.join(d, "tokenizer.json"),
-                              seq_len=160, max_region_frames=2, max_objects=2, max_object_frames=1, read_threads=1)
+    data = trainer.DataConfig(train=(os.path.join(d, "rec", "train-*.tfrecord"),), tokenizer=os.path.join(d, "tokenizer.json"))
     opt = optimizer.OptimizerConfig(learning_rate=3e-3, warmup_ratio=0.0)
     step = step_lib.StepConfig(out_len=192, logits_chunk=64)
     return cfg, data, opt, step, tok
@@ -152,7 +155,7 @@ def _train(workdir, d, steps, resume=True, on_step=None, mesh=(1, 1, 1), eval_ev
                              keep_last=2, async_checkpoint=True, progress_bar=False, eval_every=eval_every,
                              eval_batches=2)
     return trainer.train(workdir, resume=resume, model_cfg=cfg, data_cfg=data, train_cfg=tc, opt_cfg=opt, step_cfg=step,
-                         mesh_cfg=MeshConfig(*mesh), tokenizer=tok, on_step=on_step)
+                         mesh_cfg=MeshConfig(*mesh), tokenizer=tok, on_step=on_step, loader=LOADER)
 
 
 def test_sigterm_then_resume_is_bit_exact_and_loss_drops(records, tmp_path):

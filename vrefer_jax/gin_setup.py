@@ -11,6 +11,8 @@ import os
 
 import gin
 
+import data_pipeline.loader  # noqa: F401  (registers LoaderConfig, which experiments bind)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = {"train": "vrefer-train", "synthetic_demo": "vrefer-demo"}
 
@@ -70,9 +72,11 @@ def parse(args: argparse.Namespace, kind: str, default_files: tuple[str, ...] = 
     try:
         gin.parse_config_files_and_bindings(files, bindings)
     except ValueError as e:  # e.g. "DataConfig.train set to `%gin.REQUIRED` but not subsequently overridden"
+        gin.clear_config()  # nothing half-parsed stays bound in this process
         raise GinSetupError(f"{e} (give it with --gin_bindings)") from None
     got, workdir = experiment()
     if got != kind:
+        gin.clear_config()
         raise GinSetupError(f"experiment.kind is {got!r}: run it with {KINDS.get(got, 'another command')}, "
                             f"not {KINDS[kind]}")
     return workdir

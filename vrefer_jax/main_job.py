@@ -221,7 +221,7 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
     losses = [h["loss"] for h in out["history"] if "loss" in h]
     print("      loss curve: " + " ".join(f"{x:.3f}" for x in losses), flush=True)
     skipped = [h["skipped_samples"] for h in out["history"] if "skipped_samples" in h]
-    print(f"      samples skipped for exceeding a DataConfig cap: {skipped[-1] if skipped else 0}", flush=True)
+    print(f"      samples skipped for exceeding a LoaderConfig cap: {skipped[-1] if skipped else 0}", flush=True)
 
     # 4. evaluation
     print("[4/5] evaluating (Bench-Q runner, ablation, Bench-D attributes) ...", flush=True)

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import gin
@@ -47,21 +48,17 @@ class ConfigError(ValueError):
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Record sets (dirs/globs of `vrefer-data convert` shards), mixture weights, tokenizer and the
-    loader's static caps (see `data_pipeline.loader.LoaderConfig`)."""
+    """Record sets (dirs/globs of `vrefer-data convert` shards), mixture weights and the tokenizer.
+
+    The loader itself is `data_pipeline.loader.LoaderConfig`, bound in gin once for both loaders
+    (`LoaderConfig.seq_len = 2048`) or per loader through the scopes `train/` and `eval/`
+    (`eval/LoaderConfig.overflow = 'error'`); what the model fixes (frames, image size, grid, pad
+    id, aspect) comes from the model config."""
 
     train: tuple[str, ...] = ()
     weights: tuple[float, ...] | None = None
     eval: str = ""
     tokenizer: str = ""
-    seq_len: int = 2048
-    max_region_frames: int = 8
-    max_objects: int = 4
-    max_object_frames: int = 8
-    overflow: str = "skip"
-    aspect: str | None = None  # None: the model config's image_aspect_ratio
-    worker_count: int = 0
-    read_threads: int = 2
 
 
 @gin.configurable
@@ -217,15 +214,18 @@ class MetricsLog:
         self._last = rec
 
 
-def _loader(data: DataConfig, cfg: ModelConfig, batch: int, seed: int, sources, tokenizer, weights=None, epochs=None,
-            out_len: int | None = None):
+def _loader(scope: str, cfg: ModelConfig, batch: int, seed: int, sources, tokenizer, weights=None, epochs=None,
+            out_len: int | None = None, overrides: Mapping[str, Any] | None = None):
+    """The `scope` ('train' / 'eval') loader: `LoaderConfig` from its gin bindings in that scope,
+    the model's fixed fields, and `overrides` (what `train(loader=...)` gives)."""
     from data_pipeline.loader import LoaderConfig, make_loader
 
-    lcfg = LoaderConfig.for_model(
-        cfg, max_expanded_len=out_len, batch_size=batch, seq_len=data.seq_len, max_region_frames=data.max_region_frames,
-        max_objects=data.max_objects, max_object_frames=data.max_object_frames, overflow=data.overflow,
-        **({"aspect": data.aspect} if data.aspect else {}), seed=seed, num_epochs=epochs,
-        worker_count=data.worker_count, read_threads=data.read_threads)
+    try:
+        with gin.config_scope(scope):
+            lcfg = LoaderConfig.for_model(cfg, max_expanded_len=out_len, batch_size=batch, seed=seed, num_epochs=epochs,
+                                          **(overrides or {}))
+    except TypeError as e:  # an unbound required field, e.g. seq_len
+        raise ConfigError(f"{scope} loader: {e}; bind it in gin (e.g. LoaderConfig.seq_len = 2048)") from None
     return make_loader(list(sources), lcfg, tokenizer, weights)
 
 
@@ -236,8 +236,10 @@ def _batch_spec(cfg: ModelConfig) -> dict[str, int]:
 def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = None,
           data_cfg: DataConfig | None = None, train_cfg: TrainConfig | None = None,
           opt_cfg: opt_lib.OptimizerConfig | None = None, step_cfg: StepConfig | None = None,
-          mesh_cfg: MeshConfig | None = None, tokenizer=None, on_step=None) -> dict[str, Any]:
-    """Run (or resume) a training job in `workdir`. Configs default to their gin bindings.
+          mesh_cfg: MeshConfig | None = None, tokenizer=None, on_step=None,
+          loader: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) a training job in `workdir`. Configs default to their gin bindings;
+    `loader` holds `LoaderConfig` fields for both loaders without gin (tests, notebooks).
     `on_step(step, metrics)` is called for every step as its metrics are read back, which is while
     the next step runs: the host never waits on the device except to read the previous step."""
     from data_pipeline.loader import to_global
@@ -280,7 +282,8 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
     shardings = train_state.state_shardings(cfg, tx, mesh, rules)
     tok = tokenizer or load_tokenizer(data.tokenizer)
     check_special_ids(cfg, tok)
-    it = _loader(data, cfg, tc.global_batch_size // nproc, tc.seed, data.train, tok, data.weights, out_len=sc.out_len)
+    it = _loader("train", cfg, tc.global_batch_size // nproc, tc.seed, data.train, tok, data.weights,
+                 out_len=sc.out_len, overrides=loader)
 
     if latest is not None:
         state, meta = ckpt.restore(train_state.abstract_unboxed(cfg, tx, shardings), it)
@@ -384,7 +387,7 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
             if evaluating or done == tc.total_steps:
                 flush()
             if evaluating:
-                ev = evaluate_loss(eval_fn, state.params, data, cfg, tc, sc, tok, mesh)
+                ev = evaluate_loss(eval_fn, state.params, data, cfg, tc, sc, tok, mesh, loader)
                 history.append(dict(step=done, eval_loss=ev))
                 if main:
                     writer.add_scalar("eval/loss", ev, done)
@@ -415,13 +418,13 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
 
 
 def evaluate_loss(eval_fn, params, data: DataConfig, cfg: ModelConfig, tc: TrainConfig, sc: StepConfig, tok,
-                  mesh) -> float:
+                  mesh, loader: Mapping[str, Any] | None = None) -> float:
     """Mean next-token CE over the first `eval_batches` batches of the eval records (fixed order)."""
     from data_pipeline.loader import to_global
 
     nproc = jax.process_count()
-    it = _loader(dataclasses.replace(data, worker_count=0), cfg, tc.global_batch_size // nproc, 0, [data.eval], tok,
-                 epochs=1, out_len=sc.out_len)
+    it = _loader("eval", cfg, tc.global_batch_size // nproc, 0, [data.eval], tok, epochs=1, out_len=sc.out_len,
+                 overrides={**(loader or {}), "worker_count": 0})
     total, count = 0.0, 0
     try:
         for _ in range(tc.eval_batches):
