@@ -194,9 +194,9 @@ def test_diverged_run_stops_after_max_nonfinite_and_saves(records, tmp_path):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))[-1] == "7"
 
 
-def test_two_process_training_on_localhost(records, tmp_path):
-    """Two jax.distributed processes x 2 CPU devices each train 3 steps on a (4, 1, 1) mesh; each
-    reads its own half of every global batch; both see the same (global) losses."""
+def run_two_processes(script: str, args, timeout: float = 300) -> list[str]:
+    """`python -c script *args(pid)` as two jax.distributed processes on localhost (2 CPU devices
+    each); asserts both exit 0 and returns their outputs. Both are killed if either overruns."""
     import socket
 
     with socket.socket() as s:
@@ -207,12 +207,23 @@ def test_two_process_training_on_localhost(records, tmp_path):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                    VREFER_COORDINATOR=f"127.0.0.1:{port}", VREFER_NUM_PROCESSES="2", VREFER_PROCESS_ID=str(pid),
                    PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", TWO_PROCESS_WORKER, records, str(tmp_path / "run"), str(tmp_path / f"out{pid}.json")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=240)[0] for p in procs]
+        procs.append(subprocess.Popen([sys.executable, "-c", script, *args(pid)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:  # no orphan left waiting on its peer
+            p.kill()
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-3000:]
+    return outs
+
+
+def test_two_process_training_on_localhost(records, tmp_path):
+    """Two jax.distributed processes x 2 CPU devices each train 3 steps on a (4, 1, 1) mesh; each
+    reads its own half of every global batch; both see the same (global) losses."""
+    run_two_processes(TWO_PROCESS_WORKER, lambda pid: [records, str(tmp_path / "run"), str(tmp_path / f"out{pid}.json")],
+                      timeout=240)
     r0, r1 = (json.load(open(tmp_path / f"out{i}.json")) for i in range(2))
     assert r0["process"] == [0, 2] and r1["process"] == [1, 2] and r0["devices"] == 4
     assert r0["losses"] == r1["losses"] and len(r0["losses"]) == 3 and all(np.isfinite(r0["losses"]))

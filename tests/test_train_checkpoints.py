@@ -303,25 +303,9 @@ json.dump({"step": out["step"], "steps": [h["step"] for h in out["history"]]}, o
 
 
 def _two_processes(records, w, steps, tmp_path):  # noqa: F811
-    import socket
-    import subprocess
+    from test_train import run_two_processes
 
-    from test_train import ROOT
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                   VREFER_COORDINATOR=f"127.0.0.1:{port}", VREFER_NUM_PROCESSES="2", VREFER_PROCESS_ID=str(pid),
-                   PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", TWO_PROCESS_RESUME, records, w, str(steps), str(tmp_path / f"out{pid}.json")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, o in zip(procs, outs):
-        assert p.returncode == 0, o[-3000:]
+    outs = run_two_processes(TWO_PROCESS_RESUME, lambda pid: [records, w, str(steps), str(tmp_path / f"out{pid}.json")])
     return [json.load(open(tmp_path / f"out{i}.json")) for i in range(2)], outs
 
 
