@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vrefer_jax import batch as batch_lib
 from vrefer_jax.config import VIDEO_TOKEN_INDEX, model_config_from_gin
 from vrefer_jax.models import videorefer
 from vrefer_jax.models.videorefer import VideoRefer
@@ -71,9 +72,9 @@ def bench_batch(cfg, batch: int, text_len: int, objects: int, object_frames: int
 def run(name: str, dtype: str, batch: int, text_len: int, peak: float, remat: str) -> dict:
     cfg = model_config_from_gin([str(CONFIGS / f"{name}.gin")]).replace(dtype=dtype, remat_policy=remat)
     b = bench_batch(cfg, batch, text_len, objects=2, object_frames=8)
-    nv = videorefer.num_video_tokens(cfg)
+    nv = batch_lib.model_video_tokens(cfg)
     out_len = text_len + nv + 2 * cfg.object_encoder.region_token_num
-    videorefer.validate(cfg, b, out_len)
+    batch_lib.validate(cfg, b, out_len)
     params = videorefer.init_params(cfg, jax.random.key(0))
     model = VideoRefer(cfg)
 

@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vrefer_jax import batch as batch_lib  # noqa: E402
 from vrefer_jax.config import VIDEO_TOKEN_INDEX, model_config_from_gin  # noqa: E402
 from vrefer_jax.inference.generate import generate_videorefer  # noqa: E402
 from vrefer_jax.inference.sampling import GenerationConfig  # noqa: E402
@@ -51,7 +52,7 @@ def make_batch(cfg, B: int, text: int, seed=0):
     b["object_frames"][:, 0, 0] = 0
     b["object_masks"][:, 0, 0, : g // 2, : g // 2] = True
     b["object_valid"][:] = True
-    out_len = videorefer.num_video_tokens(cfg) + text + 2 + cfg.object_encoder.region_token_num
+    out_len = batch_lib.model_video_tokens(cfg) + text + 2 + cfg.object_encoder.region_token_num
     return b, out_len
 
 
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         name = os.path.splitext(os.path.basename(path))[0]
         for B in a.batch:
             batch, out_len = make_batch(cfg, B, a.text)
-            videorefer.validate(cfg, batch, out_len)
+            batch_lib.validate(cfg, batch, out_len)
             gen = GenerationConfig(max_new_tokens=a.new_tokens, eos_token_ids=(), pad_token_id=0)
             t1 = timed(lambda: generate_videorefer(cfg, params, batch, out_len, gen.replace(max_new_tokens=1)).tokens,
                        a.repeats)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE))
 
 from forward import bench_batch, matmul_peak  # noqa: E402
 
+from vrefer_jax import batch as batch_lib  # noqa: E402
 from vrefer_jax.batch import BATCH_KEYS  # noqa: E402
 from vrefer_jax.config import model_config_from_gin  # noqa: E402
 from vrefer_jax.models import videorefer  # noqa: E402
@@ -70,8 +71,8 @@ def run(cfg, name: str, *, batch: int, text_len: int, accum: int, devices: int, 
         iters: int) -> dict:
     trainable = stage_trainable(stage)
     b = bench_batch(cfg, batch, text_len, objects=2, object_frames=8)
-    out_len = text_len + videorefer.num_video_tokens(cfg) + 2 * cfg.object_encoder.region_token_num
-    videorefer.validate(cfg, b, out_len)
+    out_len = text_len + batch_lib.model_video_tokens(cfg) + 2 * cfg.object_encoder.region_token_num
+    batch_lib.validate(cfg, b, out_len)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), jax.devices()[:devices])
     rules = logical_axis_rules()
     tx, schedule = make_optimizer(OptimizerConfig(trainable=trainable), total_steps=1000)

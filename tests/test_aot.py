@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from vrefer_jax.config import model_config_from_gin
+from vrefer_jax import batch as batch_lib
 from vrefer_jax.models import videorefer
 from vrefer_jax.sharding import logical_axis_rules
 from vrefer_jax.training import aot, train_state
@@ -113,7 +114,7 @@ def test_inference_compile_and_report(cfg):
 
     r = inf_aot.check(cfg, aot.parse_target("cpu-8"), batch=8, text_len=32, new_tokens=8, mesh=(1, 4, 2),
                       param_dtype="float32", log=lambda *_: None)
-    assert r["out_len"] == 32 + videorefer.num_video_tokens(cfg) + cfg.object_encoder.region_token_num
+    assert r["out_len"] == 32 + batch_lib.model_video_tokens(cfg) + cfg.object_encoder.region_token_num
     assert r["params_global"] == 4 * videorefer.count_params(videorefer.abstract_params(cfg))
     assert r["params_global"] / 8 <= r["params_per_device"] < r["params_global"] / 2
     assert r["compiled"]["arguments"] >= r["params_per_device"] and r["compiled"]["total"] > 0

@@ -18,7 +18,6 @@ from data_pipeline import convert, loader, records, video as V
 from data_pipeline import masks as masks_lib
 from vrefer_jax import batch as batch_lib
 from vrefer_jax.config import IGNORE_INDEX, model_config_from_gin
-from vrefer_jax.models import videorefer
 from vrefer_jax.models.mask_ops import resize_masks_np
 from vrefer_jax.text import HFTokenizer, build_training_example
 
@@ -95,8 +94,8 @@ def test_contract_pixels_masks_tokens(converted, tok, mcfg):
             "frames": ((2, T, S, S, 3), np.float32), "region_frames": ((2, 3, S, S, 3), np.float32),
             "object_frames": ((2, 3, 2), np.int32), "object_masks": ((2, 3, 2, g, g), np.bool_),
             "object_valid": ((2, 3), np.bool_)}
-        out_len = 64 + videorefer.num_video_tokens(mcfg) + 3 * 4
-        videorefer.validate(mcfg, b, out_len, sample_ids=list(b["sample_ids"]))
+        out_len = 64 + batch_lib.model_video_tokens(mcfg) + 3 * 4
+        batch_lib.validate(mcfg, b, out_len, sample_ids=list(b["sample_ids"]))
         for i, sid in enumerate(b["sample_ids"]):
             by_id[str(sid)] = {k: v[i] for k, v in b.items()}
     assert sorted(by_id) == ["img", "three", "two", "txt"]
@@ -329,7 +328,7 @@ def test_skips_at_the_end_of_the_stream_are_counted(skippy, tok, mcfg):
 def _validate_worst(m, b) -> int:
     """`videorefer.validate`'s worst-case expanded length of a one-sample batch (its error at out_len 0)."""
     with pytest.raises(batch_lib.BatchError, match=r"expanded length up to \d+") as e:
-        videorefer.validate(m, b, 0, sample_ids=list(b["sample_ids"]))
+        batch_lib.validate(m, b, 0, sample_ids=list(b["sample_ids"]))
     return int(re.search(r"up to (\d+)", str(e.value)).group(1))
 
 
@@ -345,9 +344,9 @@ def test_expanded_len_cap(converted, tok, mcfg):
                                 "ObjectEncoderConfig.region_token_num = 1"])
     for m, rtn in ((mcfg, 4), (m1, 1)):
         base = _cfg(m, batch_size=1)
-        nvt = videorefer.num_video_tokens(m)
+        nvt = batch_lib.model_video_tokens(m)
         assert (base.num_video_tokens, base.region_tokens_per_object, base.max_expanded_len) == (nvt, rtn, None)
-        assert _cfg(m, num_frames=2).num_video_tokens == videorefer.num_video_tokens(m, 2)
+        assert _cfg(m, num_frames=2).num_video_tokens == batch_lib.model_video_tokens(m, 2)
         # The loader's bound is validate's, sample by sample (order: two, img, txt, three).
         worst = {str(b["sample_ids"][0]): _validate_worst(m, b) for b in loader.make_loader(out, base, tok)}
         assert list(worst) == ["two", "img", "txt", "three"]

@@ -13,6 +13,7 @@ from vrefer_jax.checkpoints import videorefer_keys as keys
 from vrefer_jax.config import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ModelConfig,
                                model_config_from_gin)
 from vrefer_jax.models import videorefer
+from vrefer_jax import batch as batch_lib
 from vrefer_jax.batch import BatchError
 from vrefer_jax.models.splice import splice
 from vrefer_jax.models.videorefer import VideoRefer
@@ -106,7 +107,7 @@ def test_splice_mixed_batch_places_every_vector(tiny):
     cfg, params = tiny
     model = VideoRefer(cfg)
     batch = mixed_batch(cfg, np.random.default_rng(0))
-    videorefer.validate(cfg, batch, OUT_LEN)
+    batch_lib.validate(cfg, batch, OUT_LEN)
     out = jax.jit(lambda p, b: model.apply({"params": p}, b, OUT_LEN, method=VideoRefer.embed_inputs))(params, batch)
 
     # The pieces, computed separately through the same sub-modules.
@@ -169,7 +170,7 @@ def test_count_mismatches_raise_naming_the_sample(edit, message):
     edit(batch)
     names = ["vid-a", "vid-b", "img-c", "txt-d"]
     with pytest.raises(BatchError, match=message) as e:
-        videorefer.validate(cfg, batch, OUT_LEN, sample_ids=names)
+        batch_lib.validate(cfg, batch, OUT_LEN, sample_ids=names)
     assert any(n in str(e.value) for n in names)
 
 
@@ -177,7 +178,7 @@ def test_overflow_of_static_length_raises():
     cfg = tiny_cfg()
     batch = mixed_batch(cfg, np.random.default_rng(2))
     with pytest.raises(BatchError, match="sample #0: expanded length up to"):
-        videorefer.validate(cfg, batch, out_len=20)
+        batch_lib.validate(cfg, batch, out_len=20)
 
 
 def test_forward_no_recompile_and_bf16(tiny):

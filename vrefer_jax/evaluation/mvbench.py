@@ -5,7 +5,7 @@ Answer parsing (reference §5.3): delete "answer"/"Answer"; the first match of
 `[(, ]*[<first>-<last letter>][), ]*`, stripped of spaces then of `(`/`)`, must be one of the
 letters (else index 2); with no match, the first option whose text occurs in the output
 (case-insensitive), else index 2. Scored as the official script: accuracy over all questions and
-per task. Clip bounds (seconds) are in `extra["bound"]`, which `convert.build_record` (and so the
+per task. Clip bounds (seconds) are in `extra["bound"]`, which `convert.decode_sample` (and so the
 predictor) samples within, at the video's fps or 3 fps for the frame folders of Episodic Reasoning.
 """
 

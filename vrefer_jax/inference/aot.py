@@ -47,6 +47,7 @@ def compile_generate(cfg, devices, mesh_shape: tuple[int, int, int], *, batch: i
 
     from vrefer_jax.checkpoints.hf_import import abstract_params, param_shardings
     from vrefer_jax.inference import generate as gen_lib
+    from vrefer_jax import batch as batch_lib
     from vrefer_jax.inference.sampling import GenerationConfig
     from vrefer_jax.models import videorefer
     from vrefer_jax.sharding import MeshConfig, logical_axis_rules, make_mesh
@@ -57,7 +58,7 @@ def compile_generate(cfg, devices, mesh_shape: tuple[int, int, int], *, batch: i
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(param_dtype), sharding=s),
                           abstract_params(cfg), shardings)
     region_len = cfg.object_encoder.region_token_num * max_objects
-    out_len = text_len + videorefer.num_video_tokens(cfg) + region_len
+    out_len = text_len + batch_lib.model_video_tokens(cfg) + region_len
     spec = videorefer.dummy_batch(cfg, batch_size=batch, seq_len=text_len, max_objects=max_objects,
                                   max_object_frames=cfg.num_frames, num_region_frames=cfg.num_frames, abstract=True)
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

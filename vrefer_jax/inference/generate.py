@@ -226,7 +226,7 @@ def generate_videorefer(
     """Generation from a contract batch (see `models/videorefer.py`; `labels` not needed).
 
     `out_len`: static length of the expanded prompt (text + video tokens + object tokens); check the
-    batch with `videorefer.validate(cfg, batch, out_len)` first (the predictor does).
+    batch with `vrefer_jax.batch.validate(cfg, batch, out_len)` first (the predictor does).
     """
     rng = jax.random.key(gen.seed) if rng is None else rng
     inputs = {k: batch[k] for k in INPUT_KEYS}

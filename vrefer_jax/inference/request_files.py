@@ -19,7 +19,7 @@ file (`confine=True`), must stay inside it: `../` escapes and absolute paths are
 above `max_image_pixels` (`image_too_large`, read from its header before decoding); an all-zero
 mask is accepted (`Predictor.prepare` warns about it). A mask PNG is True where the pixel is
 non-zero (any channel); a box covers pixels x0 <= x < x1, y0 <= y < y1 (rounded). Everything becomes a COCO RLE
-annotation, so the sample takes exactly the training / benchmark path (`convert.build_record`).
+annotation, so the sample takes exactly the training / benchmark path (`convert.decode_sample`).
 """
 
 from __future__ import annotations

@@ -116,13 +116,6 @@ class VideoRefer(nn.Module):
 # ----------------------------------------------------------------------------- helpers
 
 
-def num_video_tokens(cfg: ModelConfig, num_frames: int | None = None) -> int:
-    return batch_lib.model_video_tokens(cfg, num_frames)
-
-
-validate = batch_lib.validate  # host-side check of a batch against the model (raises BatchError)
-
-
 def dummy_batch(cfg: ModelConfig, batch_size: int = 1, seq_len: int = 16, num_frames: int | None = None,
                 num_region_frames: int = 1, max_objects: int = 1, max_object_frames: int = 1,
                 mask_size: int | None = None, abstract: bool = False) -> dict[str, Any]:

@@ -51,9 +51,10 @@ def batch_shapes(cfg, global_batch: int, seq_len: int, max_objects: int = 4, max
                  max_region_frames: int = 8) -> dict[str, Any]:
     """Abstract global batch as the loader makes it: out_len = seq_len, text length seq_len minus
     the video expansion (so a full video sample fits), loader default object caps."""
+    from vrefer_jax import batch as batch_lib
     from vrefer_jax.models import videorefer
 
-    nv = videorefer.num_video_tokens(cfg)
+    nv = batch_lib.model_video_tokens(cfg)
     text_len = max(16, seq_len - nv)
     return videorefer.dummy_batch(cfg, batch_size=global_batch, seq_len=text_len,
                                   num_region_frames=max_region_frames, max_objects=max_objects,
