@@ -1,0 +1,194 @@
+"""The VRVL3 batch contract: what a VideoRefer-VideoLLaMA3 batch holds, and its host-side checks.
+
+Unlike VideoRefer-7B, every length is known on the host (§10 of the VRVL3 reference): the processor
+emits final `input_ids` with exact `<image>` / `<REGION>` counts (pruned tokens already dropped), and
+gather indices that say which patches make each visual token and which crop cells make each region.
+The device runs the encoder over the packed patches and only fills rows. Like `vrefer_jax.batch`,
+this module is neutral ground: nothing from models, data_pipeline, training or inference.
+
+Fields (static shapes; `FIELDS`; dimension letters in brackets):
+
+  input_ids        [B, L] int32    final ids: `image_token_id` on every visual row, `region_token_id`
+                                   on every region row; right padding with the pad id
+  labels           [B, L] int32    -100 where not supervised (optional: inference has none)
+  segment_ids      [B, L] int32    0 = padding; 1 (1, 2, ... for packed rows) = real
+  visual_index     [B, L] int32    -1, or the visual token (index into `visual_patches`) for that row
+  region_index     [B, L] int32    -1, or r * Q + j: token j of region r for that row
+  patches          [B, N, D] float normalised pixel patches ((C, py, px) order, D = C*p*p) of every
+                                   frame, image and region crop of the sample, packed
+  patch_segments   [B, N] int32    0 = padding; one id (1, 2, ...) per image / frame / crop: the
+                                   encoder attends only within a segment
+  patch_coords     [B, N, 2] int32 (row, col) of the patch in its image: the 2D RoPE positions
+  visual_patches   [B, V, W] int32 patches averaged into visual token v (W = merge**2; an image at
+                                   stride 1 uses one entry); -1 pads
+  region_cells     [B, R, C, 4] int32   per mask-grid cell of region r, the <= 4 crop patches whose
+                                   bilinear blend is the cell's feature (crop grid == mask grid: one);
+                                   -1 pads
+  region_weights   [B, R, C, 4] float32 the blend weights
+  region_num_cells [B, R] int32    cells of region r (0 = empty slot); tokens = min(Q, cells)
+  region_init      [B, R, Q] int32 k-means initial centroids as cell indices (a permutation prefix;
+                                   used only when cells > Q)
+
+`Example` holds one sample unpadded; `pad_example` pads it, `vrefer_jax.batch.stack` stacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from vrefer_jax.batch import BatchError, stack  # noqa: F401  (re-exported: one stacker, one error type)
+from vrefer_jax.config import IGNORE_INDEX
+
+FIELDS: dict[str, tuple[tuple[Any, ...], Any, Any]] = {
+    "input_ids": (("B", "L"), np.int32, None),  # padded with the model's pad id
+    "labels": (("B", "L"), np.int32, IGNORE_INDEX),
+    "segment_ids": (("B", "L"), np.int32, 0),
+    "visual_index": (("B", "L"), np.int32, -1),
+    "region_index": (("B", "L"), np.int32, -1),
+    "patches": (("B", "N", "D"), np.float32, 0.0),
+    "patch_segments": (("B", "N"), np.int32, 0),
+    "patch_coords": (("B", "N", 2), np.int32, 0),
+    "visual_patches": (("B", "V", "W"), np.int32, -1),
+    "region_cells": (("B", "R", "C", 4), np.int32, -1),
+    "region_weights": (("B", "R", "C", 4), np.float32, 0.0),
+    "region_num_cells": (("B", "R"), np.int32, 0),
+    "region_init": (("B", "R", "Q"), np.int32, 0),
+}
+BATCH_KEYS = tuple(FIELDS)
+# The sizes a padded batch is built to (the predictor's buckets, the loader's caps).
+SIZE_KEYS = ("L", "N", "V", "R", "C")
+
+
+@dataclasses.dataclass
+class Example:
+    """One VRVL3 sample on the host, unpadded. Arrays as in `FIELDS` without B and padding."""
+
+    sample_id: str
+    input_ids: np.ndarray  # [L]
+    visual_index: np.ndarray  # [L]
+    region_index: np.ndarray  # [L]
+    patches: np.ndarray  # [N, D] float32
+    patch_segments: np.ndarray  # [N]
+    patch_coords: np.ndarray  # [N, 2]
+    visual_patches: np.ndarray  # [V, W]
+    region_cells: np.ndarray  # [R, C, 4]
+    region_weights: np.ndarray  # [R, C, 4]
+    region_num_cells: np.ndarray  # [R]
+    region_init: np.ndarray  # [R, Q]
+    labels: np.ndarray | None = None  # [L]; None: inference
+    meta: dict = dataclasses.field(default_factory=dict)  # host-only facts (frame times, token counts)
+
+    def sizes(self) -> dict[str, int]:
+        """The padded sizes this example needs at least (L, N, V, R, C)."""
+        return dict(L=len(self.input_ids), N=len(self.patches), V=len(self.visual_patches),
+                    R=len(self.region_num_cells), C=int(self.region_cells.shape[1]) if len(self.region_cells) else 0)
+
+
+def field_shapes(*, L: int, N: int, V: int, R: int, C: int, D: int, W: int, Q: int, B: int | None = None
+                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{field: (shape, dtype)} for the given sizes; B None = one example (no batch dimension)."""
+    dims = dict(B=B, L=L, N=N, V=V, R=R, C=C, D=D, W=W, Q=Q)
+    return {k: (tuple(d if isinstance(d, int) else dims[d] for d in shape if not (d == "B" and B is None)), dtype)
+            for k, (shape, dtype, _) in FIELDS.items()}
+
+
+def empty_batch(*, pad_token_id: int = 0, **dims: int) -> dict[str, np.ndarray]:
+    """An all-padding batch (sizes as `field_shapes`, B included)."""
+    return {k: np.full(shape, pad_token_id if k == "input_ids" else FIELDS[k][2], dtype)
+            for k, (shape, dtype) in field_shapes(**dims).items()}
+
+
+def pad_example(ex: Example, *, L: int, N: int, V: int, R: int, C: int, Q: int, pad_token_id: int,
+                with_labels: bool | None = None) -> dict[str, Any]:
+    """An `Example` -> the contract fields without the batch dimension (+ `sample_id`), padded to the
+    given sizes. A size smaller than the example's raises ValueError naming the sample (caps are
+    checked, and skips counted, before this; nothing is truncated here)."""
+    have = dict(L=L, N=N, V=V, R=R, C=C)
+    for k, n in ex.sizes().items():
+        if n > have[k]:
+            raise ValueError(f"sample {ex.sample_id}: {k} needs {n} but the padded size is {have[k]}")
+    if ex.region_init.size and ex.region_init.shape[1] != Q:
+        raise ValueError(f"sample {ex.sample_id}: region_init has {ex.region_init.shape[1]} entries per region, "
+                         f"the model takes {Q}")
+    D, W = ex.patches.shape[1], ex.visual_patches.shape[1] if ex.visual_patches.ndim == 2 else 1
+    labels = ex.labels is not None if with_labels is None else with_labels
+    out = {k: v for k, v in empty_batch(pad_token_id=pad_token_id, L=L, N=N, V=V, R=R, C=C, D=D, W=W, Q=Q,
+                                        B=None).items() if labels or k != "labels"}
+    n = len(ex.input_ids)
+    out["input_ids"][:n] = ex.input_ids
+    if labels:
+        out["labels"][:n] = IGNORE_INDEX if ex.labels is None else ex.labels
+    out["segment_ids"][:n] = 1
+    out["visual_index"][:n] = ex.visual_index
+    out["region_index"][:n] = ex.region_index
+    for k in ("patches", "patch_segments", "patch_coords", "visual_patches"):
+        v = np.asarray(getattr(ex, k))
+        out[k][tuple(slice(0, s) for s in v.shape)] = v
+    r = len(ex.region_num_cells)
+    if r:
+        c = ex.region_cells.shape[1]
+        out["region_cells"][:r, :c] = ex.region_cells
+        out["region_weights"][:r, :c] = ex.region_weights
+        out["region_num_cells"][:r] = ex.region_num_cells
+        out["region_init"][:r] = ex.region_init
+    out["sample_id"] = ex.sample_id
+    return out
+
+
+# ----------------------------------------------------------------------------- host-side checks
+
+
+def check_batch(batch: Mapping[str, Any], *, image_token_id: int, region_token_id: int, region_token_num: int,
+                sample_ids: Sequence[str] | None = None) -> None:
+    """Validate a VRVL3 batch before it reaches the device; raise `BatchError` naming the sample.
+
+    Per row: padding after the real tokens; `<image>` rows are exactly the rows with a visual index,
+    each real visual token used exactly once and made of real patches; `<REGION>` rows are exactly
+    the rows with a region index, and region r's rows are its tokens 0 .. min(Q, cells) - 1 in order,
+    so no region's tokens can shift onto another's rows; cells point at real patches."""
+    ids, segs = np.asarray(batch["input_ids"]), np.asarray(batch["segment_ids"])
+    vis, reg = np.asarray(batch["visual_index"]), np.asarray(batch["region_index"])
+    vp, psegs = np.asarray(batch["visual_patches"]), np.asarray(batch["patch_segments"])
+    cells, ncell = np.asarray(batch["region_cells"]), np.asarray(batch["region_num_cells"])
+    init = np.asarray(batch["region_init"])
+    Q = region_token_num
+    for b in range(ids.shape[0]):
+        name = sample_ids[b] if sample_ids is not None else f"#{b}"
+        real = segs[b] > 0
+        if real.any() and not real[: real.sum()].all():
+            raise BatchError(f"sample {name}: padding must come after the real tokens (segment_ids)")
+        is_img, is_reg = (ids[b] == image_token_id) & real, (ids[b] == region_token_id) & real
+        if ((vis[b] >= 0) != is_img).any():
+            raise BatchError(f"sample {name}: <image> rows and visual_index disagree")
+        if ((reg[b] >= 0) != is_reg).any():
+            raise BatchError(f"sample {name}: <REGION> rows and region_index disagree")
+        real_patch = psegs[b] > 0
+        used = vis[b][is_img]
+        live = np.flatnonzero((vp[b] >= 0).any(-1))
+        if sorted(used.tolist()) != live.tolist():
+            raise BatchError(f"sample {name}: {len(used)} <image> rows for {len(live)} visual tokens "
+                             "(each visual token must fill exactly one row)")
+        for v in live:
+            p = vp[b, v][vp[b, v] >= 0]
+            if (p >= len(real_patch)).any() or not real_patch[p].all():
+                raise BatchError(f"sample {name}: visual token {v} points at padding patches")
+        rows = reg[b][is_reg]
+        want = [r * Q + j for r in range(ncell.shape[1]) for j in range(min(Q, int(ncell[b, r])))]
+        if rows.tolist() != want:
+            raise BatchError(f"sample {name}: <REGION> rows {len(rows)} do not match the regions' tokens "
+                             f"{len(want)} in order (region_index vs region_num_cells)")
+        for r in np.flatnonzero(ncell[b] > 0):
+            c = cells[b, r, : ncell[b, r]]
+            if not (c >= 0).any(-1).all():
+                raise BatchError(f"sample {name}: region {r} has a cell with no patch")
+            p = c[c >= 0]
+            if (p >= len(real_patch)).any() or not real_patch[p].all():
+                raise BatchError(f"sample {name}: region {r} points at padding patches")
+            if ncell[b, r] > Q:
+                k = init[b, r]
+                if len(set(k.tolist())) != Q or (k < 0).any() or (k >= ncell[b, r]).any():
+                    raise BatchError(f"sample {name}: region {r} k-means init must be {Q} distinct cells")
