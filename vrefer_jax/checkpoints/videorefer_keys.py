@@ -9,8 +9,10 @@ One function per sub-tree, each relative to its own sub-tree (no prefixes); the 
 rules (`siglip_rules`, `qwen2_rules`, ...) are reusable by another family built from the same parts.
 
   siglip_rules / siglip_ignore_patterns   `SiglipVisionModel` (`vision_model.*`)
+  siglip_patch_embedding_rules / siglip_layer_rules   its parts (also VRVL3's SigLIP-NaViT)
   regstage_rules                          one timm RegStage (`b1.conv1.conv.weight`)
   connector_rules                         `mm_projector.*` (STC, linear, mlpNx_gelu)
+  mlp_rules                               an nn.Sequential MLP (`readout.0`, `feat_linear.2`, ...)
   object_encoder_rules                    `region_encoder.*`
   qwen2_rules / lm_head_rules / causal_lm_rules   `Qwen2Model` / `Qwen2ForCausalLM`
   videorefer_rules / videorefer_ignore_patterns   the whole official checkpoint
@@ -27,22 +29,19 @@ from vrefer_jax.batch import projector_kind
 _SIGLIP = "vision_model."
 
 
-def siglip_rules(cfg: VisionConfig) -> list[KeyRule]:
-    """Key map for the tower, relative to a `SiglipVisionModel` checkpoint (`vision_model.*`).
-
-    Google's SigLIP checkpoints and VideoRefer's stored tower (after its
-    `model.vision_tower.vision_tower.` prefix) both use these names.
-    """
-    rules = [
-        KeyRule(_SIGLIP + "embeddings.patch_embedding.weight",
-                ("embeddings", "patch_embedding", "kernel"), "conv"),
-        KeyRule(_SIGLIP + "embeddings.patch_embedding.bias", ("embeddings", "patch_embedding", "bias"), "vector"),
-        KeyRule(_SIGLIP + "embeddings.position_embedding.weight",
-                ("embeddings", "position_embedding", "embedding"), "identity"),
+def siglip_patch_embedding_rules() -> list[KeyRule]:
+    """The patch conv, relative to `vision_model.` (shared by SigLIP and VRVL3's SigLIP-NaViT)."""
+    return [
+        KeyRule("embeddings.patch_embedding.weight", ("embeddings", "patch_embedding", "kernel"), "conv"),
+        KeyRule("embeddings.patch_embedding.bias", ("embeddings", "patch_embedding", "bias"), "vector"),
     ]
-    if cfg.num_layers_run == 0:
-        return rules
-    hf, fx = _SIGLIP + "encoder.layers.{i}.", ("encoder", "layers")
+
+
+def siglip_layer_rules() -> list[KeyRule]:
+    """The scanned encoder layers, relative to `vision_model.` (`encoder.layers.{i}.*` <->
+    `encoder/layers/...`; shared by SigLIP and VRVL3's SigLIP-NaViT)."""
+    hf, fx = "encoder.layers.{i}.", ("encoder", "layers")
+    rules = []
     for norm in ("layer_norm1", "layer_norm2"):
         rules += [KeyRule(f"{hf}{norm}.weight", fx + (norm, "scale"), "vector"),
                   KeyRule(f"{hf}{norm}.bias", fx + (norm, "bias"), "vector")]
@@ -54,6 +53,20 @@ def siglip_rules(cfg: VisionConfig) -> list[KeyRule]:
         rules += [KeyRule(f"{hf}mlp.{fc}.weight", fx + ("mlp", fc, "kernel"), "linear"),
                   KeyRule(f"{hf}mlp.{fc}.bias", fx + ("mlp", fc, "bias"), "vector")]
     return rules
+
+
+def siglip_rules(cfg: VisionConfig) -> list[KeyRule]:
+    """Key map for the tower, relative to a `SiglipVisionModel` checkpoint (`vision_model.*`).
+
+    Google's SigLIP checkpoints and VideoRefer's stored tower (after its
+    `model.vision_tower.vision_tower.` prefix) both use these names.
+    """
+    rules = [*siglip_patch_embedding_rules(),
+             KeyRule("embeddings.position_embedding.weight",
+                     ("embeddings", "position_embedding", "embedding"), "identity")]
+    if cfg.num_layers_run:
+        rules += siglip_layer_rules()
+    return prefixed(rules, _SIGLIP, ())
 
 
 def siglip_ignore_patterns(cfg: VisionConfig) -> list[str]:
@@ -91,7 +104,9 @@ def regstage_rules(depth: int, in_chs: int, out_chs: int) -> list[KeyRule]:
     return rules
 
 
-def _mlp_rules(depth: int, hf_prefix: str, flax_prefix: str) -> list[KeyRule]:
+def mlp_rules(depth: int, hf_prefix: str, flax_prefix: str) -> list[KeyRule]:
+    """An nn.Sequential(Linear, GELU, Linear, ...) of `depth` Linears: `{hf_prefix}{0,2,..}.{weight,bias}`
+    <-> `{flax_prefix}_{0,2,..}/{kernel,bias}` (`connector.mlp`)."""
     rules = []
     for j in range(depth):
         i = 2 * j  # nn.Sequential indices: Linear at 0, 2, ...; the GELUs in between have no weights
@@ -107,7 +122,7 @@ def connector_rules(cfg: ConnectorConfig, in_features: int, out_features: int) -
     if kind == "linear":
         return [KeyRule("weight", ("kernel",), "linear"), KeyRule("bias", ("bias",), "vector")]
     if kind == "mlp":
-        return _mlp_rules(n_layers, "", "layers")
+        return mlp_rules(n_layers, "", "layers")
     rules = [
         *prefixed(regstage_rules(cfg.depth, in_features, out_features), "s1.", ("s1",)),
         *prefixed(regstage_rules(cfg.depth, out_features, out_features), "s2.", ("s2",)),
@@ -115,7 +130,7 @@ def connector_rules(cfg: ConnectorConfig, in_features: int, out_features: int) -
     if cfg.projector_type != "stp_connector":  # AvgPool3d has no parameters
         rules += [KeyRule("sampler.0.weight", ("sampler_0", "kernel"), "conv"),
                   KeyRule("sampler.0.bias", ("sampler_0", "bias"), "vector")]
-    return rules + _mlp_rules(cfg.mlp_depth, "readout.", "readout")
+    return rules + mlp_rules(cfg.mlp_depth, "readout.", "readout")
 
 
 # ----------------------------------------------------------------------------- object encoder

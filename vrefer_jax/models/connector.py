@@ -54,10 +54,12 @@ def _mlp_axes(j: int) -> tuple[str, str]:
     return ("conv_in", "conv_out") if j % 2 == 0 else ("conv_out", "conv_in")
 
 
-def _mlp(x: jax.Array, depth: int, features: int, prefix: str, dtype: Dtype, param_dtype: Dtype) -> jax.Array:
+def mlp(x: jax.Array, depth: int, features: int, prefix: str, dtype: Dtype, param_dtype: Dtype) -> jax.Array:
     """nn.Sequential(Linear, GELU, Linear, ...) with `depth` Linears named `{prefix}_{0,2,4,...}`.
 
-    x [B, N, C_in] -> [B, N, features]; GELU is the exact (erf) one, as torch's nn.GELU().
+    x [B, N, C_in] -> [B, N, features]; GELU is the exact (erf) one, as torch's nn.GELU(). Call it
+    inside a module's compact `__call__`: the Linears are created in that module's scope. Shared
+    by the VideoRefer readouts and the VRVL3 `mm_projector` / `region_encoder` MLPs.
     """
     for j in range(depth):
         if j:
@@ -103,7 +105,7 @@ class Connector(nn.Module):
         else:
             # Official `temporal_aggregator`: average the frames first (fp32 accumulation).
             y = jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
-            y = self._linear(y) if kind == "linear" else _mlp(
+            y = self._linear(y) if kind == "linear" else mlp(
                 y, n_layers, self.out_features, "layers", self.dtype, self.param_dtype)
         return constrain(y, OUT_AXES)
 
@@ -143,4 +145,4 @@ class Connector(nn.Module):
         assert y.shape[1:4] == (t2, h2, w2), (y.shape, (t2, h2, w2))
         y = regstage.RegStage(cfg.depth, c, name="s2", **kw)(y.reshape(b * t2, h2, w2, c))
         y = constrain(y.reshape(b, t2 * h2 * w2, c), OUT_AXES)  # (t, h, w) token order
-        return _mlp(y, cfg.mlp_depth, c, "readout", self.dtype, self.param_dtype)
+        return mlp(y, cfg.mlp_depth, c, "readout", self.dtype, self.param_dtype)
