@@ -1,4 +1,4 @@
-"""Generation speed: prefill time and decode tokens/s of `generate_videorefer` (random weights).
+"""Generation speed: prefill time and decode tokens/s of `generate_multimodal` (random weights).
 
     python benchmarks/generate.py [--configs configs/models/tiny.gin configs/models/small.gin]
                                   [--batch 1 8] [--new-tokens 32] [--text 64] [--repeats 3]
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vrefer_jax import batch as batch_lib  # noqa: E402
 from vrefer_jax.config import VIDEO_TOKEN_INDEX, model_config_from_gin  # noqa: E402
-from vrefer_jax.inference.generate import generate_videorefer  # noqa: E402
+from vrefer_jax.inference.generate import generate_multimodal  # noqa: E402
 from vrefer_jax.inference.sampling import GenerationConfig  # noqa: E402
 from vrefer_jax.models import videorefer  # noqa: E402
 
@@ -86,9 +86,9 @@ def main(argv=None) -> int:
             batch, out_len = make_batch(cfg, B, a.text)
             batch_lib.validate(cfg, batch, out_len)
             gen = GenerationConfig(max_new_tokens=a.new_tokens, eos_token_ids=(), pad_token_id=0)
-            t1 = timed(lambda: generate_videorefer(cfg, params, batch, out_len, gen.replace(max_new_tokens=1)).tokens,
+            t1 = timed(lambda: generate_multimodal(cfg, params, batch, out_len, gen.replace(max_new_tokens=1)).tokens,
                        a.repeats)
-            tn = timed(lambda: generate_videorefer(cfg, params, batch, out_len, gen).tokens, a.repeats)
+            tn = timed(lambda: generate_multimodal(cfg, params, batch, out_len, gen).tokens, a.repeats)
             step = (tn - t1) / (a.new_tokens - 1)
             print(f"{name:8s} {B:3d} {out_len:7d} {1e3 * t1:11.1f} {B / step:13.1f} {1e3 * step:8.2f}", flush=True)
     return 0

@@ -150,10 +150,10 @@ def test_batched_equals_single_and_buckets_reuse(world):
     print("\nanswers:", one)
     assert one == both and len(set(one)) > 1  # the answers depend on the input
     # another single-frame question of a different length in the same bucket: nothing recompiles
-    n = gen_lib._generate_videorefer._cache_size()
+    n = gen_lib._generate_multimodal._cache_size()
     extra = dict(REQS[0], id="again", question="Where does <region> go after the red square moves?", frame=7)
     pred.answer(samples(world, [extra]), world["root"])
-    assert gen_lib._generate_videorefer._cache_size() == n
+    assert gen_lib._generate_multimodal._cache_size() == n
 
 
 def test_cli_orbax_checkpoint(world, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Ahead-of-time memory check for generation: compile `generate_videorefer` (prefill + the decode
+"""Ahead-of-time memory check for generation: compile `generate_multimodal` (prefill + the decode
 loop over a static KV cache) for a target and report the per-device memory before serving on it.
 
     python -m vrefer_jax.inference.aot --model configs/models/videorefer_7b.gin --target v5e-8 \\
@@ -62,12 +62,12 @@ def compile_generate(cfg, devices, mesh_shape: tuple[int, int, int], *, batch: i
     spec = videorefer.dummy_batch(cfg, batch_size=batch, seq_len=text_len, max_objects=max_objects,
                                   max_object_frames=cfg.num_frames, num_region_frames=cfg.num_frames, abstract=True)
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    inputs = {k: jax.ShapeDtypeStruct(spec[k].shape, spec[k].dtype, sharding=rows) for k in gen_lib.INPUT_KEYS}
+    inputs = {k: jax.ShapeDtypeStruct(spec[k].shape, spec[k].dtype, sharding=rows) for k in gen_lib.input_keys(cfg)}
     gen = GenerationConfig(max_new_tokens=new_tokens).static
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, PartitionSpec()))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # the jitted function the predictor runs; shardings from the inputs
-        lowered = gen_lib._generate_videorefer.lower(params, inputs, rng, cfg=cfg, gen=gen, out_len=out_len)
+        lowered = gen_lib._generate_multimodal.lower(params, inputs, rng, cfg=cfg, gen=gen, out_len=out_len)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()

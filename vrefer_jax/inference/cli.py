@@ -194,7 +194,7 @@ def _run(a, predictor, reqs, where, root, ok, bad, out) -> int:
         except Exception as e:  # noqa: BLE001 - any load failure is one line, not a traceback
             return _fail(f"cannot load --checkpoint {a.checkpoint}: {_one_line(e)}")
     else:
-        predictor.configure(a.num_frames, a.aspect)
+        predictor.configure(num_frames=a.num_frames, aspect=a.aspect)
     gen = _generation(predictor, a)
 
     def row(i: int, **fields) -> dict:

@@ -11,8 +11,9 @@ One program per (model config, generation config without seed, input shapes):
 
 Two entry points share the loop:
   * `generate_text`: a `qwen2.Qwen2ForCausalLM` parameter tree and token ids (the parity path).
-  * `generate_videorefer`: a `VideoRefer` parameter tree and a contract batch (no labels needed);
-    `embed_inputs` runs the vision tower, connector and object encoder once, then the same loop.
+  * `generate_multimodal`: a parameter tree of any registered family (`vrefer_jax.families`) and its
+    contract batch (no labels needed); the family module's `embed_inputs` runs the encoders once,
+    then the same loop.
 
 The prompt is fed as embeddings, as the official `mm_infer` does, so the repetition penalty sees
 only the generated tokens. Compute runs in the model config's dtype; logits are fp32.
@@ -29,15 +30,13 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from vrefer_jax.config import ModelConfig, TextConfig
+from vrefer_jax import families
+from vrefer_jax.config import TextConfig
 from vrefer_jax.inference.sampling import GenerationConfig, choose_tokens, process_logits
 from vrefer_jax.models import qwen2
-from vrefer_jax.models.videorefer import VideoRefer
 from vrefer_jax.sharding import constrain
 
 _CACHE_AXES = (None, "activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
-INPUT_KEYS = ("input_ids", "segment_ids", "frames", "region_frames", "object_frames", "object_masks",
-              "object_valid")
 
 
 @flax.struct.dataclass
@@ -196,42 +195,47 @@ def generate_text(
 # ----------------------------------------------------------------------------- multimodal path
 
 
-def _videorefer_fns(cfg: ModelConfig) -> tuple[VideoRefer, DecoderFns]:
-    model = VideoRefer(cfg)
+def _model_fns(cfg) -> tuple[Any, DecoderFns]:
+    model = families.for_config(cfg).module(cfg)
+    cls = type(model)
 
     def apply(method):
         return lambda params, *a: model.apply({"params": params}, *a, method=method)
 
-    return model, DecoderFns(embed=apply(VideoRefer.embed_tokens), decode=apply(VideoRefer.decode),
-                             logits=apply(VideoRefer.logits))
+    return model, DecoderFns(embed=apply(cls.embed_tokens), decode=apply(cls.decode), logits=apply(cls.logits))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "gen", "out_len"))
-def _generate_videorefer(params, batch, rng, *, cfg: ModelConfig, gen: GenerationConfig, out_len: int):
-    model, fns = _videorefer_fns(cfg)
-    inputs = model.apply({"params": params}, batch, out_len, method=VideoRefer.embed_inputs)
+def _generate_multimodal(params, batch, rng, *, cfg, gen: GenerationConfig, out_len: int):
+    model, fns = _model_fns(cfg)
+    inputs = model.apply({"params": params}, batch, out_len, method=type(model).embed_inputs)
     lengths = jnp.minimum(inputs["lengths"], out_len)  # `validate` guarantees no clipping
     return decode_loop(fns, params, inputs["inputs_embeds"], inputs["positions"], inputs["segment_ids"],
                        lengths, cfg.text, gen, rng, cfg.compute_dtype)
 
 
-def generate_videorefer(
-    cfg: ModelConfig,
+def generate_multimodal(
+    cfg,
     params: Mapping,
     batch: Mapping[str, Any],
     out_len: int,
     gen: GenerationConfig,
     rng: jax.Array | None = None,
 ) -> GenerationOutput:
-    """Generation from a contract batch (see `models/videorefer.py`; `labels` not needed).
+    """Generation from a contract batch of any registered family (`labels` not needed).
 
-    `out_len`: static length of the expanded prompt (text + video tokens + object tokens); check the
-    batch with `vrefer_jax.batch.validate(cfg, batch, out_len)` first (the predictor does).
+    cfg: a family config (`ModelConfig` for VideoRefer, `VL3Config` for VRVL3). `out_len`: static
+    length of the LLM input after expansion (VRVL3 batches are expanded on the host: their L);
+    check the batch with the family's `validate(cfg, batch, out_len)` first (the predictor does).
     """
     rng = jax.random.key(gen.seed) if rng is None else rng
-    inputs = {k: batch[k] for k in INPUT_KEYS}
-    return _generate_videorefer(params, inputs, rng, cfg=cfg, gen=gen.static, out_len=int(out_len))
+    inputs = {k: batch[k] for k in input_keys(cfg)}
+    return _generate_multimodal(params, inputs, rng, cfg=cfg, gen=gen.static, out_len=int(out_len))
 
 
-__all__ = ["GenerationOutput", "DecoderFns", "decode_loop", "generate_text", "generate_videorefer",
-           "INPUT_KEYS"]
+def input_keys(cfg) -> tuple[str, ...]:
+    """The batch fields generation reads for this config's family."""
+    return families.for_config(cfg).input_keys
+
+
+__all__ = ["GenerationOutput", "DecoderFns", "decode_loop", "generate_text", "generate_multimodal", "input_keys"]

@@ -1,24 +1,15 @@
 """`Predictor`: validated samples -> answers, the official `mm_infer` path with static shapes.
 
-Per sample (host), in memory: `convert.decode_sample` decodes and checks the media exactly as the
-converter does (official 'v1' frame sampling, SigLIP resize, masks at full resolution), and the
-loader's own per-sample transform (`loader.to_example`: normalisation, masks to the vision grid after
-`pad_mask_to_square` in 'pad' mode) turns it into model arrays, so the model sees what training
-with lossless records shows it. The question is the sample's first human turn without its
-`<video>`/`<image>` tag, and the prompt is `build_inference_prompt` (the official chat prompt ending
-in `<|im_start|>assistant\\n`). Batches are padded and stacked by `vrefer_jax.batch`.
-
-Batches: samples are grouped by frame count (videos: `num_frames`; images: the model's
-`num_frames`, as officially) and cut into `batch_size` rows in input order; the last batch is
-filled with copies of its first row. Every dynamic size is rounded up to a bucket (powers of two:
-text ids >= 32, region frames / objects / frames per object >= 1, the expanded prompt = video
-tokens + a power of two >= 64 for the rest; floors configurable), so a benchmark compiles a handful of programs, not
-one per sample.
+The model family (`vrefer_jax.families`, chosen by the config's class) supplies the host side: how a
+sample is decoded, prompted and padded into bucketed batches (`family.host`: VideoRefer-7B's in
+`videorefer_host.py`, VRVL3's in `vl3_host.py`) and how a batch is checked. The predictor owns what
+is common: parameters (on one device or a mesh), the generation config, grouping samples into
+batches in input order (the last batch filled with copies of its first row, rows rounded up to the
+mesh's row shards) and decoding the answers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -28,79 +19,38 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from data_pipeline import convert as convert_lib
-from data_pipeline import loader as loader_lib
 from data_pipeline import schema
-from vrefer_jax import batch as batch_lib
-from vrefer_jax.config import ModelConfig
-from vrefer_jax.inference.generate import generate_videorefer
+from vrefer_jax import families
+from vrefer_jax.inference.generate import generate_multimodal
 from vrefer_jax.inference.sampling import GenerationConfig
 from vrefer_jax.sharding import logical_axis_rules
-from vrefer_jax.text.multimodal import build_inference_prompt
 from vrefer_jax.text.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-_TAGS = {"video": "<video>", "image": "<image>"}
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
-# Smallest bucket per dynamic size: text ids, region frames, objects, frames per object, and the
-# expanded prompt beyond the video tokens.
-BUCKET_FLOORS = {"input_ids": 32, "region_frames": 1, "objects": 1, "object_frames": 1, "expanded": 64}
-
-
-def next_pow2(n: int, minimum: int = 1) -> int:
-    n = max(int(n), minimum)
-    return 1 << (n - 1).bit_length()
-
-
-def question_of(sample: schema.Sample) -> str:
-    """The first human turn's text without the modal tag (a leading `<video>\\n` is the usual form;
-    a tag elsewhere is removed as the official `preprocess_multimodal` would move it)."""
-    turn = next((t for t in sample.conversations if schema.ROLES.get(t.get("from")) == "human"), None)
-    if turn is None:
-        raise schema.SampleError("bad_conversations", sample.sample_id, "conversations", "no human turn")
-    text = turn["value"]
-    tag = _TAGS.get(sample.modality)
-    if tag is None:
-        return text
-    if text.startswith(tag + "\n"):
-        return text[len(tag) + 1:]
-    return text.replace(tag, "").strip()
-
-
-@dataclasses.dataclass
-class Prepared(batch_lib.Example):
-    """One sample on the host, before batching (a `batch.Example` without labels, arrays unpadded)."""
-
-    # e.g. "empty_mask: object 0": answered, but the object has no pixel to look at (the CLI reports it)
-    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 class Predictor:
-    """A VideoRefer model, its tokenizer and the batching / bucketing around `generate_videorefer`.
+    """A model of any registered family, its tokenizer and the batching around `generate_multimodal`.
 
     Construct from memory (`Predictor(cfg, params, tokenizer)`) or a folder (`Predictor.load`).
-    num_frames: frames sampled per video (the released Bench scripts use 8, training 16; default
-      the model config's). aspect: 'square' or 'pad' (frames on a mean-colour square canvas, masks
-      zero padded alike); default the model config's `image_aspect_ratio` (the checkpoint's).
+    host_options: the family host's options (VideoRefer: `num_frames`, `aspect`; see its host class).
     generation: the default `GenerationConfig` (default: `default_generation(...)`).
-    bucket_floors: smallest bucket per size (see `BUCKET_FLOORS`); raise them to share one program
-      between e.g. single- and multi-frame samples.
+    bucket_floors: smallest bucket per size (the host's `BUCKET_FLOORS`); raise them to share one
+      program between e.g. single- and multi-frame samples.
     mesh: a `(data, fsdp, tensor)` mesh (`sharding.make_mesh`) to serve on: the parameters are
       placed by the logical-axis rules (`rules`, default the table in force), generation runs under
       the mesh, so the KV cache and activations follow the same rules (heads / MLP over `tensor`,
       rows over data x fsdp). None: one device.
     """
 
-    def __init__(self, cfg: ModelConfig, params: Mapping, tokenizer: Tokenizer, *, num_frames: int | None = None,
-                 aspect: str | None = None, generation: GenerationConfig | None = None,
+    def __init__(self, cfg, params: Mapping, tokenizer: Tokenizer, *, generation: GenerationConfig | None = None,
                  generation_config_dict: Mapping | None = None, bucket_floors: Mapping[str, int] | None = None,
-                 allow_absolute_media: bool = False, mesh: jax.sharding.Mesh | None = None, rules=None):
+                 allow_absolute_media: bool = False, mesh: jax.sharding.Mesh | None = None, rules=None,
+                 **host_options):
         self.cfg, self.tokenizer = cfg, tokenizer
-        unknown = set(bucket_floors or {}) - set(BUCKET_FLOORS)
-        if unknown:
-            raise ValueError(f"unknown bucket_floors keys {sorted(unknown)}; expected {sorted(BUCKET_FLOORS)}")
-        self.bucket_floors = {**BUCKET_FLOORS, **(bucket_floors or {})}
+        self.family = families.for_config(cfg)
         self.mesh, self.rules = mesh, (rules or logical_axis_rules()) if mesh is not None else None
         if mesh is None:
             self.params = jax.tree.map(jax.numpy.asarray, params)
@@ -108,15 +58,9 @@ class Predictor:
             from vrefer_jax.checkpoints import store
 
             self.params = jax.device_put(params, store.param_shardings(cfg, mesh, self.rules))
-        self.num_frames = int(num_frames or cfg.num_frames)
-        self.aspect = aspect = aspect or cfg.image_aspect_ratio
         self.generation = generation or default_generation(tokenizer, generation_config_dict)
-        if tokenizer.token_to_id("<region>") not in (None, cfg.region_token_id):
-            raise ValueError(f"tokenizer's <region> id {tokenizer.region_id} != model region_token_id "
-                             f"{cfg.region_token_id}")
-        self._convert = convert_lib.ConvertConfig(num_frames=self.num_frames, image_size=cfg.vision.image_size,
-                                                  aspect=aspect, image_format="png",
-                                                  allow_absolute_media=allow_absolute_media)
+        self.host = self.family.host(cfg, tokenizer, bucket_floors=bucket_floors,
+                                     allow_absolute_media=allow_absolute_media, **host_options)
 
     # ------------------------------------------------------------------ loading
 
@@ -159,55 +103,28 @@ class Predictor:
                 break
         return cls(cfg, params, tok, generation_config_dict=gen_dict, mesh=mesh, rules=rules, **kw)
 
-    # ------------------------------------------------------------------ host side
+    # ------------------------------------------------------------------ host side (the family's)
 
-    def prepare(self, sample: schema.Sample, media_root: str, allow_absolute: bool = False) -> Prepared:
-        """Decode the media and tokenise the prompt of one sample (raises `schema.SampleError`).
+    def prepare(self, sample: schema.Sample, media_root: str, allow_absolute: bool = False):
+        """Decode the media and tokenise the prompt of one sample in memory (raises
+        `schema.SampleError` naming the sample); the media path must stay inside `media_root` unless
+        `allow_absolute` or the predictor's `allow_absolute_media`."""
+        return self.host.prepare(sample, media_root, allow_absolute)
 
-        The media path must stay inside `media_root` (`media_outside_root`), as in the converter;
-        absolute paths are read as given with `allow_absolute` (requests whose paths were already
-        checked) or the predictor's `allow_absolute_media`. Nothing is encoded: the decoded frames
-        and masks go through the loader's per-sample transform in memory."""
-        conv = dataclasses.replace(self._convert, allow_absolute_media=True) if allow_absolute else self._convert
-        d = convert_lib.decode_sample(sample, media_root, conv)
-        modal = sample.modality if sample.modality in _TAGS else "text"
-        ids = build_inference_prompt(self.tokenizer, question_of(sample), modal)
-        masks = [o.decode() for o in d.objects]
-        # videos give num_frames frames; an image is repeated to the model's num_frames (official)
-        T = self.num_frames if sample.modality == "video" else self.cfg.num_frames
-        ex = loader_lib.to_example(sample.sample_id, sample.modality, d.frames, d.region_frames,
-                                   [(o.region_index, m) for o, m in zip(d.objects, masks)], ids,
-                                   num_frames=T, image_size=self.cfg.vision.image_size,
-                                   grid=self.cfg.vision.grid, aspect=self.aspect)
-        warnings = [w for k, (o, m) in enumerate(zip(d.objects, masks)) for w in _empty_mask_warnings(k, o.frames, m)]
-        return Prepared(**{f.name: getattr(ex, f.name) for f in dataclasses.fields(ex)}, warnings=warnings)
-
-    def expanded_length(self, p: Prepared) -> int:
-        """Worst-case LLM input length of a prepared sample (`batch.expanded_length`)."""
-        return batch_lib.expanded_length(
-            p.input_ids, [len(f) for f in p.object_frames], region_token_id=self.cfg.region_token_id,
-            num_video_tokens=batch_lib.model_video_tokens(self.cfg, p.frames.shape[0]),
-            region_token_num=self.cfg.object_encoder.region_token_num)
-
-    def make_batch(self, prepared: Sequence[Prepared], batch_size: int | None = None) -> tuple[dict, int]:
-        """Bucketed contract batch (no labels) and its static expanded length `out_len`.
-
-        Rows past `len(prepared)` (up to `batch_size`, rounded up to a multiple of the mesh's row
-        shards) repeat the first row."""
+    def make_batch(self, prepared: Sequence[Any], batch_size: int | None = None) -> tuple[dict, int]:
+        """Bucketed contract batch (no labels) and its static LLM input length `out_len`. Rows past
+        `len(prepared)` (up to `batch_size`, rounded up to a multiple of the mesh's row shards)
+        repeat the first row."""
         rows = list(prepared) + [prepared[0]] * max(0, self._rows(batch_size or len(prepared)) - len(prepared))
-        T = rows[0].frames.shape[0]
-        if any(r.frames.shape[0] != T for r in rows):
-            raise ValueError("all rows of a batch need the same frame count")
-        fl = self.bucket_floors
-        sizes = [r.sizes() for r in rows]
-        dims = {k: next_pow2(max(sz[k] for sz in sizes), fl[{"seq_len": "input_ids"}.get(k, k)])
-                for k in ("seq_len", "region_frames", "objects", "object_frames")}
-        nv = batch_lib.model_video_tokens(self.cfg, T)
-        out_len = nv + next_pow2(max(self.expanded_length(r) for r in rows) - nv, fl["expanded"])
-        batch = batch_lib.stack([batch_lib.pad_example(r, **dims, mask_size=self.cfg.vision.grid,
-                                                       pad_token_id=self.cfg.pad_token_id) for r in rows])
-        del batch["sample_ids"]
-        return batch, out_len
+        return self.host.make_batch(rows)
+
+    @property
+    def num_frames(self) -> int:
+        return self.host.num_frames
+
+    @property
+    def aspect(self) -> str | None:
+        return getattr(self.host, "aspect", None)
 
     # ------------------------------------------------------------------ device side
 
@@ -217,12 +134,12 @@ class Predictor:
         `batch.validate` (a `batch.BatchError` names the sample). With `return_output`, also
         the raw `GenerationOutput` (host numpy arrays)."""
         gen = gen or self.generation
-        batch_lib.validate(self.cfg, batch, out_len, sample_ids=sample_ids)
+        self.family.validate(self.cfg, batch, out_len, sample_ids=sample_ids)
         if self.mesh is None:
-            out = generate_videorefer(self.cfg, self.params, batch, out_len, gen)
+            out = generate_multimodal(self.cfg, self.params, batch, out_len, gen)
         else:
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-                out = generate_videorefer(self.cfg, self.params, batch, out_len, gen)
+                out = generate_multimodal(self.cfg, self.params, batch, out_len, gen)
         out = jax.tree.map(np.asarray, out)
         texts = [self.decode(out.tokens[b, : out.lengths[b]]) for b in range(out.tokens.shape[0])]
         return (texts, out) if return_output else texts
@@ -236,12 +153,12 @@ class Predictor:
         `batch.BatchError` naming the sample)."""
         return self.answer_prepared([self.prepare(s, media_root) for s in samples], gen, batch_size)
 
-    def answer_prepared(self, prepared: Sequence[Prepared], gen: GenerationConfig | None = None,
+    def answer_prepared(self, prepared: Sequence[Any], gen: GenerationConfig | None = None,
                         batch_size: int = 1) -> list[str]:
         """`answer` after `prepare` (grouped by frame count, bucketed, in input order)."""
-        groups: dict[int, list[int]] = {}
+        groups: dict[Any, list[int]] = {}
         for i, p in enumerate(prepared):
-            groups.setdefault(p.frames.shape[0], []).append(i)
+            groups.setdefault(self.host.group_key(p), []).append(i)
         answers: list[str] = [""] * len(prepared)
         for idx in groups.values():
             for start in range(0, len(idx), batch_size):
@@ -262,21 +179,11 @@ class Predictor:
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         return -(-n // shards) * shards
 
-    def configure(self, num_frames: int | None = None, aspect: str | None = None) -> Predictor:
-        """Change the frame count / aspect mode in place (the parameters stay where they are)."""
-        self.num_frames = int(num_frames or self.num_frames)
-        self.aspect = aspect or self.aspect
-        self._convert = dataclasses.replace(self._convert, num_frames=self.num_frames, aspect=self.aspect)
+    def configure(self, **options) -> Predictor:
+        """Change host options in place (VideoRefer: `num_frames`, `aspect`; VRVL3: `fps`,
+        `max_frames`); the parameters stay where they are."""
+        self.host.configure(**{k: v for k, v in options.items() if v is not None})
         return self
-
-
-def _empty_mask_warnings(k: int, frames: Sequence[int], masks: np.ndarray) -> list[str]:
-    """`empty_mask: object k` when none of object k's masks [M, H, W] has a pixel (the model then
-    pools nothing for it), `empty_mask: object k frame f` for each empty mask of an otherwise visible one."""
-    empty = ~masks.reshape(len(masks), -1).any(axis=1)
-    if empty.all():
-        return [f"empty_mask: object {k}"]
-    return [f"empty_mask: object {k} frame {f}" for f, e in zip(frames, empty) if e]
 
 
 def default_generation(tokenizer: Tokenizer, hf_generation_config: Mapping | None = None,
@@ -301,4 +208,4 @@ def default_generation(tokenizer: Tokenizer, hf_generation_config: Mapping | Non
     return gen.replace(eos_token_ids=eos)
 
 
-__all__ = ["Predictor", "Prepared", "default_generation", "question_of", "next_pow2"]
+__all__ = ["Predictor", "default_generation"]

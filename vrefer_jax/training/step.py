@@ -22,9 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vrefer_jax.batch import BATCH_KEYS
-from vrefer_jax.config import ModelConfig
-from vrefer_jax.models import videorefer
+from vrefer_jax import families
 from vrefer_jax.training.loss import cross_entropy_sum
 from vrefer_jax.training.train_state import TrainState
 
@@ -52,20 +50,22 @@ def _split_trainable(params, trainable):
     return train, frozen
 
 
-def make_train_step(cfg: ModelConfig, step_cfg: StepConfig, tx: optax.GradientTransformation, schedule,
+def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation, schedule,
                     trainable: tuple[str, ...], mesh, rules, shardings: TrainState, batch_spec: dict[str, Any]):
     """The compiled-on-first-call step with explicit in/out shardings and the state donated.
 
     batch_spec: {key: ndim} of the batch arrays (all sharded over DATA_AXES on dim 0).
     """
-    model = videorefer.VideoRefer(cfg)
+    family = families.for_config(cfg)
+    model = family.module(cfg)
+    BATCH_KEYS = family.batch_keys
     A = step_cfg.accum_steps
     grad_shardings = {k: v for k, v in shardings.params.items() if k in trainable}
 
     def loss_sum(train_params, frozen_params, mb):
         params = {**frozen_params, **train_params}
         hidden, inputs = model.apply({"params": params}, mb, out_len=step_cfg.out_len, return_hidden=True)
-        total, count = cross_entropy_sum(hidden, params["lm_head"]["kernel"], inputs["labels"],
+        total, count = cross_entropy_sum(hidden, family.output_embedding(params), inputs["labels"],
                                          chunk_size=step_cfg.logits_chunk, compute_dtype=cfg.compute_dtype)
         tokens = (inputs["segment_ids"] != 0).sum()
         return total, (count, tokens)
@@ -142,14 +142,16 @@ def _lower(jitted, mesh, rules, state, batch):
         return jitted.lower(state, batch)
 
 
-def make_eval_step(cfg: ModelConfig, step_cfg: StepConfig, mesh, rules, param_shardings, batch_spec: dict[str, Any]):
+def make_eval_step(cfg, step_cfg: StepConfig, mesh, rules, param_shardings, batch_spec: dict[str, Any]):
     """Teacher-forced loss without gradients: (params, batch) -> dict(loss_sum, count)."""
-    model = videorefer.VideoRefer(cfg)
+    family = families.for_config(cfg)
+    model = family.module(cfg)
+    BATCH_KEYS = family.batch_keys
 
     def evaluate(params, batch):
         batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
         hidden, inputs = model.apply({"params": params}, batch, out_len=step_cfg.out_len, return_hidden=True)
-        total, count = cross_entropy_sum(hidden, params["lm_head"]["kernel"], inputs["labels"],
+        total, count = cross_entropy_sum(hidden, family.output_embedding(params), inputs["labels"],
                                          chunk_size=step_cfg.logits_chunk, compute_dtype=cfg.compute_dtype)
         return dict(loss_sum=total, count=count)
 

@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vrefer_jax.config import ModelConfig
-from vrefer_jax.models import videorefer
+from vrefer_jax import families
 
 
 @flax.struct.dataclass
@@ -37,38 +36,37 @@ def _new_state(params, tx: optax.GradientTransformation, rng) -> TrainState:
                       nonfinite=jnp.zeros((), jnp.int32))
 
 
-def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
+def abstract_state(cfg, tx: optax.GradientTransformation) -> TrainState:
     """Shapes of the state with boxed parameters and moments (for the shardings)."""
-    params = videorefer.abstract_params(cfg, boxed=True)
+    params = families.for_config(cfg).abstract_params(cfg, boxed=True)
     return jax.eval_shape(lambda p: _new_state(p, tx, jax.random.PRNGKey(0)), params)
 
 
-def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, rules) -> TrainState:
+def state_shardings(cfg, tx: optax.GradientTransformation, mesh, rules) -> TrainState:
     """A `TrainState` of `NamedSharding`s (unboxed structure)."""
     boxed = abstract_state(cfg, tx)
     specs = nn.get_partition_spec(boxed)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def abstract_unboxed(cfg: ModelConfig, tx, shardings: TrainState) -> TrainState:
+def abstract_unboxed(cfg, tx, shardings: TrainState) -> TrainState:
     """`ShapeDtypeStruct`s with shardings: the restore target."""
     shapes = nn.meta.unbox(abstract_state(cfg, tx))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def create_state(cfg: ModelConfig, tx, shardings: TrainState, seed: int, params=None) -> TrainState:
+def create_state(cfg, tx, shardings: TrainState, seed: int, params=None) -> TrainState:
     """A fresh state in `shardings`: random parameters (seeded) or the given ones (e.g. imported
     from a checkpoint; resharded if needed and donated), zero moments."""
     rng = jax.random.PRNGKey(seed)
     if params is not None:
         new = jax.jit(lambda r, p: _new_state(p, tx, r), out_shardings=shardings, donate_argnums=(1,))
         return new(rng, params)
-    model = videorefer.VideoRefer(cfg)
-    batch = videorefer.dummy_batch(cfg)
+    family = families.for_config(cfg)
 
     def init(r):
         init_rng, state_rng = jax.random.split(r)
-        return _new_state(nn.meta.unbox(model.init(init_rng, batch, out_len=16)["params"]), tx, state_rng)
+        return _new_state(family.init_params(cfg, init_rng), tx, state_rng)
 
     return jax.jit(init, out_shardings=shardings)(rng)
 

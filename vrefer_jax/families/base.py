@@ -1,0 +1,73 @@
+"""The family protocol: one small record of callables, shaped by the two families we have."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+class UnknownFamily(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable
+        return str(self.args[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What one model family plugs in. Callables take the family's config first.
+
+    name:            registry key, also the gin / CLI name (`--family`)
+    model_types:     Hugging Face `config.json` `model_type` values its checkpoints carry
+    config_class:    its gin-configurable model config (a frozen dataclass)
+    module:          cfg -> the Flax module (`embed_inputs(batch, out_len)`, `decode`, `logits`,
+                     `embed_tokens`, `__call__(batch, out_len, return_hidden)`)
+    batch_keys:      the batch contract's fields (`labels` among them); generation reads the rest
+    dummy_batch:     (cfg, batch_size=1, abstract=False) -> a batch for init / eval_shape
+    validate:        (cfg, batch, out_len, sample_ids) -> None; raises `BatchError` naming the sample
+    output_embedding: params -> [E, V] matrix of the LM head (the 2B VRVL3 ties it to the embedding)
+    param_groups:    freezing groups in optimizer order -> top-level parameter names
+    key_rules:       cfg -> `key_map.KeyRule` list for its official checkpoint (lazy import)
+    ignore_patterns: cfg -> checkpoint tensors it does not build
+    host:            (cfg, tokenizer, **options) -> the predictor's host side (`prepare(sample,
+                     media_root, allow_absolute)`, `make_batch(rows) -> (batch, out_len)`,
+                     `group_key(prepared)`, `configure(**options)`, `num_frames`)
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    config_class: type
+    module: Callable[[Any], Any]
+    batch_keys: tuple[str, ...]
+    dummy_batch: Callable[..., dict]
+    validate: Callable[..., None]
+    output_embedding: Callable[[Mapping], Any]
+    param_groups: Mapping[str, tuple[str, ...]]
+    key_rules: Callable[[Any], list]
+    ignore_patterns: Callable[[Any], list]
+    host: Callable[..., Any]
+
+    @property
+    def input_keys(self) -> tuple[str, ...]:
+        """The fields generation needs (the contract without `labels`)."""
+        return tuple(k for k in self.batch_keys if k != "labels")
+
+    def abstract_params(self, cfg, boxed: bool = False):
+        """Parameter shapes (no allocation) via `jax.eval_shape` of `init` on a dummy batch."""
+        import flax.linen as nn
+        import jax
+
+        batch = self.dummy_batch(cfg, abstract=True)
+        shapes = jax.eval_shape(lambda b: self.module(cfg).init(jax.random.key(0), b, out_len=_out_len(b)), batch)
+        return shapes["params"] if boxed else nn.meta.unbox(shapes["params"])
+
+    def init_params(self, cfg, rng):
+        """Random parameters in the config's param dtype, unboxed."""
+        import flax.linen as nn
+
+        batch = self.dummy_batch(cfg)
+        return nn.meta.unbox(self.module(cfg).init(rng, batch, out_len=_out_len(batch))["params"])
+
+
+def _out_len(batch) -> int:
+    """The dummy batches are built so that their expanded length is their text length + slack."""
+    return int(batch["input_ids"].shape[1])

@@ -1,0 +1,43 @@
+"""VideoRefer-7B (the paper's model): SigLIP + STC connector + object encoder + Qwen2."""
+
+from __future__ import annotations
+
+from vrefer_jax import batch as batch_lib
+from vrefer_jax.config import ModelConfig
+from vrefer_jax.families.base import Family
+from vrefer_jax.models import videorefer
+
+
+def _key_rules(cfg):
+    from vrefer_jax.checkpoints import videorefer_keys
+
+    return videorefer_keys.videorefer_rules(cfg)
+
+
+def _ignore_patterns(cfg):
+    from vrefer_jax.checkpoints import videorefer_keys
+
+    return videorefer_keys.videorefer_ignore_patterns(cfg)
+
+
+def _host(cfg, tokenizer, **options):
+    from vrefer_jax.inference.videorefer_host import VideoReferHost
+
+    return VideoReferHost(cfg, tokenizer, **options)
+
+
+FAMILY = Family(
+    name="videorefer",
+    model_types=("videorefer_qwen2",),
+    config_class=ModelConfig,
+    module=videorefer.VideoRefer,
+    batch_keys=batch_lib.BATCH_KEYS,
+    dummy_batch=videorefer.dummy_batch,
+    validate=batch_lib.validate,
+    output_embedding=lambda params: params["lm_head"]["kernel"],
+    param_groups={"vision_tower": ("vision_tower",), "mm_projector": ("mm_projector",),
+                  "region_encoder": ("region_encoder",), "llm": ("llm",), "lm_head": ("lm_head",)},
+    key_rules=_key_rules,
+    ignore_patterns=_ignore_patterns,
+    host=_host,
+)

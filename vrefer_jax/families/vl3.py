@@ -1,0 +1,66 @@
+"""VideoRefer-VideoLLaMA3 (2B / 7B): SigLIP-NaViT + mlp2x_gelu projector + region encoder + Qwen2.5."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from vrefer_jax import vl3_batch
+from vrefer_jax.families.base import Family
+from vrefer_jax.models.vl3.model import VideoReferVL3
+from vrefer_jax.vl3_config import VL3Config
+
+
+def dummy_batch(cfg: VL3Config, batch_size: int = 1, seq_len: int = 16, num_patches: int = 16,
+                visual_tokens: int = 4, regions: int = 1, cells: int = 4, abstract: bool = False) -> dict[str, Any]:
+    """A valid batch for init / eval_shape / benchmarks: one 4x4-patch frame merged into 4 tokens on
+    the first rows, no region (an empty region slot keeps the shapes)."""
+    dims = dict(B=batch_size, L=seq_len, N=num_patches, V=visual_tokens, R=regions, C=cells,
+                D=cfg.vision.patch_dim, W=cfg.merge_group, Q=cfg.region_token_num)
+    if abstract:
+        return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in vl3_batch.field_shapes(**dims).items()}
+    b = vl3_batch.empty_batch(pad_token_id=0, **dims)
+    b["segment_ids"][:] = 1
+    side = int(np.sqrt(num_patches))
+    n = side * side
+    b["patch_segments"][:, :n] = 1
+    b["patch_coords"][:, :n] = np.stack(np.divmod(np.arange(n), side), -1)
+    v = min(visual_tokens, n // cfg.merge_group, seq_len)
+    for t in range(v):
+        b["visual_patches"][:, t] = np.arange(t * cfg.merge_group, (t + 1) * cfg.merge_group)
+    b["input_ids"][:, :v] = cfg.image_token_id
+    b["visual_index"][:, :v] = np.arange(v)
+    return b
+
+
+def validate(cfg: VL3Config, batch, out_len: int | None = None, sample_ids=None) -> None:
+    if out_len is not None and out_len != batch["input_ids"].shape[1]:
+        raise vl3_batch.BatchError(f"VRVL3 batches are expanded on the host: out_len {out_len} != "
+                                   f"{batch['input_ids'].shape[1]}")
+    vl3_batch.check_batch(batch, image_token_id=cfg.image_token_id, region_token_id=cfg.region_token_id,
+                          region_token_num=cfg.region_token_num, sample_ids=sample_ids)
+
+
+def _key_rules(cfg):
+    from vrefer_jax.checkpoints import vl3_keys
+
+    return vl3_keys.vl3_rules(cfg)
+
+
+FAMILY = Family(
+    name="videorefer_videollama3",
+    model_types=("videollama3_qwen2",),
+    config_class=VL3Config,
+    module=VideoReferVL3,
+    batch_keys=vl3_batch.BATCH_KEYS,
+    dummy_batch=dummy_batch,
+    validate=validate,
+    output_embedding=lambda params: (params["lm_head"]["kernel"] if "lm_head" in params
+                                     else params["llm"]["embed_tokens"]["embedding"].T),
+    param_groups={"vision_encoder": ("vision_encoder",), "mm_projector": ("mm_projector",),
+                  "region_encoder": ("region_encoder",), "llm": ("llm", "lm_head")},
+    key_rules=_key_rules,
+    ignore_patterns=lambda cfg: [],
+)
