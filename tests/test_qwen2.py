@@ -247,3 +247,121 @@ def test_embed_clips_placeholder_ids_and_rules():
 
     with pytest.raises(ValueError, match="exactly one"):
         qwen2.Qwen2ForCausalLM(cfg).apply({"params": params}, None)
+
+
+# ----------------------------------------------------------------------------- 5. tied embeddings (Qwen2.5)
+
+
+@functools.lru_cache(maxsize=None)
+def tied_reference():
+    """A tiny Qwen2.5-style config with tied embeddings (the VRVL3-2B decoder): HF model + flax params."""
+    cfg = TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                     max_position_embeddings=32, tie_word_embeddings=True)
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=True,
+        attn_implementation="eager")
+    torch.manual_seed(1)
+    hf = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    # The reference really is tied: one tensor under both names.
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    sd = key_map.torch_state_to_numpy(hf.state_dict())
+    model = qwen2.Qwen2ForCausalLM(cfg)
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+    params = key_map.hf_to_flax(sd, keys.causal_lm_rules(cfg), shapes, available=list(sd),
+                                ignore=keys.causal_lm_ignore_patterns(cfg))
+    return cfg, hf, jax.tree.map(jnp.asarray, params), sd
+
+
+def test_tied_embeddings_parity():
+    cfg, hf, params, sd = tied_reference()
+    assert set(params) == {"model"}  # no lm_head parameter at all
+    model = qwen2.Qwen2ForCausalLM(cfg)
+    fwd = jax.jit(lambda p, ids, pos, seg, cache=None: model.apply(
+        {"params": p}, ids, positions=pos, segment_ids=seg, cache=cache))
+    rng = np.random.default_rng(5)
+    B, T = 2, 12
+    ids = rng.integers(0, VOCAB, (B, T))
+    pos = np.broadcast_to(np.arange(T), (B, T))
+
+    got, _ = fwd(params, ids, pos, np.ones((B, T), np.int32))
+    ref = hf_logits(hf, ids)
+    e = err(got, ref)
+    print(f"\n[tied] no padding: max abs err {e:.2e} (max |logit| {np.abs(ref).max():.1f})")
+    assert got.dtype == jnp.float32 and got.shape == (B, T, VOCAB) and e <= TOL
+
+    lengths = np.array([12, 7])
+    real = np.arange(T)[None, :] < lengths[:, None]
+    got, _ = fwd(params, ids, pos, real.astype(np.int32))
+    ref = hf_logits(hf, ids, attention_mask=real)
+    e = max(err(np.asarray(got)[b, :n], ref[b, :n]) for b, n in enumerate(lengths))
+    print(f"[tied] right padding: max abs err {e:.2e}")
+    assert e <= TOL
+
+    # rope theta comes from the config (1e6 here, tests above use 1e4 too); max_position_embeddings (32)
+    # bounds nothing in either implementation: 40 positions agree as well
+    long_ids = rng.integers(0, VOCAB, (1, 40))
+    got, _ = model.apply({"params": params}, long_ids)
+    e = err(got, hf_logits(hf, long_ids))
+    print(f"[tied] 40 positions > max_position_embeddings=32: max abs err {e:.2e}")
+    assert e <= TOL
+
+    # prefill 8 tokens, then decode 4 one at a time, against the full HF forward
+    cache = qwen2.init_cache(cfg, 1, T, jnp.float32)
+    pre, cache = fwd(params, ids[:1, :8], pos[:1, :8], np.ones((1, 8), np.int32), cache)
+    steps = [np.asarray(pre)[0]]
+    for t in range(8, T):
+        lg, cache = fwd(params, ids[:1, t:t + 1], np.array([[t]]), np.ones((1, 1), np.int32), cache)
+        steps.append(np.asarray(lg)[0])
+    e = err(np.concatenate(steps), hf_logits(hf, ids[:1])[0])
+    print(f"[tied] cache prefill + decode: max abs err {e:.2e}")
+    assert e <= TOL
+
+    # the free function and the module agree; the table is the HF embedding
+    seg = np.ones((B, T), np.int32)
+    hidden, _ = model.apply({"params": params}, jnp.asarray(ids), pos, seg,
+                            method=lambda m, i, p, s: m.model(m.model.embed(i), p, s))
+    direct = qwen2.tied_logits(jnp.asarray(sd["model.embed_tokens.weight"]), hidden, jnp.float32)
+    np.testing.assert_allclose(np.asarray(direct), np.asarray(fwd(params, ids, pos, seg)[0]), rtol=0, atol=1e-5)
+
+    # bf16 compute: the tied matmul runs in bf16, the logits come back fp32 and loosely close
+    ref = np.asarray(fwd(params, ids, pos, seg)[0])
+    got, _ = qwen2.Qwen2ForCausalLM(cfg, dtype=jnp.bfloat16).apply({"params": params}, ids)
+    assert got.dtype == jnp.float32 and err(got, ref) / np.abs(ref).max() < 0.05
+
+    # Flax -> HF gives back every tensor but the tied alias
+    back = key_map.flax_to_hf(params, keys.causal_lm_rules(cfg))
+    assert set(back) == set(sd) - {"lm_head.weight"}
+    for k, v in back.items():
+        np.testing.assert_array_equal(v, sd[k], err_msg=k)
+
+
+def test_tied_generate_and_untied_rules():
+    """Greedy generation runs through the tied head (the engine calls `lm_head`) and matches HF's argmax
+    chain; untied configs keep their lm_head rule and ignore nothing."""
+    from vrefer_jax.inference import generate as gen_lib
+    from vrefer_jax.inference.sampling import GenerationConfig
+
+    cfg, hf, params, _ = tied_reference()
+    prompt = np.random.default_rng(6).integers(1, VOCAB, 7).tolist()
+    out = gen_lib.generate_text(cfg, params, np.array([prompt]), np.array([7]),
+                                GenerationConfig(max_new_tokens=5, eos_token_ids=(), pad_token_id=0))
+    seq = list(prompt)
+    for _ in range(5):
+        seq.append(int(hf_logits(hf, np.array([seq]))[0, -1].argmax()))
+    assert np.asarray(out.tokens)[0].tolist() == seq[7:]
+
+    untied = make_cfg(1e6)
+    assert [r.hf for r in keys.causal_lm_rules(untied)][-1] == "lm_head.weight"
+    assert keys.causal_lm_ignore_patterns(untied) == []
+    assert "lm_head.weight" not in [r.hf for r in keys.causal_lm_rules(tied_reference()[0])]

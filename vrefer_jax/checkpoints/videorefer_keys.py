@@ -14,7 +14,8 @@ rules (`siglip_rules`, `qwen2_rules`, ...) are reusable by another family built 
   connector_rules                         `mm_projector.*` (STC, linear, mlpNx_gelu)
   mlp_rules                               an nn.Sequential MLP (`readout.0`, `feat_linear.2`, ...)
   object_encoder_rules                    `region_encoder.*`
-  qwen2_rules / lm_head_rules / causal_lm_rules   `Qwen2Model` / `Qwen2ForCausalLM`
+  qwen2_rules / lm_head_rules / causal_lm_rules   `Qwen2Model` / `Qwen2ForCausalLM` (tied: no lm_head)
+  causal_lm_ignore_patterns               a tied model's redundant `lm_head.weight`
   videorefer_rules / videorefer_ignore_patterns   the whole official checkpoint
 """
 
@@ -176,8 +177,16 @@ def lm_head_rules() -> list[KeyRule]:
 
 
 def causal_lm_rules(cfg: TextConfig) -> list[KeyRule]:
-    """Flax `Qwen2ForCausalLM` tree <-> HF `Qwen2ForCausalLM` names."""
-    return prefixed(qwen2_rules(cfg), "model.", ("model",)) + lm_head_rules()
+    """Flax `Qwen2ForCausalLM` tree <-> HF `Qwen2ForCausalLM` names. Tied (`cfg.tie_word_embeddings`):
+    no `lm_head` rule, the head is `model.embed_tokens.weight` (see `causal_lm_ignore_patterns`)."""
+    rules = prefixed(qwen2_rules(cfg), "model.", ("model",))
+    return rules if cfg.tie_word_embeddings else rules + lm_head_rules()
+
+
+def causal_lm_ignore_patterns(cfg: TextConfig) -> list[str]:
+    """Tied: a torch `state_dict()` still lists `lm_head.weight` (the embedding under a second name;
+    `save_pretrained` drops it), so it is not an unexpected tensor. Untied: nothing to ignore."""
+    return [r"lm_head\.weight"] if cfg.tie_word_embeddings else []
 
 
 # ----------------------------------------------------------------------------- VideoRefer

@@ -13,7 +13,13 @@ N / K = query / KV heads, H = head_dim, M = intermediate_size, V = vocab_size:
   layers/mlp/down_proj/kernel                [L, M, E]     (layers, mlp, embed)
   norm/scale                                 [E]           (norm)
 
-`Qwen2ForCausalLM` adds `model/…` (the above) and `lm_head/kernel [E, V]` (embed, vocab).
+`Qwen2ForCausalLM` adds `model/…` (the above) and, unless `cfg.tie_word_embeddings`, `lm_head/kernel
+[E, V]` (embed, vocab). Tied (Qwen2.5-1.5B, the VRVL3-2B decoder): no `lm_head` parameter; the logits
+are `hidden @ embed_tokens/embedding^T` (`tied_logits`, `Qwen2Model.attend`), as HF ties `lm_head.weight`
+to `model.embed_tokens.weight`.
+
+`cfg.rope_theta` sets the RoPE base. `cfg.max_position_embeddings` changes no value: with Qwen2's
+default RoPE, HF uses it only to size a cached table, and positions past it are computed the same way.
 
 Attention masks (boolean, True = may attend):
   * without a cache: key s is visible to query t iff s <= t (index order within the T tokens),
@@ -42,6 +48,7 @@ from vrefer_jax.sharding import constrain
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 _Q_ACT = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
 _KV_ACT = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+_LOGITS = ("activation_batch", "activation_length", "activation_vocab")
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -239,6 +246,11 @@ class Qwen2Model(nn.Module):
         ids = jnp.clip(input_ids, 0, self.cfg.vocab_size - 1)
         return constrain(self.embed_tokens(ids).astype(self.dtype), _ACT)
 
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """Tied output projection: hidden [B, T, E] -> fp32 logits [B, T, V] against this model's
+        embedding table (`tied_logits`). For `cfg.tie_word_embeddings` models."""
+        return tied_logits(self.embed_tokens.embedding, hidden, self.dtype)
+
     def __call__(
         self,
         inputs_embeds: jax.Array,
@@ -267,6 +279,17 @@ class Qwen2Model(nn.Module):
         return x, cache
 
 
+def tied_logits(embedding: jax.Array, hidden: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
+    """Logits of a tied head: hidden [B, T, E] (activation_batch, activation_length, activation_embed)
+    and the embedding table [V, E] (vocab, embed) -> fp32 logits [B, T, V] (activation_batch,
+    activation_length, activation_vocab).
+
+    `hidden @ embedding^T` runs in `dtype`; the logits are upcast afterwards, like `LMHead`.
+    """
+    logits = jnp.einsum("bte,ve->btv", hidden.astype(dtype), embedding.astype(dtype)).astype(jnp.float32)
+    return constrain(logits, _LOGITS)
+
+
 class LMHead(nn.Module):
     """Untied output projection: [B, T, E] -> fp32 logits [B, T, V]; kernel [E, V] (embed, vocab).
 
@@ -283,11 +306,12 @@ class LMHead(nn.Module):
             "kernel", nn.with_logical_partitioning(_init(self.cfg), ("embed", "vocab")),
             (self.cfg.hidden_size, self.cfg.vocab_size), self.param_dtype)
         logits = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32)
-        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return constrain(logits, _LOGITS)
 
 
 class Qwen2ForCausalLM(nn.Module):
-    """HF `Qwen2ForCausalLM`: `model` (Qwen2Model) + `lm_head` (LMHead)."""
+    """HF `Qwen2ForCausalLM`: `model` (Qwen2Model) + `lm_head` (LMHead), or, with
+    `cfg.tie_word_embeddings`, no `lm_head` and logits from `model.attend` (the embedding table)."""
 
     cfg: TextConfig
     dtype: Dtype = jnp.float32
@@ -296,12 +320,15 @@ class Qwen2ForCausalLM(nn.Module):
     attention_impl: str | None = None
 
     def setup(self):
-        if self.cfg.tie_word_embeddings:
-            raise NotImplementedError("tied word embeddings are not supported (Qwen2-7B is untied)")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.model = Qwen2Model(self.cfg, remat_policy=self.remat_policy,
                                 attention_impl=self.attention_impl, **kw)
-        self.lm_head = LMHead(self.cfg, **kw)
+        # Tied: the head is the embedding table itself, so there is no parameter to declare.
+        self.lm_head = self.model.attend if self.cfg.tie_word_embeddings else LMHead(self.cfg, **kw)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [B, T, E] (after the final norm) -> fp32 logits [B, T, V], tied or not."""
+        return self.lm_head(hidden)
 
     def __call__(
         self,
@@ -323,10 +350,10 @@ class Qwen2ForCausalLM(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
         hidden, cache = self.model(inputs_embeds, positions, segment_ids, cache)
-        return self.lm_head(hidden), cache
+        return self.logits(hidden), cache
 
 
 __all__ = [
-    "KVCache", "init_cache", "Qwen2Model", "LMHead", "Qwen2ForCausalLM",
+    "KVCache", "init_cache", "Qwen2Model", "LMHead", "Qwen2ForCausalLM", "tied_logits",
     "rotary_tables", "apply_rotary",
 ]
