@@ -117,7 +117,7 @@ class VideoReferVL3(nn.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, E] -> fp32 logits [B, T, V] (tied to embed_tokens for the 2B)."""
         if self.cfg.text.tie_word_embeddings:
-            return qwen2.tied_logits(self.llm, hidden, self.cfg.compute_dtype)
+            return self.llm.attend(hidden)
         return self.lm_head(hidden)
 
     def embed_tokens(self, ids: jax.Array) -> jax.Array:
