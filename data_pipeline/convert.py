@@ -39,7 +39,7 @@ import os
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from data_pipeline import masks as masks_lib
@@ -143,6 +143,39 @@ class DecodedSample:
         return [self.images[i] for i in self.region_frame_indices]
 
 
+def object_masks(sample: schema.Sample, frame_sizes: Mapping[int, tuple[int, int]],
+                 ann_indices: Sequence[Sequence[int]]) -> tuple[records_lib.ObjectMasks, ...]:
+    """Check every object's masks against its frames' sizes and encode them as COCO compressed RLE
+    (the official `annToMask` path). frame_sizes: absolute frame index -> (h, w) of the decoded frame;
+    ann_indices: per object, its frames as indices into the region frames (`Sample.region_layout`).
+    Raises `schema.SampleError` naming the object and frame key. Shared by both families' host paths."""
+    sid = sample.sample_id
+    objects = []
+    for k, (obj, region_index) in enumerate(zip(sample.objects, ann_indices)):
+        rles, sizes, nulls = [], [], []
+        for key, f, seg in zip(obj.keys, obj.frames, obj.segmentations):
+            fh, fw = frame_sizes[f]
+            # Polygons take the sample's height/width (official `annToMask(seg, h, w)`), or the
+            # frame's size when the sample has none; null masks take the frame's size.
+            ph, pw = (sample.height, sample.width) if sample.height and seg.kind == "polygon" else (fh, fw)
+            mh, mw = masks_lib.segmentation_size(seg, ph, pw)
+            if (mh, mw) != (fh, fw):
+                raise schema.SampleError("mask_size_mismatch", sid, f"annotation[{k}][{key!r}].segmentation",
+                                         f"mask is {mh}x{mw} but frame {f} is {fh}x{fw}")
+            try:
+                counts, size = masks_lib.to_compressed(seg, mh, mw)
+            except masks_lib.MaskFormatError as e:
+                raise schema.SampleError(e.reason, sid, f"annotation[{k}][{key!r}].segmentation{e.subfield}",
+                                         e.message) from None
+            rles.append(counts)
+            sizes.append(size)
+            nulls.append(seg.kind == "null")
+        objects.append(records_lib.ObjectMasks(obj.frames, tuple(region_index), tuple(sizes), tuple(rles),
+                                               tuple(nulls)))
+
+    return tuple(objects)
+
+
 def decode_sample(sample: schema.Sample, media_root: str, cfg: ConvertConfig) -> DecodedSample:
     """Decode and check one validated sample into memory (frames sampled and resized, masks checked
     against their frames). The one host preprocessing entry point: the converter encodes its result
@@ -173,33 +206,12 @@ def decode_sample(sample: schema.Sample, media_root: str, cfg: ConvertConfig) ->
     except video_lib.MediaError as e:
         raise schema.SampleError(e.reason, sid, sample.modality, e.message) from None
 
-    objects = []
-    for k, (obj, region_index) in enumerate(zip(sample.objects, ann_indices)):
-        rles, sizes, nulls = [], [], []
-        for key, f, seg in zip(obj.keys, obj.frames, obj.segmentations):
-            fh, fw = decoded[f].shape[:2]
-            # Polygons take the sample's height/width (official `annToMask(seg, h, w)`), or the
-            # frame's size when the sample has none; null masks take the frame's size.
-            ph, pw = (sample.height, sample.width) if sample.height and seg.kind == "polygon" else (fh, fw)
-            mh, mw = masks_lib.segmentation_size(seg, ph, pw)
-            if (mh, mw) != (fh, fw):
-                raise schema.SampleError("mask_size_mismatch", sid, f"annotation[{k}][{key!r}].segmentation",
-                                         f"mask is {mh}x{mw} but frame {f} is {fh}x{fw}")
-            try:
-                counts, size = masks_lib.to_compressed(seg, mh, mw)
-            except masks_lib.MaskFormatError as e:
-                raise schema.SampleError(e.reason, sid, f"annotation[{k}][{key!r}].segmentation{e.subfield}",
-                                         e.message) from None
-            rles.append(counts)
-            sizes.append(size)
-            nulls.append(seg.kind == "null")
-        objects.append(records_lib.ObjectMasks(obj.frames, tuple(region_index), tuple(sizes), tuple(rles),
-                                               tuple(nulls)))
+    objects = object_masks(sample, {f: decoded[f].shape[:2] for f in all_frames}, ann_indices)
 
     images = {i: video_lib.resize_frame(decoded[i], cfg.image_size, cfg.aspect)
               for i in dict.fromkeys([*sampled, *all_frames])}  # each distinct frame resized once
     orig = tuple(decoded[sampled[0]].shape[:2]) if sampled else (0, 0)
-    return DecodedSample(sample, n, orig, tuple(sampled), tuple(all_frames), images, tuple(objects))
+    return DecodedSample(sample, n, orig, tuple(sampled), tuple(all_frames), images, objects)
 
 
 def encode_record(d: DecodedSample, cfg: ConvertConfig, source: str = "") -> records_lib.Record:

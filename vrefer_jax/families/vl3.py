@@ -49,6 +49,18 @@ def _key_rules(cfg):
     return vl3_keys.vl3_rules(cfg)
 
 
+def _host(cfg, tokenizer, **options):
+    from vrefer_jax.inference.vl3_host import VL3Host
+
+    return VL3Host(cfg, tokenizer, **options)
+
+
+def _ignore_patterns(cfg):
+    from vrefer_jax.checkpoints import videorefer_keys
+
+    return videorefer_keys.causal_lm_ignore_patterns(cfg.text)  # a tied head's duplicate `lm_head.weight`
+
+
 FAMILY = Family(
     name="videorefer_videollama3",
     model_types=("videollama3_qwen2",),
@@ -62,5 +74,6 @@ FAMILY = Family(
     param_groups={"vision_encoder": ("vision_encoder",), "mm_projector": ("mm_projector",),
                   "region_encoder": ("region_encoder",), "llm": ("llm", "lm_head")},
     key_rules=_key_rules,
-    ignore_patterns=lambda cfg: [],
+    ignore_patterns=_ignore_patterns,
+    host=_host,
 )

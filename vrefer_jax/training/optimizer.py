@@ -2,8 +2,9 @@
 
 Freezing goes through `optax.multi_transform`: the frozen group gets `optax.set_to_zero()`, which
 keeps no state, so frozen parameters cost no optimizer memory and stay bit-identical.
-Groups are the top-level parameter trees of `VideoRefer`:
-  vision_tower, mm_projector, region_encoder, llm, lm_head
+Groups are the top-level parameter trees of the model families (`Family.param_groups`):
+  VideoRefer-7B: vision_tower, mm_projector, region_encoder, llm, lm_head
+  VRVL3:         vision_encoder, mm_projector, region_encoder, llm, lm_head (untied 7B only)
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import gin
 import jax
 import optax
 
-GROUPS = ("vision_tower", "mm_projector", "region_encoder", "llm", "lm_head")
+from vrefer_jax import families
+
+# Every top-level parameter name of every registered family, in registry order.
+GROUPS = tuple(dict.fromkeys(n for f in families.REGISTRY.values() for names in f.param_groups.values()
+                             for n in names))
 
 
 @gin.configurable
