@@ -38,7 +38,7 @@ MAX_FRAMES = 32  # official MAX_FRAMES: `process_video` keeps at most this many 
 
 class MediaError(RuntimeError):
     """Media that cannot be used: `reason` is "media_not_found", "unreadable_media" or
-    "truncated_media"."""
+    "truncated_media" (samplers add "bad_clip_bound", "bad_frame_ids", "no_frames")."""
 
     def __init__(self, reason: str, message: str):
         self.reason, self.message = reason, message
@@ -101,8 +101,15 @@ class VideoReader:
                 s = c.streams.video[0]
                 rate = s.average_rate or s.guessed_rate
                 self.fps = GIF_FPS if self.is_gif else (float(rate) if rate else 0.0)
-                packets = [(p.pts, p.is_keyframe) for p in c.demux(s) if p.size > 0]
+                packets = [(p.pts, p.is_keyframe, p.duration) for p in c.demux(s) if p.size > 0]
                 declared = s.frames  # the container's own count (mp4 sample table); 0 = not stored
+                # Timing facts for fps-based sampling (data_pipeline.vl3.frames): the stream's time
+                # base and start (time-base units), the container's start and duration (AV_TIME_BASE
+                # = microseconds); None where the file does not say.
+                self.time_base = s.time_base
+                self.stream_start_time = s.start_time
+                self.container_start_time = c.start_time
+                self.container_duration = c.duration
         except MediaError:
             raise
         except (av.error.FFmpegError, OSError, ValueError) as e:
@@ -117,12 +124,21 @@ class VideoReader:
         # timestamps (or for GIFs) frames are counted while decoding from the start instead.
         self._pts: list[int] | None = None
         self._keyframes: np.ndarray | None = None
-        pts = [p for p, _ in packets]
+        pts = [p for p, _, _ in packets]
+        # Duration (time-base units) of the last frame in presentation order; 0 = unknown.
+        self.last_duration = 0
         if not self.is_gif and pts and None not in pts and len(set(pts)) == len(pts):
             self._pts = sorted(pts)
             pos = {p: i for i, p in enumerate(self._pts)}
-            keys = sorted({0} | {pos[p] for p, key in packets if key})
+            keys = sorted({0} | {pos[p] for p, key, _ in packets if key})
             self._keyframes = np.asarray(keys, np.int64)
+            self.last_duration = int(max(packets, key=lambda q: q[0])[2] or 0)
+
+    @property
+    def pts(self) -> list[int] | None:
+        """Frame i's presentation timestamp (time-base units), ascending; None where the packets carry
+        no usable timestamps (GIFs, missing or repeated pts), whose frames are counted while decoding."""
+        return None if self._pts is None else list(self._pts)
 
     def _open(self):
         c = av.open(self.path)
