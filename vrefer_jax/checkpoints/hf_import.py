@@ -32,7 +32,6 @@ from vrefer_jax.checkpoints.key_map import KeyMappingError, KeyRule
 from vrefer_jax.checkpoints.st_io import SafetensorsReader
 from vrefer_jax.config import ModelConfig
 from vrefer_jax.checkpoints import videorefer_keys as keys
-from vrefer_jax.models import videorefer
 
 VISION_DIR = "siglip_vision_tower"  # where `hf_export` writes the complete tower
 # Buffers some exports persist; never parameters.
@@ -47,13 +46,15 @@ Getter = Callable[[str], np.ndarray]
 
 
 @functools.lru_cache(maxsize=16)
-def abstract_params(cfg: ModelConfig, boxed: bool = False):
-    """`videorefer.abstract_params`, cached per config (tracing the model init takes a while).
-    Callers must not mutate the returned tree."""
-    return videorefer.abstract_params(cfg, boxed=boxed)
+def abstract_params(cfg, boxed: bool = False):
+    """The parameter shapes of any family's config (`families.for_config(cfg).abstract_params`),
+    cached per config (tracing the model init takes a while). Callers must not mutate the tree."""
+    from vrefer_jax import families
+
+    return families.for_config(cfg).abstract_params(cfg, boxed=boxed)
 
 
-def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules=None):
+def param_shardings(cfg, mesh: jax.sharding.Mesh, rules=None):
     """Per-leaf `NamedSharding`s from the parameters' logical axis names and the rules table; a
     mesh axis that does not divide a dimension (the 7B vocabulary over tensor=4) is dropped from
     it (`sharding.fit_sharding`)."""

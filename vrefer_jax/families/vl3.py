@@ -76,4 +76,7 @@ FAMILY = Family(
     key_rules=_key_rules,
     ignore_patterns=_ignore_patterns,
     host=_host,
+    host_option_names=("fps", "max_frames"),
+    bench_protocol="vl3",
+    benchmark_options={"bench-q": {"fps": 1}, "bench-d": {"fps": 4}},  # reference_vl3 §13
 )
