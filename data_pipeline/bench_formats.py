@@ -111,13 +111,16 @@ def parse_bench_q(raw: Any, index: int, mode: str = "single", protocol: str = "v
     return _to_sample(raw, index, mode, prompt, "Answer", extra)
 
 
-def parse_bench_d(raw: Any, index: int, mode: str = "single") -> schema.Sample:
-    """One VideoRefer-Bench-D entry -> Sample (raises `schema.SampleError`)."""
+def parse_bench_d(raw: Any, index: int, mode: str = "single", protocol: str = "videorefer") -> schema.Sample:
+    """One VideoRefer-Bench-D entry -> Sample (raises `schema.SampleError`). The VRVL3 protocol
+    puts its prompt before the frames (`...in the video.\n<video>`), as its script does."""
+    _check_protocol(protocol)
 
     def extra(r):
         return {"benchmark": "videorefer-bench-d", "caption": r["caption"]}
 
-    return _to_sample(raw, index, mode, lambda r, sid: BENCH_D_PROMPT, "caption", extra)
+    prompt = BENCH_D_PROMPT if protocol == "videorefer" else VL3_BENCH_D_PROMPT
+    return _to_sample(raw, index, mode, lambda r, sid: prompt, "caption", extra, text_first=protocol == "vl3")
 
 
 PARSERS = {"bench-q": parse_bench_q, "bench-d": parse_bench_d}
