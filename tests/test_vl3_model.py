@@ -214,3 +214,43 @@ def test_training_step_runs_on_the_family(world):
         state, m = run(state, batch)
         losses.append(float(m["loss"]))
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_bench_q_and_d_with_the_vl3_protocols(world, predictor, tmp_path):
+    """Bench-Q (frame folders at 3 fps sampled at fps 1: frames 1, 4 -> "Time 0.3s", "Time 1.3s")
+    and Bench-D (prompt before the frames) through the shared runner with the real VRVL3 predictor."""
+    import argparse
+
+    from test_eval_bench_q import make_bench
+    from vrefer_jax.evaluation import bench_d, bench_q, cli
+
+    media = str(tmp_path / "media")
+    entries = make_bench(media, n=3)
+    fam = families.get(FAMILY)
+    args = argparse.Namespace(num_frames=None, fps=None, max_frames=None)
+    predictor.configure(**cli.host_options(fam, "bench-q", args))
+    items = bench_q.load(entries, "single", fam.bench_protocol)
+    p = predictor.prepare(items[0], media)
+    text = world["tok"].decode(p.input_ids, skip_special_tokens=False)
+    assert "Time 0.3s:" in text and "Time 1.3s:" in text and "[<REGION>" in text and "[[" not in text
+    assert p.meta["num_frames"] == 2
+    res = bench_q.run(items, predictor, str(tmp_path / "q.jsonl"), media_root=media, batch_size=2)
+    assert res.written == 3 and res.errors == 0
+    rows = runner_rows(res.path)
+    assert all(isinstance(r["pred"], str) for r in rows)
+
+    d_items = bench_d.load([{"video": e["video"], "caption": "a thing", "frame_idx": 3, "annotation": e["annotation"][:1]}
+                            for e in entries], "single", fam.bench_protocol)
+    predictor.configure(**cli.host_options(fam, "bench-d", args))
+    p = predictor.prepare(d_items[0], media)
+    first_image = int(np.flatnonzero(p.input_ids == world["cfg"].image_token_id)[0])
+    first_region = int(np.flatnonzero(p.input_ids == world["cfg"].region_token_id)[0])
+    assert first_region < first_image  # text (with the region) before the frames
+    assert p.meta["num_frames"] == 6  # fps 4 over a 3 fps folder: every frame
+    res = bench_d.run(d_items, predictor, str(tmp_path / "d.jsonl"), media_root=media, batch_size=2)
+    assert res.written == 3 and res.errors == 0
+    predictor.configure(fps=1)
+
+
+def runner_rows(path):
+    return [json.loads(line) for line in open(path)]
