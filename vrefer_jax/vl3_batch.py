@@ -30,6 +30,9 @@ Fields (static shapes; `FIELDS`; dimension letters in brackets):
                                    used only when cells > Q)
 
 `Example` holds one sample unpadded; `pad_example` pads it, `vrefer_jax.batch.stack` stacks.
+With `VL3Config.vision_attention_chunk` P > 0 the encoder attends within aligned blocks of P patches:
+`chunk_example` moves each image / frame / crop so that none crosses a block boundary (and remaps
+the patch indices), `check_chunks` is the host check.
 """
 
 from __future__ import annotations
@@ -137,6 +140,74 @@ def pad_example(ex: Example, *, L: int, N: int, V: int, R: int, C: int, Q: int, 
         out["region_init"][:r] = ex.region_init
     out["sample_id"] = ex.sample_id
     return out
+
+
+def chunk_example(ex: Example, chunk: int) -> Example:
+    """`ex` with its patches laid out for block attention of `chunk` patches: each segment (one
+    image / frame / crop, contiguous in `patches`) starts a new block when it would not fit in what
+    is left of the current one; the gaps and the tail up to a multiple of `chunk` are padding
+    patches (segment 0). `visual_patches` and `region_cells` follow their patches. Frames of
+    exactly `chunk` patches therefore fill one block each. Raises ValueError naming the sample if a
+    segment is longer than `chunk` or not contiguous."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    segs = np.asarray(ex.patch_segments)
+    n = len(segs)
+    starts = np.flatnonzero(np.r_[True, segs[1:] != segs[:-1]]) if n else np.zeros(0, int)
+    ends = np.r_[starts[1:], n]
+    ids = segs[starts]
+    if len(set(ids[ids > 0].tolist())) != int((ids > 0).sum()):
+        raise ValueError(f"sample {ex.sample_id}: a patch segment is not contiguous in patches")
+    new_index = np.full(n, -1, np.int64)
+    pos = 0
+    for a, e, sid in zip(starts, ends, ids):
+        if sid == 0:
+            continue  # padding patches are dropped
+        length = e - a
+        if length > chunk:
+            raise ValueError(f"sample {ex.sample_id}: segment {sid} has {length} patches, more than "
+                             f"vision_attention_chunk {chunk}")
+        if pos % chunk + length > chunk:
+            pos += chunk - pos % chunk
+        new_index[a:e] = np.arange(pos, pos + length)
+        pos += length
+    total = -(-pos // chunk) * chunk
+    keep = new_index >= 0
+    patches = np.zeros((total,) + ex.patches.shape[1:], ex.patches.dtype)
+    patch_segments = np.zeros(total, segs.dtype)
+    patch_coords = np.zeros((total, 2), np.asarray(ex.patch_coords).dtype)
+    patches[new_index[keep]] = ex.patches[keep]
+    patch_segments[new_index[keep]] = segs[keep]
+    patch_coords[new_index[keep]] = np.asarray(ex.patch_coords)[keep]
+
+    def remap(idx):
+        idx = np.asarray(idx)
+        return np.where(idx >= 0, new_index[np.clip(idx, 0, max(n - 1, 0))], idx).astype(idx.dtype)
+
+    return dataclasses.replace(ex, patches=patches, patch_segments=patch_segments, patch_coords=patch_coords,
+                               visual_patches=remap(ex.visual_patches), region_cells=remap(ex.region_cells))
+
+
+def check_chunks(patch_segments: Any, chunk: int, sample_ids: Sequence[str] | None = None) -> None:
+    """Raise `BatchError` unless N is a multiple of `chunk` and every segment of every row lies in
+    one aligned block of `chunk` patches (what block attention needs to equal the dense one)."""
+    segs = np.asarray(patch_segments)
+    if segs.shape[1] % chunk:
+        raise BatchError(f"patch_segments: N = {segs.shape[1]} is not a multiple of vision_attention_chunk {chunk}")
+    block = np.arange(segs.shape[1]) // chunk
+    for b in range(segs.shape[0]):
+        real = segs[b] > 0
+        if not real.any():
+            continue
+        m = int(segs[b].max()) + 1
+        lo, hi = np.full(m, segs.shape[1]), np.full(m, -1)
+        np.minimum.at(lo, segs[b][real], block[real])
+        np.maximum.at(hi, segs[b][real], block[real])
+        bad = np.flatnonzero((hi >= 0) & (lo != hi))
+        if len(bad):
+            name = sample_ids[b] if sample_ids is not None else f"#{b}"
+            raise BatchError(f"sample {name}: patch segment {bad[0]} crosses a block of vision_attention_chunk "
+                             f"{chunk} patches (lay the sample out with vl3_batch.chunk_example)")
 
 
 # ----------------------------------------------------------------------------- host-side checks

@@ -69,6 +69,11 @@ class VL3Config:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: str | None = None  # `jax.nn.dot_product_attention(implementation=...)`
+    # Vision attention within aligned blocks of this many patches (0 = one segment-masked attention
+    # over all N patches of a row, whose [B, H, N, N] scores dominate memory at hundreds of frames).
+    # Exact when no image / frame / crop crosses a block boundary (`vl3_batch.chunk_example` lays a
+    # sample out so; `validate` checks it); N must be a multiple of it.
+    vision_attention_chunk: int = 0
     zero_object_tokens: bool = False  # ablation: region rows get zeros (same counts and layout)
     train_vision_tower: bool = True  # VRVL3 recipes may tune the encoder (a vision LR); False stops gradients
 
@@ -80,6 +85,8 @@ class VL3Config:
                              "models') is implemented")
         if self.spatial_merge_size < 1 or self.region_token_num < 1:
             raise ValueError("spatial_merge_size and region_token_num must be >= 1")
+        if self.vision_attention_chunk < 0:
+            raise ValueError(f"vision_attention_chunk must be >= 0, got {self.vision_attention_chunk}")
         if self.vision.head_dim % 4:
             raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {self.vision.head_dim}")
 

@@ -16,14 +16,17 @@ from vrefer_jax.vl3_config import VL3Config
 def dummy_batch(cfg: VL3Config, batch_size: int = 1, seq_len: int = 16, num_patches: int = 16,
                 visual_tokens: int = 4, regions: int = 1, cells: int = 4, abstract: bool = False) -> dict[str, Any]:
     """A valid batch for init / eval_shape / benchmarks: one 4x4-patch frame merged into 4 tokens on
-    the first rows, no region (an empty region slot keeps the shapes)."""
-    dims = dict(B=batch_size, L=seq_len, N=num_patches, V=visual_tokens, R=regions, C=cells,
+    the first rows, no region (an empty region slot keeps the shapes). With block attention
+    (`vision_attention_chunk`) N is rounded up to a whole block."""
+    chunk = cfg.vision_attention_chunk
+    n_padded = -(-num_patches // chunk) * chunk if chunk else num_patches
+    dims = dict(B=batch_size, L=seq_len, N=n_padded, V=visual_tokens, R=regions, C=cells,
                 D=cfg.vision.patch_dim, W=cfg.merge_group, Q=cfg.region_token_num)
     if abstract:
         return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in vl3_batch.field_shapes(**dims).items()}
     b = vl3_batch.empty_batch(pad_token_id=0, **dims)
     b["segment_ids"][:] = 1
-    side = int(np.sqrt(num_patches))
+    side = int(np.sqrt(min(num_patches, chunk or num_patches)))
     n = side * side
     b["patch_segments"][:, :n] = 1
     b["patch_coords"][:, :n] = np.stack(np.divmod(np.arange(n), side), -1)
@@ -41,6 +44,8 @@ def validate(cfg: VL3Config, batch, out_len: int | None = None, sample_ids=None)
                                    f"{batch['input_ids'].shape[1]}")
     vl3_batch.check_batch(batch, image_token_id=cfg.image_token_id, region_token_id=cfg.region_token_id,
                           region_token_num=cfg.region_token_num, sample_ids=sample_ids)
+    if cfg.vision_attention_chunk:
+        vl3_batch.check_chunks(batch["patch_segments"], cfg.vision_attention_chunk, sample_ids)
 
 
 def _key_rules(cfg):

@@ -5,9 +5,14 @@ loop over a static KV cache) for a target and report the per-device memory befor
         --batch 8 --text_len 512 --new_tokens 256 [--mesh 1,2,4] [--param_dtype bfloat16]
     python -m vrefer_jax.inference.aot --model configs/models/videorefer_7b.gin --target 1xH100
 
-The prompt is the official 7B video prompt: `num_frames` frames (1,352 video tokens at 16 frames),
-`text_len` text tokens and up to `max_objects` objects of 4 tokens each; the KV cache holds the
-whole prompt plus `new_tokens`. Parameters are served in `param_dtype` (bf16 by default, as a
+    python -m vrefer_jax.inference.aot --model configs/models/vl3_7b.gin --target v5e-8 \\
+        --batch 8 --frames 64 --max_objects 2 --text_len 512 --new_tokens 256
+
+The prompt comes from the config's family (`families.workloads`). VideoRefer-7B: the official 7B
+video prompt, `num_frames` frames (1,352 video tokens at 16 frames), `text_len` prompt ids and up to
+`max_objects` objects of 4 tokens each. VRVL3: `--frames` video frames of `--frame_hw` pixels
+within `mm_max_length` (no pruning), `max_objects` region crops of `--region_cells` cells (10
+tokens each) and `text_len` text rows. The KV cache holds the whole prompt plus `new_tokens`. Parameters are served in `param_dtype` (bf16 by default, as a
 serving checkpoint is), sharded by the same logical-axis rules as training; the batch is split over
 (data, fsdp) and the heads / MLP / vocabulary over `tensor`. Devices as in `training/aot.py`:
 compile-only TPU devices when libtpu is installed, else N fake CPU devices (an approximation of the
@@ -22,8 +27,8 @@ import sys
 import time
 from typing import Any
 
-from vrefer_jax.aot_targets import (GIB, Target, compiled_memory, ensure_host_devices, nbytes, parse_target,
-                                    shard_bytes, target_devices)
+from vrefer_jax.aot_targets import (GIB, Target, compiled_memory, ensure_host_devices, model_config_from_gin, nbytes,
+                                    parse_target, shard_bytes, target_devices)
 
 MODULE = "vrefer_jax.inference.aot"
 
@@ -36,20 +41,32 @@ def default_mesh(target: Target) -> tuple[int, int, int]:
     return 1, n // tensor, tensor
 
 
+def prompt_workload(cfg, text_len: int, max_objects: int, frames: int | None = None,
+                    frame_hw: tuple[int, int] | None = None, region_cells: int | None = None):
+    """The serving prompt of `cfg`'s family (see the module docstring) as a `Workload`. VideoRefer:
+    objects span all `num_frames` frames; VRVL3: one crop per object, 30 cells (k-means) by default."""
+    from vrefer_jax import families
+    from vrefer_jax.families.workloads import Workload
+
+    if families.for_config(cfg).name == "videorefer":
+        return Workload(text_len=text_len, frames=frames, regions=max_objects, region_frames=frames or cfg.num_frames)
+    return Workload(text_len=text_len, frames=frames or 64, frame_hw=tuple(frame_hw or (360, 640)),
+                    regions=max_objects, region_cells=region_cells or 30)
+
+
 def compile_generate(cfg, devices, mesh_shape: tuple[int, int, int], *, batch: int, text_len: int, new_tokens: int,
-                     max_objects: int, param_dtype: str, rules=None):
+                     max_objects: int, param_dtype: str, rules=None, workload=None):
     """Lower and compile generation with abstract, sharded inputs. Returns (compiled, abstract
-    params, out_len, timings)."""
+    params, out_len, timings); the prompt is `workload` (default `prompt_workload`)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
     from vrefer_jax.checkpoints.hf_import import abstract_params, param_shardings
+    from vrefer_jax.families.workloads import synthetic_batch
     from vrefer_jax.inference import generate as gen_lib
-    from vrefer_jax import batch as batch_lib
     from vrefer_jax.inference.sampling import GenerationConfig
-    from vrefer_jax.models import videorefer
     from vrefer_jax.sharding import MeshConfig, logical_axis_rules, make_mesh
 
     rules = rules or logical_axis_rules()
@@ -57,10 +74,8 @@ def compile_generate(cfg, devices, mesh_shape: tuple[int, int, int], *, batch: i
     shardings = param_shardings(cfg, mesh, rules)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(param_dtype), sharding=s),
                           abstract_params(cfg), shardings)
-    region_len = cfg.object_encoder.region_token_num * max_objects
-    out_len = text_len + batch_lib.model_video_tokens(cfg) + region_len
-    spec = videorefer.dummy_batch(cfg, batch_size=batch, seq_len=text_len, max_objects=max_objects,
-                                  max_object_frames=cfg.num_frames, num_region_frames=cfg.num_frames, abstract=True)
+    spec, out_len, _ = synthetic_batch(cfg, batch, workload or prompt_workload(cfg, text_len, max_objects),
+                                       abstract=True)
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     inputs = {k: jax.ShapeDtypeStruct(spec[k].shape, spec[k].dtype, sharding=rows) for k in gen_lib.input_keys(cfg)}
     gen = GenerationConfig(max_new_tokens=new_tokens).static
@@ -83,22 +98,27 @@ def kv_cache_bytes(cfg, batch: int, positions: int, dtype_bytes: int = 2) -> int
 
 def check(cfg, target: Target, *, batch: int = 8, text_len: int = 512, new_tokens: int = 256, max_objects: int = 1,
           mesh: tuple[int, int, int] | None = None, param_dtype: str = "bfloat16", try_tpu: bool = True,
-          log=print) -> dict[str, Any]:
-    """Compile generation for `target`; the report's byte figures are per device."""
+          workload=None, log=print) -> dict[str, Any]:
+    """Compile generation for `target`; the report's byte figures are per device. `workload`: the
+    prompt (default `prompt_workload(cfg, text_len, max_objects)`)."""
     import jax
+
+    from vrefer_jax.families.workloads import synthetic_batch
 
     devices, how = target_devices(target, try_tpu)
     mesh = mesh or default_mesh(target)
+    workload = workload or prompt_workload(cfg, text_len, max_objects)
+    sizes = synthetic_batch(cfg, 1, workload, abstract=True)[2]
     log(f"target {target.name}: {target.num_devices} devices, {target.hbm_gib:.0f} GiB each; compiling on {how}")
     log(f"mesh data={mesh[0]} fsdp={mesh[1]} tensor={mesh[2]}; batch {batch}, text {text_len}, "
-        f"{new_tokens} new tokens; parameters in {param_dtype}")
+        f"{new_tokens} new tokens; parameters in {param_dtype}; rows {sizes}")
     compiled, params, out_len, times = compile_generate(cfg, devices, mesh, batch=batch, text_len=text_len,
                                                         new_tokens=new_tokens, max_objects=max_objects,
-                                                        param_dtype=param_dtype)
+                                                        param_dtype=param_dtype, workload=workload)
     leaves = jax.tree.leaves(params)
     cache_dtype = 4 if cfg.compute_dtype == "float32" else 2
     return dict(target=target.name, how=how, mesh=mesh, batch=batch, text_len=text_len, new_tokens=new_tokens,
-                out_len=out_len, hbm_gib=target.hbm_gib, param_dtype=param_dtype,
+                out_len=out_len, hbm_gib=target.hbm_gib, param_dtype=param_dtype, sizes=sizes,
                 params_global=sum(nbytes(x) for x in leaves), params_per_device=sum(shard_bytes(x) for x in leaves),
                 kv_cache_global=kv_cache_bytes(cfg, batch, out_len + new_tokens, cache_dtype),
                 compiled=compiled_memory(compiled), times=times)
@@ -110,6 +130,7 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join([
         f"== {r['target']} | mesh (data, fsdp, tensor) = {r['mesh']} | generation, batch {r['batch']}, prompt "
         f"{r['out_len']} (text {r['text_len']}), {r['new_tokens']} new tokens | {r['how']}",
+        *([f"  prompt rows: {_rows(r['sizes'])}"] if r.get("sizes") else []),
         f"  parameters ({r['param_dtype']})  {g(r['params_per_device'])} per device   (global {g(r['params_global'])})",
         f"  KV cache                  {g(r['kv_cache_global'] / n)} per device if evenly split (global "
         f"{g(r['kv_cache_global'])})",
@@ -117,6 +138,14 @@ def format_report(r: dict[str, Any]) -> str:
         f"  per-device total (compiled) {g(c['total'])} of {r['hbm_gib']:.0f} GiB"
         + ("" if c["total"] <= r["hbm_gib"] * GIB else "   ** DOES NOT FIT **"),
         f"  compile time {r['times']['compile_s']:.1f} s (lowering {r['times']['lower_s']:.1f} s)"])
+
+
+def _rows(s: dict[str, Any]) -> str:
+    if s["family"] == "videorefer":
+        return f"{s['frames']} frames -> {s['video_tokens']} video tokens, {s['objects']} objects"
+    return (f"{s['frames']} frames of {s['frame_grid'][0]}x{s['frame_grid'][1]} patches -> {s['visual_tokens']} visual"
+            f" rows, {s['regions']} regions, {s['text']} text rows; N {s['patches']} patches, vision attention "
+            + (f"in blocks of {s['chunk']}" if s["chunk"] else "dense"))
 
 
 def main(argv=None) -> None:
@@ -132,20 +161,23 @@ def main(argv=None) -> None:
     ap.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: tensor up to 4, the rest fsdp)")
     ap.add_argument("--param_dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--no_tpu", action="store_true", help="skip the libtpu topology attempt")
+    ap.add_argument("--frames", type=int, default=None, help="video frames (VideoRefer: num_frames; VRVL3: 64)")
+    ap.add_argument("--frame_hw", type=int, nargs=2, default=None, help="VRVL3 source frame size h w (360 640)")
+    ap.add_argument("--region_cells", type=int, default=None, help="VRVL3 mask cells per object (30)")
     args = ap.parse_args(argv)
 
     target = parse_target(args.target)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     ensure_host_devices(target.num_devices, argv, MODULE)
 
-    from vrefer_jax.config import model_config_from_gin
-
     cfg = model_config_from_gin([args.model], args.gin_bindings)
     from vrefer_jax.sharding import MeshConfig
 
     mesh = MeshConfig.parse(args.mesh).resolve(target.num_devices) if args.mesh else None
+    workload = prompt_workload(cfg, args.text_len, args.max_objects, args.frames, args.frame_hw, args.region_cells)
     r = check(cfg, target, batch=args.batch, text_len=args.text_len, new_tokens=args.new_tokens,
-              max_objects=args.max_objects, mesh=mesh, param_dtype=args.param_dtype, try_tpu=not args.no_tpu)
+              max_objects=args.max_objects, mesh=mesh, param_dtype=args.param_dtype, try_tpu=not args.no_tpu,
+              workload=workload)
     print(format_report(r))
 
 

@@ -52,7 +52,8 @@ class VideoReferVL3(nn.Module):
         c = self.cfg
         kw: dict[str, Any] = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
         self.vision_encoder = vision_lib.NaViTEncoder(
-            c.vision, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
+            c.vision, remat_policy=c.remat_policy, attention_impl=c.attention_impl,
+            attention_chunk=c.vision_attention_chunk, **kw)
         self.mm_projector = projector_lib.MlpGeluProjector(c.text.hidden_size, prefix="readout", **kw)
         self.region_encoder = region_lib.RegionEncoder(
             hidden_size=c.text.hidden_size, num_tokens=c.region_token_num, kmeans_iters=c.kmeans_iters, **kw)

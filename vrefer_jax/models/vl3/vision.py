@@ -13,6 +13,11 @@ Inputs (per call; B = batch rows, N = packed patches, D = C * p * p, E = hidden_
 Output: [B, N, E] after `post_layernorm` (activation_batch, activation_patches, activation_vit_embed);
 padding rows are finite and meaningless.
 
+Attention is one segment-masked softmax over all N patches of a row ([B, H, N, N] scores), or, with
+`attention_chunk` P > 0, the same softmax within each aligned block of P patches ([B * N/P, H, P, P]):
+identical results whenever no segment crosses a block boundary (the host lays samples out so:
+`vl3_batch.chunk_example`), at P / N of the score memory.
+
 Parameter tree (mirrors the official `vision_model.*`; logical axis names in brackets):
   embeddings/patch_embedding/kernel  [p, p, C, E]  (vit_patch_h, vit_patch_w, vit_channels, vit_embed)
   embeddings/patch_embedding/bias    [E]           (vit_embed)
@@ -104,16 +109,30 @@ class NaViTEmbeddings(nn.Module):
         return constrain(x, ACT_NAMES)
 
 
+def attention_mask(segments: jax.Array, chunk: int = 0) -> jax.Array:
+    """segments [B, N] -> the mask `NaViTAttention` takes: [B, 1, N, N] (chunk 0), or per aligned
+    block of `chunk` patches [B * N/chunk, 1, chunk, chunk] (rows of block k of row b at b * N/chunk + k)."""
+    if not chunk:
+        return segment_attention_mask(segments)
+    B, N = segments.shape
+    if N % chunk:
+        raise ValueError(f"patch_segments: N = {N} patches is not a multiple of vision_attention_chunk {chunk}")
+    return segment_attention_mask(segments.reshape(B * (N // chunk), chunk))
+
+
 class NaViTAttention(nn.Module):
     """Segment-masked self-attention with 2D RoPE on q and k (in fp32).
 
-    x [B, N, E], mask [B, 1, N, N] bool, cos/sin [B, N, head_dim] fp32 -> [B, N, E].
+    x [B, N, E], cos/sin [B, N, head_dim] fp32, mask from `attention_mask(segments, chunk)`:
+    [B, 1, N, N] bool, or [B * N/chunk, 1, chunk, chunk] with `chunk` > 0 (attention within aligned
+    blocks of `chunk` patches) -> [B, N, E].
     """
 
     cfg: NaViTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -127,8 +146,12 @@ class NaViTAttention(nn.Module):
         # The official rotation runs in fp32 and casts back to the activation dtype.
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(self.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(self.dtype)
+        B, N = x.shape[:2]
+        if self.chunk:  # [B, N, H, hd] -> [B * N/P, P, H, hd]: each block attends within itself
+            q, k, v = (t.reshape((B * (N // self.chunk), self.chunk) + shape) for t in (q, k, v))
         o = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim**-0.5, is_causal=False,
                                          implementation=self.attention_impl)
+        o = o.reshape((B, N) + shape)
         return layers.dense(cfg.hidden_size, ("vit_heads", "vit_head_dim", "vit_embed"),
                             axis=(-2, -1), name="out_proj", **kw)(o)
 
@@ -143,13 +166,14 @@ class NaViTEncoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    chunk: int = 0
 
     @nn.compact
     def __call__(self, h: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array):
         cfg = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ln = lambda name: layers.layer_norm(cfg.layer_norm_eps, "norm", name=name, **kw)  # noqa: E731
-        h = h + NaViTAttention(cfg, attention_impl=self.attention_impl, name="self_attn", **kw)(
+        h = h + NaViTAttention(cfg, attention_impl=self.attention_impl, chunk=self.chunk, name="self_attn", **kw)(
             ln("layer_norm1")(h), mask, cos, sin)
         # SiglipMLP reads only hidden_size / intermediate_size, which NaViTConfig has too.
         h = h + SiglipMLP(cfg, name="mlp", **kw)(ln("layer_norm2")(h))
@@ -164,6 +188,7 @@ class NaViTLayers(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     attention_impl: str | None = None
+    chunk: int = 0
 
     @nn.compact
     def __call__(self, h: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -176,7 +201,7 @@ class NaViTLayers(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         h, _ = stack(cfg=self.cfg, dtype=self.dtype, param_dtype=self.param_dtype,
-                     attention_impl=self.attention_impl, name="layers")(h, mask, cos, sin)
+                     attention_impl=self.attention_impl, chunk=self.chunk, name="layers")(h, mask, cos, sin)
         return h
 
 
@@ -186,7 +211,8 @@ class NaViTEncoder(nn.Module):
     Attributes:
       cfg: encoder sizes. dtype / param_dtype: compute / storage dtypes. remat_policy: see
         `layers.remat_policy`. attention_impl: `jax.nn.dot_product_attention(implementation=...)`;
-        the kernel must accept a boolean mask.
+        the kernel must accept a boolean mask. attention_chunk: 0, or attention within aligned blocks
+        of that many patches (`VL3Config.vision_attention_chunk`; N must be a multiple of it).
     """
 
     cfg: NaViTConfig
@@ -194,6 +220,7 @@ class NaViTEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     attention_impl: str | None = None
+    attention_chunk: int = 0
 
     @nn.compact
     def __call__(self, patches: jax.Array, segments: jax.Array, coords: jax.Array) -> jax.Array:
@@ -210,8 +237,8 @@ class NaViTEncoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = NaViTEmbeddings(cfg, name="embeddings", **kw)(patches)
         cos, sin = rope_2d_tables(coords, cfg.head_dim, cfg.rope_theta)
-        mask = segment_attention_mask(segments)
+        mask = attention_mask(segments, self.attention_chunk)
         h = NaViTLayers(cfg, remat_policy=self.remat_policy, attention_impl=self.attention_impl,
-                        name="encoder", **kw)(h, mask, cos, sin)
+                        chunk=self.attention_chunk, name="encoder", **kw)(h, mask, cos, sin)
         h = layers.layer_norm(cfg.layer_norm_eps, "norm", name="post_layernorm", **kw)(h)
         return constrain(h, ACT_NAMES)
