@@ -52,6 +52,20 @@ class Family:
     bench_protocol: str = "videorefer"
     benchmark_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
+    def host_options(self, protocol: str, **given) -> dict[str, Any]:
+        """The host options of an official protocol (`benchmark_options[protocol]`: a benchmark, or
+        "infer" for `vrefer-infer`), overridden by the given ones that are not None. An option this
+        family's host does not take raises `ValueError` naming it and the ones it does take."""
+        opts = dict(self.benchmark_options.get(protocol, {}))
+        for k, v in given.items():
+            if v is None:
+                continue
+            if k not in self.host_option_names:
+                raise ValueError(f"{k} does not apply to {self.name} models (their host options: "
+                                 f"{', '.join(self.host_option_names)})")
+            opts[k] = v
+        return opts
+
     @property
     def input_keys(self) -> tuple[str, ...]:
         """The fields generation needs (the contract without `labels`)."""

@@ -40,9 +40,10 @@ FAMILY = Family(
     key_rules=_key_rules,
     ignore_patterns=_ignore_patterns,
     host=_host,
-    host_option_names=("num_frames",),
+    host_option_names=("num_frames", "aspect"),
     bench_protocol="videorefer",
     # the released Bench scripts sample 8 frames; MCQA uses the model's 16
-    benchmark_options={"bench-q": {"num_frames": 8}, "bench-d": {"num_frames": 8},
+    # (`vrefer-infer`: 8, NUM_FRAMES of the official mm_infer path)
+    benchmark_options={"infer": {"num_frames": 8}, "bench-q": {"num_frames": 8}, "bench-d": {"num_frames": 8},
                        **{b: {"num_frames": 16} for b in ("mvbench", "videomme", "perception_test")}},
 )
