@@ -31,6 +31,12 @@ class Family:
     host:            (cfg, tokenizer, **options) -> the predictor's host side (`prepare(sample,
                      media_root, allow_absolute)`, `make_batch(rows) -> (batch, out_len)`,
                      `group_key(prepared)`, `configure(**options)`, `num_frames`)
+    import_checkpoint: (src, out, *, param_dtype=None, **options) -> cfg: an official Hugging Face
+                     folder -> an imported folder (`checkpoints.store` layout); options a family
+                     does not take are refused by name (`vrefer-convert import`)
+    export_checkpoint: (src, out, *, dtype, max_shard_size, tokenizer=None, overwrite=False,
+                     **options) -> the config.json dict: an imported folder -> an official folder
+                     (`vrefer-convert export`)
     """
 
     name: str
@@ -45,6 +51,8 @@ class Family:
     key_rules: Callable[[Any], list]
     ignore_patterns: Callable[[Any], list]
     host: Callable[..., Any]
+    import_checkpoint: Callable[..., Any] | None = None
+    export_checkpoint: Callable[..., Any] | None = None
 
     @property
     def input_keys(self) -> tuple[str, ...]:

@@ -61,6 +61,18 @@ def _ignore_patterns(cfg):
     return videorefer_keys.causal_lm_ignore_patterns(cfg.text)  # a tied head's duplicate `lm_head.weight`
 
 
+def _import_checkpoint(src, out, **options):
+    from vrefer_jax.checkpoints import vl3_hf
+
+    return vl3_hf.import_to_store(src, out, **options)
+
+
+def _export_checkpoint(src, out, **options):
+    from vrefer_jax.checkpoints import vl3_hf
+
+    return vl3_hf.export_from_store(src, out, **options)
+
+
 FAMILY = Family(
     name="videorefer_videollama3",
     model_types=("videollama3_qwen2",),
@@ -76,4 +88,6 @@ FAMILY = Family(
     key_rules=_key_rules,
     ignore_patterns=_ignore_patterns,
     host=_host,
+    import_checkpoint=_import_checkpoint,
+    export_checkpoint=_export_checkpoint,
 )
