@@ -23,11 +23,18 @@ from data_pipeline import schema
 BENCH_Q_SUFFIX = ". Answer with the option's letter from the given choices directly."
 BENCH_D_PROMPT = "Please give a detailed description of the highlighted object [<region>] in the video."
 MODES = ("single", "multi")
+# Prompt protocols: VideoRefer-7B's scripts, and VRVL3's (reference_vl3 §13): Bench-Q without the
+# `[...]` around `<region>` (VRVL3's own expansion adds the brackets), Bench-D text before frames.
+PROTOCOLS = ("videorefer", "vl3")
+VL3_BENCH_D_PROMPT = "Please describe in detail the marked object <region> in the video."
 
 
-def bench_q_prompt(question: str, options: list[str]) -> str:
-    """Official Bench-Q prompt: `<region>` -> `[<region>]`, options appended, fixed suffix."""
-    return question.replace("<region>", "[<region>]") + " " + " ".join(options) + BENCH_Q_SUFFIX
+def bench_q_prompt(question: str, options: list[str], protocol: str = "videorefer") -> str:
+    """Official Bench-Q prompt: options appended, fixed suffix; VideoRefer-7B's script also writes
+    `<region>` as `[<region>]`."""
+    if protocol == "videorefer":
+        question = question.replace("<region>", "[<region>]")
+    return question + " " + " ".join(options) + BENCH_Q_SUFFIX
 
 
 def _require(raw: Mapping, key: str, kind: type, sid: str) -> Any:
@@ -62,7 +69,8 @@ def select_annotation(annotation: Any, frame_idx: str, mode: str, sid: str) -> A
     return out
 
 
-def _to_sample(raw: Any, index: int, mode: str, prompt_fn, answer_key: str, extra_fn) -> schema.Sample:
+def _to_sample(raw: Any, index: int, mode: str, prompt_fn, answer_key: str, extra_fn,
+               text_first: bool = False) -> schema.Sample:
     if not isinstance(raw, Mapping):
         raise schema.SampleError("bad_sample", f"#{index}", "<sample>",
                                  f"expected a JSON object, got {type(raw).__name__}")
@@ -72,22 +80,29 @@ def _to_sample(raw: Any, index: int, mode: str, prompt_fn, answer_key: str, extr
     answer = _require(raw, answer_key, str, sid)
     train_form = {
         "id": sid, "video": raw.get("video"),
-        "conversations": [{"from": "human", "value": "<video>\n" + prompt}, {"from": "gpt", "value": answer}],
+        "conversations": [{"from": "human", "value": prompt + "\n<video>" if text_first else "<video>\n" + prompt},
+                          {"from": "gpt", "value": answer}],
         "annotation": select_annotation(raw.get("annotation"), frame_idx, mode, sid),
     }
     extra = {"mode": mode, "frame_idx": int(frame_idx), "prompt": prompt, **extra_fn(raw)}
     return schema.parse_sample(train_form, index, extra=extra)
 
 
-def parse_bench_q(raw: Any, index: int, mode: str = "single") -> schema.Sample:
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+
+
+def parse_bench_q(raw: Any, index: int, mode: str = "single", protocol: str = "videorefer") -> schema.Sample:
     """One VideoRefer-Bench-Q entry -> Sample (raises `schema.SampleError`)."""
+    _check_protocol(protocol)
 
     def prompt(r, sid):
         q = _require(r, "Question", str, sid)
         opts = _require(r, "options", list, sid)
         if not all(isinstance(o, str) for o in opts):
             raise schema.SampleError("bad_benchmark_entry", sid, "options", "options must be strings")
-        return bench_q_prompt(q, opts)
+        return bench_q_prompt(q, opts, protocol)
 
     def extra(r):
         return {"benchmark": "videorefer-bench-q", "question": r["Question"], "options": r["options"],
@@ -96,13 +111,16 @@ def parse_bench_q(raw: Any, index: int, mode: str = "single") -> schema.Sample:
     return _to_sample(raw, index, mode, prompt, "Answer", extra)
 
 
-def parse_bench_d(raw: Any, index: int, mode: str = "single") -> schema.Sample:
-    """One VideoRefer-Bench-D entry -> Sample (raises `schema.SampleError`)."""
+def parse_bench_d(raw: Any, index: int, mode: str = "single", protocol: str = "videorefer") -> schema.Sample:
+    """One VideoRefer-Bench-D entry -> Sample (raises `schema.SampleError`). The VRVL3 protocol
+    puts its prompt before the frames (`...in the video.\n<video>`), as its script does."""
+    _check_protocol(protocol)
 
     def extra(r):
         return {"benchmark": "videorefer-bench-d", "caption": r["caption"]}
 
-    return _to_sample(raw, index, mode, lambda r, sid: BENCH_D_PROMPT, "caption", extra)
+    prompt = BENCH_D_PROMPT if protocol == "videorefer" else VL3_BENCH_D_PROMPT
+    return _to_sample(raw, index, mode, lambda r, sid: prompt, "caption", extra, text_first=protocol == "vl3")
 
 
 PARSERS = {"bench-q": parse_bench_q, "bench-d": parse_bench_d}

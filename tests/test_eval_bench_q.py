@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 from data_pipeline import schema
 from vrefer_jax.evaluation import bench_q, cli, runner
 from vrefer_jax.shard_ranges import shard_bounds
+from vrefer_jax import families
 
 OPTIONS = ["(A) A helmet", "(B) A hat", "(C) Sunglasses", "(D) A watch"]
 
@@ -225,7 +226,9 @@ def test_cli_bench_q_and_score(tmp_path, monkeypatch, capsys):
     fakes = []
 
     def load(args):
-        assert args.num_frames == 8 and args.checkpoint == "ckpt"
+        # the frames a VideoRefer checkpoint is configured with: the official scripts' 8
+        assert cli.host_options(families.get("videorefer"), cli._bench(args), args) == {"num_frames": 8}
+        assert args.checkpoint == "ckpt"
         fakes.append(FakePredictor({"#1": "(A)", "#2": "C"}))
         return fakes[-1]
 
@@ -257,3 +260,19 @@ def test_synthetic_bench_q_end_to_end(tmp_path):
     rep = bench_q.score(runner.read_predictions(str(tmp_path / "p.jsonl")), items)
     assert rep["official"]["accuracy"] == 1.0 and rep["strict"]["accuracy"] == 1.0 and rep["unreadable"] == 0
     assert set(rep["official"]["per_type"]) <= set(bench_q.TYPES)
+
+
+def test_cli_frame_options_follow_the_family():
+    """VRVL3 samples by fps: Bench-Q at 1, Bench-D at 4 (its scripts); --fps overrides; --num_frames,
+    a VideoRefer-7B option, is refused for it (and --fps for VideoRefer-7B)."""
+    vl3, vr = families.get("videorefer_videollama3"), families.get("videorefer")
+    parse = lambda *a: cli.build_parser().parse_args(list(a) + ["--data", "d", "--media_root", "m",  # noqa: E731
+                                                                  "--out", "o", "--checkpoint", "c"])
+    assert cli.host_options(vl3, "bench-q", parse("bench-q")) == {"fps": 1}
+    assert cli.host_options(vl3, "bench-d", parse("bench-d")) == {"fps": 4}
+    assert cli.host_options(vl3, "bench-d", parse("bench-d", "--fps", "2")) == {"fps": 2.0}
+    assert cli.host_options(vr, "bench-d", parse("bench-d", "--num_frames", "16")) == {"num_frames": 16}
+    with pytest.raises(SystemExit, match="--num_frames does not apply"):
+        cli.host_options(vl3, "bench-q", parse("bench-q", "--num_frames", "8"))
+    with pytest.raises(SystemExit, match="--fps does not apply"):
+        cli.host_options(vr, "bench-q", parse("bench-q", "--fps", "1"))

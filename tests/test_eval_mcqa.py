@@ -13,6 +13,7 @@ from data_helpers import conv, frame_level, write_level_video
 from data_pipeline import convert, schema
 from data_pipeline import video as video_lib
 from vrefer_jax.evaluation import cli, mcqa, mvbench, perception_test, runner, videomme
+from vrefer_jax import families
 
 SUFFIX = "Answer with the option's letter from the given choices directly and only give the best option."
 
@@ -358,7 +359,7 @@ def test_cli_mcqa_sharded_then_score(tmp_path, monkeypatch, capsys):
     frames = []
 
     def load(args):
-        frames.append(args.num_frames)
+        frames.append(cli.host_options(families.get("videorefer"), cli._bench(args), args)["num_frames"])
         return FakePredictor({"Action Sequence/0": "B"})
 
     monkeypatch.setattr(cli, "load_predictor", load)

@@ -9,15 +9,19 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PARTS = ("vrefer_jax.models", "vrefer_jax.checkpoints", "vrefer_jax.training", "vrefer_jax.inference",
-         "vrefer_jax.evaluation", "data_pipeline")
+         "vrefer_jax.evaluation", "vrefer_jax.families", "data_pipeline")
 NEUTRAL = ("vrefer_jax/batch.py", "vrefer_jax/numerics.py", "vrefer_jax/paths.py", "vrefer_jax/json_files.py",
-           "vrefer_jax/shard_ranges.py", "vrefer_jax/sharding.py", "vrefer_jax/config.py")
+           "vrefer_jax/shard_ranges.py", "vrefer_jax/sharding.py", "vrefer_jax/config.py",
+           "vrefer_jax/vl3_batch.py", "vrefer_jax/vl3_config.py")
 
 # files (globs, recursive) -> module prefixes they must not import
 RULES = {
     "vrefer_jax/models/**/*.py": ("vrefer_jax.checkpoints", "vrefer_jax.training", "vrefer_jax.inference",
-                                  "vrefer_jax.evaluation", "data_pipeline"),
-    "data_pipeline/**/*.py": ("vrefer_jax.models", "vrefer_jax.training"),
+                                  "vrefer_jax.evaluation", "vrefer_jax.families", "data_pipeline"),
+    "data_pipeline/**/*.py": ("vrefer_jax.models", "vrefer_jax.training", "vrefer_jax.families"),
+    # the registry binds the parts; it reaches into checkpoints / inference / data only lazily, and
+    # never into training (which asks it for the family of a config)
+    "vrefer_jax/families/**/*.py": ("vrefer_jax.training", "vrefer_jax.evaluation"),
     "vrefer_jax/checkpoints/**/*.py": ("vrefer_jax.training",),
     "vrefer_jax/inference/**/*.py": ("vrefer_jax.training",),
     **{f: PARTS for f in NEUTRAL},

@@ -21,13 +21,13 @@ from vrefer_jax.evaluation import judge as judge_lib
 from vrefer_jax.evaluation import runner
 
 
-def load(data: str | Sequence, mode: str = "single") -> list[runner.Item]:
+def load(data: str | Sequence, mode: str = "single", protocol: str = "videorefer") -> list[runner.Item]:
     """Bench-D JSON (path or list) -> items; an entry's `attributes` (synthetic set) is kept in
-    `extra["attributes"]`."""
+    `extra["attributes"]`. `protocol`: the prompt of the model family's script."""
     entries = runner.load_json(data)
 
     def parse(raw, i):
-        s = bench_formats.parse_bench_d(raw, i, mode)
+        s = bench_formats.parse_bench_d(raw, i, mode, protocol)
         if isinstance(raw.get("attributes"), Mapping):
             s = dataclasses.replace(s, extra={**s.extra, "attributes": dict(raw["attributes"])})
         return s

@@ -37,9 +37,11 @@ _PAREN = re.compile(r"\(([A-Z])\)")
 _CLOSE = re.compile(r"([A-Z])\)")
 
 
-def load(data: str | Sequence, mode: str = "single") -> list[runner.Item]:
-    """Bench-Q JSON (path or list) -> items (`Sample` or the `SampleError` of a bad entry)."""
-    return runner.parse_all(runner.load_json(data), lambda raw, i: bench_formats.parse_bench_q(raw, i, mode))
+def load(data: str | Sequence, mode: str = "single", protocol: str = "videorefer") -> list[runner.Item]:
+    """Bench-Q JSON (path or list) -> items (`Sample` or the `SampleError` of a bad entry);
+    `protocol`: the prompt of the model family's script (`bench_formats.PROTOCOLS`)."""
+    return runner.parse_all(runner.load_json(data),
+                            lambda raw, i: bench_formats.parse_bench_q(raw, i, mode, protocol))
 
 
 def row_fields(s: schema.Sample) -> dict[str, Any]:

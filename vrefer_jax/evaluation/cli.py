@@ -35,19 +35,40 @@ def load_predictor(args: argparse.Namespace):
     from vrefer_jax.sharding import MeshConfig, make_mesh
 
     mesh = make_mesh(MeshConfig.parse(args.mesh)) if args.mesh else None
-    return Predictor.load(args.checkpoint, tokenizer=args.tokenizer, num_frames=args.num_frames,
-                          allow_absolute_media=args.allow_absolute_media, mesh=mesh)
+    predictor = Predictor.load(args.checkpoint, tokenizer=args.tokenizer,
+                               allow_absolute_media=args.allow_absolute_media, mesh=mesh)
+    return predictor.configure(**host_options(predictor.family, _bench(args), args))
+
+
+def host_options(family, bench: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The family's protocol for this benchmark (VideoRefer-7B: 8 frames for Bench-Q/D, 16 for
+    MCQA; VRVL3: fps 1 for Bench-Q, 4 for Bench-D), overridden by the frame flags given. A flag the
+    family's host does not take (`--num_frames` for VRVL3, which samples by fps) is an error."""
+    opts = dict(family.benchmark_options.get(bench, {}))
+    given = {k: getattr(args, k, None) for k in ("num_frames", "fps", "max_frames")}
+    for k, v in given.items():
+        if v is None:
+            continue
+        if k not in family.host_option_names:
+            raise SystemExit(f"vrefer-eval: --{k} does not apply to {family.name} checkpoints "
+                             f"(their frame options: {', '.join('--' + n for n in family.host_option_names)})")
+        opts[k] = v
+    return opts
+
+
+def _bench(args: argparse.Namespace) -> str:
+    return args.benchmark if args.cmd == "mcqa" else args.cmd
 
 
 def _stem(out: str) -> str:
     return out[:-len(".jsonl")] if out.endswith(".jsonl") else out
 
 
-def _items(bench: str, args: argparse.Namespace) -> list[runner.Item]:
+def _items(bench: str, args: argparse.Namespace, protocol: str = "videorefer") -> list[runner.Item]:
     if bench == "bench-q":
-        return bench_q.load(args.data, args.mode)
+        return bench_q.load(args.data, args.mode, protocol)
     if bench == "bench-d":
-        return bench_d.load(args.data, args.mode)
+        return bench_d.load(args.data, args.mode, protocol)
     if bench == "videomme":
         subs = runner.load_json(args.subtitles) if getattr(args, "subtitles", None) else None
         return videomme.load(args.data, getattr(args, "media_root", None), subs,
@@ -118,8 +139,9 @@ def _brief(obj: Any, depth: int = 0) -> Any:
 
 
 def _cmd_run(bench: str, args: argparse.Namespace) -> int:
-    items = _items(bench, args)
     predictor = load_predictor(args)
+    family = getattr(predictor, "family", None)  # test doubles have none: VideoRefer's prompts
+    items = _items(bench, args, family.bench_protocol if family is not None else "videorefer")
     mod = {"bench-q": bench_q, "bench-d": bench_d}.get(bench, mcqa)
     gen = None  # the predictor's default (the checkpoint's generation config, greedy)
     if args.max_new_tokens is not None and hasattr(predictor, "generation"):
@@ -177,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mesh", default=None, help="serve on a device mesh, e.g. 'data=1,fsdp=1,tensor=8' "
                        "(default: one device)")
         p.add_argument("--tokenizer", default=None)
-        p.add_argument("--num_frames", type=int, default=frames)
+        p.add_argument("--num_frames", type=int, default=None,
+                       help=f"VideoRefer-7B: frames per video (default {frames}, the official scripts')")
+        p.add_argument("--fps", type=float, default=None,
+                       help="VRVL3: frames per second sampled (default: its protocol, Bench-Q 1, Bench-D 4)")
+        p.add_argument("--max_frames", type=int, default=None, help="VRVL3: cap on sampled frames (default 768)")
         p.add_argument("--batch_size", type=int, default=1)
         p.add_argument("--shard_index", type=int, default=0)
         p.add_argument("--num_shards", type=int, default=1)

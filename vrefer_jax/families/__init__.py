@@ -86,10 +86,10 @@ def _binds(cls) -> bool:
     return False
 
 
-from vrefer_jax.families import videorefer as _videorefer  # noqa: E402
+from vrefer_jax.families import videorefer as _videorefer, vl3 as _vl3  # noqa: E402
 
 register(_videorefer.FAMILY)
-# register(_vl3.FAMILY)  # TEMP
+register(_vl3.FAMILY)
 
 __all__ = ["Family", "UnknownFamily", "REGISTRY", "register", "get", "for_config", "for_model_type",
            "config_from_gin"]

@@ -31,6 +31,9 @@ class Family:
     host:            (cfg, tokenizer, **options) -> the predictor's host side (`prepare(sample,
                      media_root, allow_absolute)`, `make_batch(rows) -> (batch, out_len)`,
                      `group_key(prepared)`, `configure(**options)`, `num_frames`)
+    host_option_names: the frame options its host takes (`vrefer-eval` / `vrefer-infer` flags)
+    bench_protocol:  prompt protocol of its benchmark scripts (`bench_formats.PROTOCOLS`)
+    benchmark_options: benchmark -> host options of its official evaluation scripts
     import_checkpoint: (src, out, *, param_dtype=None, **options) -> cfg: an official Hugging Face
                      folder -> an imported folder (`checkpoints.store` layout); options a family
                      does not take are refused by name (`vrefer-convert import`)
@@ -51,6 +54,9 @@ class Family:
     key_rules: Callable[[Any], list]
     ignore_patterns: Callable[[Any], list]
     host: Callable[..., Any]
+    host_option_names: tuple[str, ...] = ()
+    bench_protocol: str = "videorefer"
+    benchmark_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     import_checkpoint: Callable[..., Any] | None = None
     export_checkpoint: Callable[..., Any] | None = None
 

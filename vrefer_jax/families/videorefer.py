@@ -54,4 +54,9 @@ FAMILY = Family(
     host=_host,
     import_checkpoint=_import_checkpoint,
     export_checkpoint=_export_checkpoint,
+    host_option_names=("num_frames",),
+    bench_protocol="videorefer",
+    # the released Bench scripts sample 8 frames; MCQA uses the model's 16
+    benchmark_options={"bench-q": {"num_frames": 8}, "bench-d": {"num_frames": 8},
+                       **{b: {"num_frames": 16} for b in ("mvbench", "videomme", "perception_test")}},
 )

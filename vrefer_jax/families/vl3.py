@@ -90,4 +90,7 @@ FAMILY = Family(
     host=_host,
     import_checkpoint=_import_checkpoint,
     export_checkpoint=_export_checkpoint,
+    host_option_names=("fps", "max_frames"),
+    bench_protocol="vl3",
+    benchmark_options={"bench-q": {"fps": 1}, "bench-d": {"fps": 4}},  # reference_vl3 §13
 )

@@ -55,7 +55,7 @@ class VideoReferVL3(nn.Module):
             c.vision, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
         self.mm_projector = projector_lib.MlpGeluProjector(c.text.hidden_size, prefix="readout", **kw)
         self.region_encoder = region_lib.RegionEncoder(
-            features=c.text.hidden_size, num_tokens=c.region_token_num, iters=c.kmeans_iters, **kw)
+            hidden_size=c.text.hidden_size, num_tokens=c.region_token_num, kmeans_iters=c.kmeans_iters, **kw)
         self.llm = qwen2.Qwen2Model(c.text, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
         if not c.text.tie_word_embeddings:
             self.lm_head = qwen2.LMHead(c.text, **kw)
