@@ -238,6 +238,11 @@ def test_config_read_and_written(world, tmp_path, caplog):
     assert hf["mm_vision_encoder"] == "vision_encoder" and hf["torch_dtype"] == "float32"
     assert hf["llm_lr"] == 1e-5 and hf["max_frames"] == 180  # the base's unused fields are kept
     assert vcfg.vl3_config_from_hf(hf) == got
+    # the official config class is a Qwen2Config: transformers reads our decoder fields
+    transformers = pytest.importorskip("transformers")
+    qc = transformers.Qwen2Config.from_dict({**hf, "model_type": "qwen2"})
+    assert (qc.hidden_size, qc.num_key_value_heads, qc.vocab_size) == (64, 2, 512)
+    assert qc.rope_parameters["rope_theta"] == 1e6 and qc.tie_word_embeddings is False
     # mm_max_length absent: the official default (None = 9477 // merge**2), written as its value
     no_max = {k: v for k, v in d.items() if k != "mm_max_length"}
     c2 = vcfg.vl3_config_from_hf(no_max, folder=world["untied"]["dir"])

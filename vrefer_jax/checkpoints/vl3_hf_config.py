@@ -233,7 +233,7 @@ def preprocessor_config(v: NaViTConfig) -> dict:
     wrapper overrides `merge_size` and `max_pixels` from the model config at load."""
     return dict(image_processor_type="DAMOVLImageProcessor", do_resize=True, do_rescale=True, do_normalize=True,
                 do_convert_rgb=True, image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), resample=3,
-                rescale_factor=1 / 255, patch_size=v.patch_size, temporal_patch_size=1, merge_size=1,
+                rescale_factor=1 / 255, patch_size=v.patch_size, merge_size=1,
                 min_pixels=MIN_PIXELS, max_pixels=v.patch_size * v.patch_size * DEFAULT_MAX_PATCHES)
 
 
