@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vrefer_jax.models import layers, regstage
+from vrefer_jax.models import connector, layers
 from vrefer_jax.sharding import constrain
 
 Dtype = layers.Dtype
@@ -107,8 +107,7 @@ class RegionEncoder(nn.Module):
       hidden_size: the LLM width H. num_tokens: Q (`region_token_num`, 10). kmeans_iters: 20.
     Parameters (HF `region_encoder.feat_linear.{0,2}`): feat_linear_0 kernel [E, H] ("conv_in",
     "conv_out"), bias ("conv_out",); feat_linear_2 kernel [H, H] ("conv_out", "conv_in"), bias
-    ("conv_in",): the names, axes and init of `connector.mlp(x, 2, H, "feat_linear", ...)` (made public
-    on the vision branch; written out here until it is on this one).
+    ("conv_in",): built by `connector.mlp(x, 2, H, "feat_linear", ...)`, as the projector's readout.
 
     __call__(features [B, N, E], region_cells [B, R, C, 4], region_weights [B, R, C, 4],
     region_num_cells [B, R], region_init [B, R, Q]) -> (tokens [B, R, Q, H] in `dtype`
@@ -132,13 +131,7 @@ class RegionEncoder(nn.Module):
         pooled = kmeans(cells, region_num_cells, region_init, self.kmeans_iters)  # [B, R, Q, E] fp32
         b, r, _, e = pooled.shape
         y = pooled.astype(self.dtype).reshape(b, r * q, e)
-        for j, axes in enumerate((("conv_in", "conv_out"), ("conv_out", "conv_in"))):
-            if j:
-                y = nn.gelu(y, approximate=False)  # torch nn.GELU(): exact erf
-            y = layers.dense(self.hidden_size, axes, dtype=self.dtype, param_dtype=self.param_dtype,
-                             kernel_init=regstage.torch_default_init, name=f"feat_linear_{2 * j}")(y)
-            y = constrain(y, ("activation_batch", "activation_length",
-                              "activation_mlp" if j == 0 else "activation_embed"))
+        y = connector.mlp(y, 2, self.hidden_size, "feat_linear", self.dtype, self.param_dtype)
         counts = jnp.minimum(region_num_cells, q).astype(jnp.int32)
         keep = jnp.arange(q) < counts[..., None]  # the biases make padded rows nonzero
         y = jnp.where(keep[..., None], y.reshape(b, r, q, -1), jnp.zeros((), y.dtype))
