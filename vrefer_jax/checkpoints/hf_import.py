@@ -1,4 +1,6 @@
-"""Import official VideoRefer checkpoints (and their SigLIP tower) into the Flax parameter tree.
+"""Import official VideoRefer checkpoints (and their SigLIP tower) into the Flax parameter tree, and the
+generic import machinery every family's importer uses (`abstract_params` and `param_shardings` of any
+family's config, `open_source` / `TensorSource`, `convert`, `place_leaf`; VRVL3: `vl3_hf`).
 
 Streaming: tensors are read one at a time (`st_io.SafetensorsReader`), cast to the target dtype,
 changed to the Flax layout by `key_map.hf_to_flax`, and each finished leaf is placed straight into
@@ -291,3 +293,17 @@ def import_videorefer(
         params["vision_tower"] = load_siglip_tower(
             siglip_dir, cfg, dtype=dtype, shardings=sharding_at(shardings, ("vision_tower",)))
     return cfg, params
+
+
+def import_to_store(src: str, out: str, *, param_dtype=None, vision_tower: str | None = None,
+                    use_stored_vision_tower: bool = False) -> ModelConfig:
+    """`vrefer-convert import` for VideoRefer: an official folder -> an imported folder (`store`
+    layout, with a copy of the SigLIP folder read for the tower layers the model does not keep)."""
+    from vrefer_jax.checkpoints.store import save_imported
+
+    hf = hf_config.find_config(src)
+    cfg, params = import_videorefer(src, vision_tower_folder=vision_tower,
+                                    use_stored_vision_tower=use_stored_vision_tower, dtype=param_dtype)
+    siglip = None if use_stored_vision_tower else siglip_folder_of(hf, vision_tower, src)
+    save_imported(out, cfg, params, hf, src, siglip)
+    return cfg

@@ -34,6 +34,12 @@ class Family:
     host_option_names: the frame options its host takes (`vrefer-eval` / `vrefer-infer` flags)
     bench_protocol:  prompt protocol of its benchmark scripts (`bench_formats.PROTOCOLS`)
     benchmark_options: benchmark -> host options of its official evaluation scripts
+    import_checkpoint: (src, out, *, param_dtype=None, **options) -> cfg: an official Hugging Face
+                     folder -> an imported folder (`checkpoints.store` layout); options a family
+                     does not take are refused by name (`vrefer-convert import`)
+    export_checkpoint: (src, out, *, dtype, max_shard_size, tokenizer=None, overwrite=False,
+                     **options) -> the config.json dict: an imported folder -> an official folder
+                     (`vrefer-convert export`)
     """
 
     name: str
@@ -51,6 +57,8 @@ class Family:
     host_option_names: tuple[str, ...] = ()
     bench_protocol: str = "videorefer"
     benchmark_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    import_checkpoint: Callable[..., Any] | None = None
+    export_checkpoint: Callable[..., Any] | None = None
 
     def host_options(self, protocol: str, **given) -> dict[str, Any]:
         """The host options of an official protocol (`benchmark_options[protocol]`: a benchmark, or

@@ -20,6 +20,18 @@ def _ignore_patterns(cfg):
     return videorefer_keys.videorefer_ignore_patterns(cfg)
 
 
+def _import_checkpoint(src, out, **options):
+    from vrefer_jax.checkpoints import hf_import
+
+    return hf_import.import_to_store(src, out, **options)
+
+
+def _export_checkpoint(src, out, **options):
+    from vrefer_jax.checkpoints import hf_export
+
+    return hf_export.export_from_store(src, out, **options)
+
+
 def _host(cfg, tokenizer, **options):
     from vrefer_jax.inference.videorefer_host import VideoReferHost
 
@@ -40,6 +52,8 @@ FAMILY = Family(
     key_rules=_key_rules,
     ignore_patterns=_ignore_patterns,
     host=_host,
+    import_checkpoint=_import_checkpoint,
+    export_checkpoint=_export_checkpoint,
     host_option_names=("num_frames", "aspect"),
     bench_protocol="videorefer",
     # the released Bench scripts sample 8 frames; MCQA uses the model's 16

@@ -61,6 +61,18 @@ def _ignore_patterns(cfg):
     return videorefer_keys.causal_lm_ignore_patterns(cfg.text)  # a tied head's duplicate `lm_head.weight`
 
 
+def _import_checkpoint(src, out, **options):
+    from vrefer_jax.checkpoints import vl3_hf
+
+    return vl3_hf.import_to_store(src, out, **options)
+
+
+def _export_checkpoint(src, out, **options):
+    from vrefer_jax.checkpoints import vl3_hf
+
+    return vl3_hf.export_from_store(src, out, **options)
+
+
 FAMILY = Family(
     name="videorefer_videollama3",
     model_types=("videollama3_qwen2",),
@@ -76,6 +88,8 @@ FAMILY = Family(
     key_rules=_key_rules,
     ignore_patterns=_ignore_patterns,
     host=_host,
+    import_checkpoint=_import_checkpoint,
+    export_checkpoint=_export_checkpoint,
     host_option_names=("fps", "max_frames"),
     bench_protocol="vl3",
     # reference_vl3 §5, §13: `infer.py` and Bench-Q at fps 1, Bench-D at 4
