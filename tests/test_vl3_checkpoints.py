@@ -571,3 +571,51 @@ def test_param_count_family_detection():
         families.config_from_gin([], ["VL3Config.spatial_merge_size = 1", "ModelConfig.num_frames = 2"])
     tiny = families.config_from_gin([], ["ModelConfig.num_frames = 2"], family=FAMILY)
     assert isinstance(tiny, VL3Config) and VL3Config().spatial_merge_size == 2  # bindings cleared
+
+
+def test_vrefer_infer_reads_an_official_vl3_folder(world, tmp_path, capsys):
+    """`vrefer-infer` on the official folder (imported on the fly by the family its model_type names):
+    an image with a box, then a requests file mixing an image with 2 objects, a video object on 2
+    frames and a bad line, batched on a (2, 1, 4) mesh; --num-frames (a VideoRefer-7B option) is refused."""
+    import av
+    from PIL import Image
+
+    from vrefer_jax.inference import cli as infer_cli
+
+    ckpt = world["untied"]["dir"]
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), np.uint8)).save(tmp_path / "i.png")
+    with av.open(str(tmp_path / "v.mp4"), "w") as c:
+        s = c.add_stream("libx264", rate=4)
+        s.width, s.height, s.pix_fmt = 84, 56, "yuv420p"
+        for i in range(8):
+            img = np.full((56, 84, 3), 20 * i, np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    base = ["--checkpoint", ckpt, "--max-new-tokens", "3"]
+    assert infer_cli.main(base + ["--image", str(tmp_path / "i.png"), "--question", "What is <region>?",
+                                  "--box", "5,5,40,30"]) == 0
+    assert capsys.readouterr().out.endswith("\n")  # one answer line (random weights: any text)
+    reqs = tmp_path / "r.jsonl"
+    reqs.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "img", "image": "i.png", "question": "<region> and <region>?",
+         "objects": [{"box": "5,5,40,30"}, {"box": "50,20,80,50"}]},
+        {"id": "vid", "video": "v.mp4", "question": "Where is <region>?",
+         "objects": [{"frames": {"1": {"box": "10,10,40,40"}, "5": {"box": "30,10,60,40"}}}]},
+        {"id": "bad", "image": "missing.png", "question": "<region>?", "objects": [{"box": "1,1,5,5"}]},
+    ]) + "\n")
+    out = tmp_path / "a.jsonl"
+    rc = infer_cli.main(base + ["--requests", str(reqs), "--output", str(out), "--batch-size", "2",
+                                "--mesh", "data=2,fsdp=1,tensor=4"])
+    rows = [json.loads(line) for line in open(out)]
+    assert rc == 1 and [r["id"] for r in rows] == ["img", "vid", "bad"]
+    assert "answer" in rows[0] and "answer" in rows[1] and "error" in rows[2]
+    single = tmp_path / "b.jsonl"
+    reqs.write_text(reqs.read_text().splitlines()[1] + "\n")
+    assert infer_cli.main(base + ["--requests", str(reqs), "--output", str(single)]) == 0
+    assert json.loads(open(single).read())["answer"] == rows[1]["answer"]  # batched on a mesh = alone
+    capsys.readouterr()
+    assert infer_cli.main(base + ["--image", str(tmp_path / "i.png"), "--question", "<region>?",
+                                  "--box", "5,5,40,30", "--num-frames", "8"]) == 2
+    assert "num_frames does not apply" in capsys.readouterr().err

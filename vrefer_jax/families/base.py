@@ -37,6 +37,8 @@ class Family:
     import_checkpoint: (src, out, *, param_dtype=None, **options) -> cfg: an official Hugging Face
                      folder -> an imported folder (`checkpoints.store` layout); options a family
                      does not take are refused by name (`vrefer-convert import`)
+    load_hf:         (folder, **options) -> (cfg, params): an official folder imported in memory
+                     (the predictor's on-the-fly load); options a family does not take are refused
     export_checkpoint: (src, out, *, dtype, max_shard_size, tokenizer=None, overwrite=False,
                      **options) -> the config.json dict: an imported folder -> an official folder
                      (`vrefer-convert export`)
@@ -59,6 +61,7 @@ class Family:
     benchmark_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     import_checkpoint: Callable[..., Any] | None = None
     export_checkpoint: Callable[..., Any] | None = None
+    load_hf: Callable[..., Any] | None = None
 
     def host_options(self, protocol: str, **given) -> dict[str, Any]:
         """The host options of an official protocol (`benchmark_options[protocol]`: a benchmark, or

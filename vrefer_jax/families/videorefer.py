@@ -32,6 +32,12 @@ def _export_checkpoint(src, out, **options):
     return hf_export.export_from_store(src, out, **options)
 
 
+def _load_hf(folder, **options):
+    from vrefer_jax.checkpoints.hf_import import import_videorefer
+
+    return import_videorefer(folder, **options)
+
+
 def _host(cfg, tokenizer, **options):
     from vrefer_jax.inference.videorefer_host import VideoReferHost
 
@@ -54,6 +60,7 @@ FAMILY = Family(
     host=_host,
     import_checkpoint=_import_checkpoint,
     export_checkpoint=_export_checkpoint,
+    load_hf=_load_hf,
     host_option_names=("num_frames", "aspect"),
     bench_protocol="videorefer",
     # the released Bench scripts sample 8 frames; MCQA uses the model's 16

@@ -73,6 +73,12 @@ def _export_checkpoint(src, out, **options):
     return vl3_hf.export_from_store(src, out, **options)
 
 
+def _load_hf(folder, **options):
+    from vrefer_jax.checkpoints.vl3_hf import import_vl3
+
+    return import_vl3(folder, **options)
+
+
 FAMILY = Family(
     name="videorefer_videollama3",
     model_types=("videollama3_qwen2",),
@@ -90,6 +96,7 @@ FAMILY = Family(
     host=_host,
     import_checkpoint=_import_checkpoint,
     export_checkpoint=_export_checkpoint,
+    load_hf=_load_hf,
     host_option_names=("fps", "max_frames"),
     bench_protocol="vl3",
     # reference_vl3 §5, §13: `infer.py` and Bench-Q at fps 1, Bench-D at 4
