@@ -241,6 +241,8 @@ def import_videorefer(
     use_stored_vision_tower: bool = False,
     dtype: Any = None,
     shardings=None,
+    mesh=None,
+    rules=None,
 ) -> tuple[ModelConfig, dict]:
     """Load an official VideoRefer checkpoint folder.
 
@@ -258,6 +260,8 @@ def import_videorefer(
       dtype: parameter dtype on the devices (default `cfg.param_dtype`).
       shardings: a tree of `jax.sharding.Sharding` like the params (see `param_shardings`), one
         sharding for all leaves, or None (default device).
+      mesh, rules: without `shardings`, place every leaf straight into its shards on `mesh` by the
+        logical-axis `rules` (default: the table in force).
 
     Returns (cfg, params) with params an unboxed tree of `jax.Array`s.
     """
@@ -276,12 +280,14 @@ def import_videorefer(
         if siglip_dir is not None:
             vision = hf_config.vision_config_from_hf(hf_config.find_config(siglip_dir))
         cfg = hf_config.model_config_from_hf(hf, vision=vision, **tokenizer_ids(folder))
+    if shardings is None and mesh is not None:  # each leaf straight into its shards on the mesh
+        shardings = param_shardings(cfg, mesh, rules)
     dtype = np.dtype(dtype if dtype is not None else cfg.param_dtype)
     shapes = abstract_params(cfg)
-    rules = keys.videorefer_rules(cfg)
+    key_rules = keys.videorefer_rules(cfg)
 
     top = [k for k in shapes if use_stored_vision_tower or k != "vision_tower"]
-    main_rules, main_shapes = split_rules(rules, shapes, top)
+    main_rules, main_shapes = split_rules(key_rules, shapes, top)
     ignore = list(BUFFER_PATTERNS) + (keys.videorefer_ignore_patterns(cfg) if use_stored_vision_tower
                                       else [r"model\.vision_tower\..*"])
     src = open_source(folder, main_rules, main_shapes, ignore=ignore, prefix="model.")

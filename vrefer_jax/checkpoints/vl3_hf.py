@@ -70,7 +70,7 @@ def _same_rows(reader: st_io.SafetensorsReader, a: str, b: str, block: int = COM
 
 
 def import_vl3(folder: str, cfg: VL3Config | None = None, *, dtype: Any = None,
-               shardings=None) -> tuple[VL3Config, dict]:
+               shardings=None, mesh=None, rules=None) -> tuple[VL3Config, dict]:
     """Load an official VRVL3 checkpoint folder.
 
     Args:
@@ -82,6 +82,7 @@ def import_vl3(folder: str, cfg: VL3Config | None = None, *, dtype: Any = None,
       dtype: parameter dtype on the devices (default `cfg.param_dtype`).
       shardings: a tree of `jax.sharding.Sharding` like the params (`hf_import.param_shardings`), one
         sharding for all leaves, or None (default device). Each leaf is placed as soon as it is read.
+      mesh, rules: without `shardings`, the parameter shardings on `mesh` by the logical-axis `rules`.
 
     Returns (cfg, params), params an unboxed tree of `jax.Array`s. Raises `ConfigFieldError` (a
     ValueError) for config fields, `KeyMappingError` naming a missing / unexpected / misshapen tensor,
@@ -94,16 +95,18 @@ def import_vl3(folder: str, cfg: VL3Config | None = None, *, dtype: Any = None,
     if cfg is None:
         cfg = vcfg.vl3_config_from_hf(hf, folder=folder, **vcfg.tokenizer_ids(folder))
     fam = _family()
+    if shardings is None and mesh is not None:  # each leaf straight into its shards on the mesh
+        shardings = hf_import.param_shardings(cfg, mesh, rules)
     dtype = np.dtype(dtype if dtype is not None else cfg.param_dtype)
     shapes = hf_import.abstract_params(cfg)
-    rules = fam.key_rules(cfg)
+    key_rules = fam.key_rules(cfg)
     ignore = [*hf_import.BUFFER_PATTERNS, *fam.ignore_patterns(cfg)]
-    src = hf_import.open_source(folder, rules, shapes, ignore=ignore, prefix="model.")
+    src = hf_import.open_source(folder, key_rules, shapes, ignore=ignore, prefix="model.")
     if cfg.text.tie_word_embeddings and LM_HEAD in src.names:
         if EMBED in src.names and not _same_rows(src.reader, src.stored_name(LM_HEAD), src.stored_name(EMBED)):
             raise TiedHeadMismatch(f"{folder}: tie_word_embeddings is true but {LM_HEAD!r} differs from {EMBED!r} "
                                    "(the tied model would ignore it)")
-    params = hf_import.convert(src.get, rules, shapes, available=src.available, ignore=ignore, dtype=dtype,
+    params = hf_import.convert(src.get, key_rules, shapes, available=src.available, ignore=ignore, dtype=dtype,
                                shardings=shardings)
     return cfg, params
 
