@@ -429,7 +429,13 @@ def test_cli_requests_root_and_absolute_paths(world, tmp_path):
 def test_cli_default_num_frames_is_official():
     """Item 20: 8 frames by default, as the official mm_infer path (videorefer/constants.py NUM_FRAMES)."""
     a = cli.build_parser().parse_args(["--checkpoint", "c", "--video", "v.mp4", "--question", "<region>?"])
-    assert a.num_frames == 8
+    from vrefer_jax import families
+
+    # the flag is unset; the VideoRefer family's "infer" protocol supplies the official 8
+    assert a.num_frames is None
+    vr = families.get("videorefer")
+    assert vr.host_options("infer", num_frames=a.num_frames) == {"num_frames": 8} == {"num_frames": cli.OFFICIAL_NUM_FRAMES}
+    assert vr.host_options("infer", num_frames=16) == {"num_frames": 16}
 
 
 def test_read_request_lines_keeps_bad_lines_in_place(tmp_path):

@@ -29,6 +29,7 @@ from typing import Any
 import gin
 import numpy as np
 
+from vrefer_jax.json_files import write_json
 from vrefer_jax import gin_setup
 
 log = logging.getLogger(__name__)
@@ -246,8 +247,7 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
     result = {"table": table, "trained": trained, "ablated": ablated, "chance": chance, "loss_curve": losses,
               "skipped_samples": skipped[-1] if skipped else 0,
               "answer": answer, "seconds": time.perf_counter() - t0}
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-        json.dump({k: v for k, v in result.items()}, f, indent=1, default=str)
+    write_json(os.path.join(workdir, "result.json"), dict(result), default=str)
     print("\n" + table)
     print(f"\nvrefer-infer: {answer['question']!r} -> {answer['answer']!r} (ground truth {answer['truth']!r})")
     print(f"\nmain job finished in {result['seconds']:.0f} s; outputs in {workdir}")

@@ -1,17 +1,24 @@
-"""`vrefer-convert`: Hugging Face VideoRefer checkpoints <-> our Orbax parameter folders.
+"""`vrefer-convert`: official Hugging Face checkpoints <-> our Orbax parameter folders, any model family.
 
-    vrefer-convert import SRC OUT [--vision-tower DIR | --use-stored-vision-tower] [--param-dtype float32]
+    vrefer-convert import SRC OUT [--param-dtype float32] [--vision-tower DIR | --use-stored-vision-tower]
     vrefer-convert from-parts OUT --qwen2 DIR --siglip DIR [--projector FILE] [--region-encoder FILE]
-    vrefer-convert export SRC OUT [--dtype float16] [--max-shard-size 5GB] [--tokenizer DIR]
+    vrefer-convert export SRC OUT [--dtype DTYPE] [--max-shard-size 5GB] [--tokenizer DIR]
+                                  [--mm-vision-tower NAME | --vision-encoder PATH]
 
 (`python -m vrefer_jax.checkpoints.cli ...` without the console script.)
 
-An imported folder OUT holds `params/` (Orbax `StandardCheckpointer`), `model_config.json` (our
-`ModelConfig`) and `hf/` (the source `config.json`, tokenizer files and `generation_config.json`,
-and `hf/siglip_vision_tower/`, a copy of the SigLIP folder read, all reused by `export`: the
-exported folder keeps the checkpoint's generation config and holds the complete vision tower).
-Reading and writing that layout is a library, `vrefer_jax.checkpoints.store`; this module is only
-the command line.
+`import` picks the model family from SRC's config.json `model_type` (`families.for_model_type`:
+`videorefer_qwen2` -> VideoRefer-7B, `videollama3_qwen2` -> VideoRefer-VideoLLaMA3); `export` from the
+family stored in SRC's `model_config.json`. `--vision-tower`, `--use-stored-vision-tower` and
+`--mm-vision-tower` are VideoRefer-7B's (its SigLIP tower lives in a separate folder),
+`--vision-encoder` VRVL3's; a family refuses the other's options. `from-parts` builds VideoRefer-7B.
+
+An imported folder OUT holds `params/` (Orbax `StandardCheckpointer`), `model_config.json` (the
+model config and its family) and `hf/` (the source `config.json`, tokenizer files and
+`generation_config.json`, and for VideoRefer-7B `hf/siglip_vision_tower/`, a copy of the SigLIP
+folder read), all reused by `export`: the exported folder keeps the checkpoint's generation config.
+Reading and writing that layout is a library, `vrefer_jax.checkpoints.store`; the conversions are
+`hf_import` / `hf_export` (VideoRefer-7B) and `vl3_hf` (VRVL3); this module is only the command line.
 """
 
 from __future__ import annotations
@@ -21,18 +28,21 @@ import os
 import sys
 import time
 
-from vrefer_jax.checkpoints.store import HF, VISION_DIR, load_imported, save_imported
+from vrefer_jax.checkpoints.store import save_imported
+
+
+def _set(a, *names) -> dict:
+    """The family-specific options the user gave (unset ones are left to the family's defaults)."""
+    return {n: getattr(a, n) for n in names if getattr(a, n) not in (None, False)}
 
 
 def cmd_import(a) -> None:
+    from vrefer_jax import families
     from vrefer_jax.checkpoints import hf_config
-    from vrefer_jax.checkpoints.hf_import import import_videorefer, siglip_folder_of
 
-    hf = hf_config.find_config(a.src)
-    cfg, params = import_videorefer(a.src, vision_tower_folder=a.vision_tower,
-                                    use_stored_vision_tower=a.use_stored_vision_tower, dtype=a.param_dtype)
-    siglip = None if a.use_stored_vision_tower else siglip_folder_of(hf, a.vision_tower, a.src)
-    save_imported(a.out, cfg, params, hf, a.src, siglip)
+    family = families.for_model_type(hf_config.find_config(a.src).get("model_type"))
+    family.import_checkpoint(a.src, a.out, param_dtype=a.param_dtype,
+                             **_set(a, "vision_tower", "use_stored_vision_tower"))
 
 
 def cmd_from_parts(a) -> None:
@@ -51,36 +61,26 @@ def cmd_from_parts(a) -> None:
 
 
 def cmd_export(a) -> None:
-    from vrefer_jax.checkpoints import hf_config
-    from vrefer_jax.checkpoints.hf_export import export_videorefer
+    from vrefer_jax import families
+    from vrefer_jax.checkpoints.store import read_model_config
 
-    cfg, params = load_imported(a.src)
-    hf_dir = os.path.join(a.src, HF)
-    base_path = os.path.join(hf_dir, "config.json")
-    base = hf_config.read_json(base_path) if os.path.isfile(base_path) else None
-    tok = a.tokenizer
-    if tok is None and any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "vocab.json",
-                                                                              "tokenizer.model")):
-        tok = hf_dir
-    gen = os.path.join(hf_dir, "generation_config.json")
-    vision = os.path.join(hf_dir, VISION_DIR)
-    export_videorefer(params, cfg, a.out, tokenizer_folder=tok, dtype=a.dtype, max_shard_size=a.max_shard_size,
-                      mm_vision_tower=a.mm_vision_tower, base_config=base, overwrite=a.overwrite,
-                      generation_config=gen if os.path.isfile(gen) else None,
-                      vision_tower_source=vision if os.path.isdir(vision) else None)
+    family = families.for_config(read_model_config(a.src))
+    kw = _set(a, "dtype", "mm_vision_tower", "vision_encoder")
+    family.export_checkpoint(a.src, a.out, max_shard_size=a.max_shard_size, tokenizer=a.tokenizer,
+                             overwrite=a.overwrite, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vrefer-convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    i = sub.add_parser("import", help="a VideoRefer HF folder -> an Orbax params folder")
-    i.add_argument("src", help="VideoRefer checkpoint folder (config.json + safetensors)")
+    i = sub.add_parser("import", help="an official HF folder (VideoRefer-7B or VRVL3) -> an Orbax params folder")
+    i.add_argument("src", help="checkpoint folder (config.json + safetensors); its model_type picks the family")
     i.add_argument("out", help="output folder")
     g = i.add_mutually_exclusive_group()
-    g.add_argument("--vision-tower", help="SigLIP folder (default: config's mm_vision_tower if local)")
+    g.add_argument("--vision-tower", help="VideoRefer-7B: SigLIP folder (default: config's mm_vision_tower if local)")
     g.add_argument("--use-stored-vision-tower", action="store_true",
-                   help="use the checkpoint's own copy of the tower (the official loader ignores it)")
+                   help="VideoRefer-7B: use the checkpoint's own copy of the tower (the official loader ignores it)")
     i.add_argument("--param-dtype", default=None, help="parameter dtype (default: float32)")
     i.set_defaults(fn=cmd_import)
 
@@ -97,19 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(fn=cmd_from_parts)
 
     e = sub.add_parser(
-        "export", help="an Orbax params folder (from import/from-parts) -> a VideoRefer HF folder",
-        description="Writes the official layout. generation_config.json: the one saved at import, unchanged "
-                    "(Qwen2-Instruct's sampling defaults only when there is none, with a warning). "
-                    "image_aspect_ratio: the model config's (as imported). The complete SigLIP tower goes "
-                    "into OUT/siglip_vision_tower/ (layers the model runs from the parameters, the rest "
-                    "from the SigLIP folder saved at import) and mm_vision_tower names it by absolute path.")
+        "export", help="an Orbax params folder (from import/from-parts) -> an official HF folder of its family",
+        description="Writes the official layout of the folder's model family. generation_config.json: the one "
+                    "saved at import, unchanged (Qwen2-Instruct's sampling defaults only when there is none, "
+                    "with a warning). VideoRefer-7B: image_aspect_ratio as imported; the complete SigLIP tower "
+                    "goes into OUT/siglip_vision_tower/ (layers the model runs from the parameters, the rest "
+                    "from the SigLIP folder saved at import) and mm_vision_tower names it by absolute path. "
+                    "VRVL3: the encoder also goes into OUT/vision_encoder/ (config, preprocessor config, "
+                    "weights), which config.json's vision_encoder names by relative path.")
     e.add_argument("src")
     e.add_argument("out")
-    e.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    e.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="file dtype (default: the family's release dtype, float16 for VideoRefer-7B, "
+                        "bfloat16 for VRVL3)")
     e.add_argument("--max-shard-size", default="5GB")
     e.add_argument("--tokenizer", help="tokenizer folder (default: the one saved at import)")
     e.add_argument("--mm-vision-tower",
-                   help="SigLIP name/path for config.json (default: OUT/siglip_vision_tower, absolute)")
+                   help="VideoRefer-7B: SigLIP name/path for config.json (default: OUT/siglip_vision_tower, absolute)")
+    e.add_argument("--vision-encoder",
+                   help="VRVL3: config.json's vision_encoder (default: the relative sub-folder vision_encoder)")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(fn=cmd_export)
     return p
@@ -117,15 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; a user error (bad or missing files, a path outside the checkpoint folder,
-    mismatched tensors) is one line on stderr and exit status 2."""
+    mismatched tensors, a model_type no family reads) is one line on stderr and exit status 2."""
     from vrefer_jax.checkpoints.key_map import KeyMappingError
+    from vrefer_jax.families.base import UnknownFamily
 
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
         args.fn(args)
-    except (ValueError, OSError, KeyMappingError) as e:
-        msg = e.args[0] if isinstance(e, KeyMappingError) and e.args else e
+    except (ValueError, OSError, KeyMappingError, UnknownFamily) as e:
+        msg = e.args[0] if isinstance(e, (KeyMappingError, UnknownFamily)) and e.args else e
         print(f"vrefer-convert {args.command}: {msg}", file=sys.stderr)
         return 2
     print(f"{args.command}: done in {time.perf_counter() - t0:.1f} s -> {args.out}", file=sys.stderr)

@@ -267,20 +267,7 @@ def siglip_preprocessor_config(image_size: int) -> dict:
                 size={"height": image_size, "width": image_size})
 
 
-# ----------------------------------------------------------------------------- our own config
-
-
-def model_config_to_dict(cfg: ModelConfig) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def model_config_from_dict(d: dict) -> ModelConfig:
-    d = dict(d)
-    conn = dict(d.pop("connector"))
-    conn["downsample"] = tuple(conn["downsample"])
-    return ModelConfig(vision=VisionConfig(**d.pop("vision")), connector=ConnectorConfig(**conn),
-                       object_encoder=ObjectEncoderConfig(**d.pop("object_encoder")),
-                       text=TextConfig(**d.pop("text")), **d)
+# ----------------------------------------------------------------------------- files
 
 
 def find_config(folder: str) -> dict:

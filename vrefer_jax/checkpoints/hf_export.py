@@ -46,7 +46,9 @@ DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bf
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 GENERATION_CONFIG = "generation_config.json"
-_SECTION = {"llm": 0, "vision_tower": 1, "mm_projector": 2, "region_encoder": 3, "lm_head": 4}
+# File order by top-level sub-tree (both families' `state_dict` order: the decoder, then the vision
+# tower / encoder, the projector, the region encoder, the lm_head).
+_SECTION = {"llm": 0, "vision_tower": 1, "vision_encoder": 1, "mm_projector": 2, "region_encoder": 3, "lm_head": 4}
 
 
 def _np_dtype(dtype: str) -> np.dtype:
@@ -55,23 +57,36 @@ def _np_dtype(dtype: str) -> np.dtype:
     return np.dtype(DTYPES[dtype])
 
 
-def tensor_plan(params: Mapping, cfg: ModelConfig, dtype: str = "float16"):
-    """[(hf name, shape, dtype)] in file order, and name -> (rule, layer index or None)."""
-    rules = keys.videorefer_rules(cfg)
-    key_map.check_rules_cover(rules, params)
-    np_dtype = _np_dtype(dtype)
-    order, source = [], {}
+def rule_entries(tree: Mapping, rules: list, np_dtype) -> tuple[list, dict]:
+    """[(hf name, hf shape, dtype)] in rule order (stacked rules layer by layer), and
+    name -> (rule, layer index or None, rule position)."""
+    entries, source = [], {}
     for k, r in enumerate(rules):
-        shape = tuple(key_map.get_path(params, r.flax).shape)
+        shape = tuple(key_map.get_path(tree, r.flax).shape)
         hf_shape = key_map.hf_shape(r, shape)
-        layers = range(shape[0]) if r.stacked else [None]
-        for i in layers:
+        for i in (range(shape[0]) if r.stacked else [None]):
             name = r.hf.format(i=i) if r.stacked else r.hf
-            # llm: embeddings first, then layer by layer, the final norm last
-            pos = i if i is not None else (-1 if "embed_tokens" in name else 10 ** 9)
-            order.append(((_SECTION[r.flax[0]], pos, k), (name, hf_shape, np_dtype)))
-            source[name] = (r, i)
-    return [e for _, e in sorted(order)], source
+            entries.append((name, hf_shape, np.dtype(np_dtype)))
+            source[name] = (r, i, k)
+    return entries, source
+
+
+def tensor_plan(params: Mapping, cfg, dtype: str = "float16"):
+    """[(hf name, shape, dtype)] in file order, and name -> (rule, layer index or None), for the
+    official checkpoint of `cfg`'s family (`families.for_config(cfg).key_rules`)."""
+    from vrefer_jax import families
+
+    rules = families.for_config(cfg).key_rules(cfg)
+    key_map.check_rules_cover(rules, params)
+    entries, source = rule_entries(params, rules, _np_dtype(dtype))
+
+    def position(entry):
+        r, i, k = source[entry[0]]
+        # llm: embeddings first, then layer by layer, the final norm last
+        pos = i if i is not None else (-1 if "embed_tokens" in entry[0] else 10 ** 9)
+        return _SECTION[r.flax[0]], pos, k
+
+    return sorted(entries, key=position), {n: (r, i) for n, (r, i, _) in source.items()}
 
 
 def _fetch(x: Any, i: int | None) -> np.ndarray:
@@ -81,18 +96,62 @@ def _fetch(x: Any, i: int | None) -> np.ndarray:
     return np.asarray(x if i is None else x[i])
 
 
-def export_tensors(params: Mapping, cfg: ModelConfig, folder: str, *, dtype: str = "float16",
-                   max_shard_size: int | str = "5GB") -> dict[str, str]:
-    """Only the safetensors shards (+ index). Returns the weight map."""
-    entries, source = tensor_plan(params, cfg, dtype)
+def write_rules(tree: Mapping, folder: str, entries, source: Mapping, *, dtype: str,
+                max_shard_size: int | str = "5GB") -> dict[str, str]:
+    """Stream the tensors `entries` names (`source`: name -> (rule, layer, ...)) from `tree` into
+    safetensors shards (+ index) in `folder`, one tensor (one layer's slice) at a time."""
     np_dtype = _np_dtype(dtype)
 
     def produce(name):
-        rule, i = source[name]
-        x = key_map.to_hf_layout(rule, _fetch(key_map.get_path(params, rule.flax), i))
+        rule, i = source[name][:2]
+        x = key_map.to_hf_layout(rule, _fetch(key_map.get_path(tree, rule.flax), i))
         return np.ascontiguousarray(x.astype(np_dtype, copy=False))
 
     return st_io.write_checkpoint(folder, entries, produce, max_shard_size)
+
+
+def export_tensors(params: Mapping, cfg, folder: str, *, dtype: str = "float16",
+                   max_shard_size: int | str = "5GB") -> dict[str, str]:
+    """Only the safetensors shards (+ index), any family. Returns the weight map."""
+    entries, source = tensor_plan(params, cfg, dtype)
+    return write_rules(params, folder, entries, source, dtype=dtype, max_shard_size=max_shard_size)
+
+
+def clear_checkpoint(folder: str, overwrite: bool) -> None:
+    """Make `folder`, refusing (unless `overwrite`) to replace the safetensors it already holds."""
+    os.makedirs(folder, exist_ok=True)
+    old = glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, st_io.INDEX_NAME))
+    if old and not overwrite:
+        raise FileExistsError(f"{folder} already holds a checkpoint ({os.path.basename(old[0])}); pass overwrite=True")
+    for f in old:
+        os.remove(f)
+
+
+def generation_config_source(generation_config, tokenizer_folder: str | None):
+    """The generation config to keep: the argument (a path, a folder holding one, or a dict), else
+    `tokenizer_folder`'s `generation_config.json`; None when there is none."""
+    if generation_config is None and tokenizer_folder is not None:
+        generation_config = tokenizer_folder
+    if isinstance(generation_config, str) and os.path.isdir(generation_config):
+        generation_config = os.path.join(generation_config, GENERATION_CONFIG)
+        if not os.path.isfile(generation_config):
+            generation_config = None
+    return generation_config
+
+
+def write_generation_config(folder: str, generation_config, ids: Mapping) -> None:
+    """`folder/generation_config.json`: the checkpoint's own file byte for byte (a path), a dict, or,
+    when there is none, Qwen2-Instruct's sampling defaults with the tokenizer's `ids` (a warning)."""
+    gen_path = os.path.join(folder, GENERATION_CONFIG)
+    if isinstance(generation_config, str):  # the checkpoint's own file, byte for byte
+        if os.path.abspath(generation_config) != os.path.abspath(gen_path):
+            shutil.copyfile(generation_config, gen_path)
+    elif generation_config is not None:
+        hf_config.write_json(gen_path, dict(generation_config))
+    else:
+        log.warning("no generation_config.json to keep: writing Qwen2-Instruct's sampling defaults (%s) to %s",
+                    hf_config.QWEN2_SAMPLING, gen_path)
+        hf_config.write_json(gen_path, hf_config.generation_config(**ids))
 
 
 def copy_tokenizer(src: str, dst: str, region_token_id: int | None = None, vocab_size: int | None = None) -> Any:
@@ -256,12 +315,7 @@ def export_videorefer(
 
     Returns the `config.json` dict written.
     """
-    os.makedirs(folder, exist_ok=True)
-    old = glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, st_io.INDEX_NAME))
-    if old and not overwrite:
-        raise FileExistsError(f"{folder} already holds a checkpoint ({os.path.basename(old[0])}); pass overwrite=True")
-    for f in old:
-        os.remove(f)
+    clear_checkpoint(folder, overwrite)
     base = dict(base_config or {})
     ids: dict = {}
     if tokenizer_folder is not None:
@@ -273,12 +327,7 @@ def export_videorefer(
                    eos_token_id=eos)
     eos_list = ids.get("eos_token_id")
     first_eos = eos_list[0] if isinstance(eos_list, list) else eos_list
-    if generation_config is None and tokenizer_folder is not None:
-        generation_config = tokenizer_folder
-    if isinstance(generation_config, str) and os.path.isdir(generation_config):
-        generation_config = os.path.join(generation_config, GENERATION_CONFIG)
-        if not os.path.isfile(generation_config):
-            generation_config = None
+    generation_config = generation_config_source(generation_config, tokenizer_folder)
     vision_dir = None
     if write_vision_tower:
         if vision_tower_source is None:
@@ -294,15 +343,28 @@ def export_videorefer(
         torch_dtype=dtype, bos_token_id=ids.get("bos_token_id"), eos_token_id=first_eos, base=base)
     export_tensors(params, cfg, folder, dtype=dtype, max_shard_size=max_shard_size)
     hf_config.write_json(os.path.join(folder, "config.json"), hf)
-    gen_path = os.path.join(folder, GENERATION_CONFIG)
-    if isinstance(generation_config, str):  # the checkpoint's own file, byte for byte
-        if os.path.abspath(generation_config) != os.path.abspath(gen_path):
-            shutil.copyfile(generation_config, gen_path)
-    elif generation_config is not None:
-        hf_config.write_json(gen_path, dict(generation_config))
-    else:
-        log.warning("no generation_config.json to keep: writing Qwen2-Instruct's sampling defaults (%s) to %s",
-                    hf_config.QWEN2_SAMPLING, gen_path)
-        hf_config.write_json(gen_path, hf_config.generation_config(**ids))
+    write_generation_config(folder, generation_config, ids)
     return hf
+
+
+def export_from_store(src: str, out: str, *, dtype: str = "float16", max_shard_size: int | str = "5GB",
+                      tokenizer: str | None = None, overwrite: bool = False,
+                      mm_vision_tower: str | None = None, **options) -> dict:
+    """`vrefer-convert export` for VideoRefer: an imported folder -> an official folder, keeping the
+    imported config.json's other fields, its tokenizer and generation config, and writing the
+    complete SigLIP tower (layers the model does not keep from the saved SigLIP folder). Other
+    families' options are refused by name."""
+    from vrefer_jax.checkpoints.store import HF, VISION_DIR as STORED_VISION, hf_sources, load_imported
+
+    if given := sorted(k for k, v in options.items() if v not in (None, False)):
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: not for VideoRefer-7B checkpoints "
+                         "(use --mm-vision-tower)")
+
+    cfg, params = load_imported(src)
+    base, tok, gen = hf_sources(src)
+    vision = os.path.join(src, HF, STORED_VISION)
+    return export_videorefer(params, cfg, out, tokenizer_folder=tokenizer or tok, dtype=dtype,
+                             max_shard_size=max_shard_size, mm_vision_tower=mm_vision_tower, base_config=base,
+                             overwrite=overwrite, generation_config=gen,
+                             vision_tower_source=vision if os.path.isdir(vision) else None)
 

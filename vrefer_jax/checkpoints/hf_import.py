@@ -1,4 +1,6 @@
-"""Import official VideoRefer checkpoints (and their SigLIP tower) into the Flax parameter tree.
+"""Import official VideoRefer checkpoints (and their SigLIP tower) into the Flax parameter tree, and the
+generic import machinery every family's importer uses (`abstract_params` and `param_shardings` of any
+family's config, `open_source` / `TensorSource`, `convert`, `place_leaf`; VRVL3: `vl3_hf`).
 
 Streaming: tensors are read one at a time (`st_io.SafetensorsReader`), cast to the target dtype,
 changed to the Flax layout by `key_map.hf_to_flax`, and each finished leaf is placed straight into
@@ -239,6 +241,8 @@ def import_videorefer(
     use_stored_vision_tower: bool = False,
     dtype: Any = None,
     shardings=None,
+    mesh=None,
+    rules=None,
 ) -> tuple[ModelConfig, dict]:
     """Load an official VideoRefer checkpoint folder.
 
@@ -256,6 +260,8 @@ def import_videorefer(
       dtype: parameter dtype on the devices (default `cfg.param_dtype`).
       shardings: a tree of `jax.sharding.Sharding` like the params (see `param_shardings`), one
         sharding for all leaves, or None (default device).
+      mesh, rules: without `shardings`, place every leaf straight into its shards on `mesh` by the
+        logical-axis `rules` (default: the table in force).
 
     Returns (cfg, params) with params an unboxed tree of `jax.Array`s.
     """
@@ -274,12 +280,14 @@ def import_videorefer(
         if siglip_dir is not None:
             vision = hf_config.vision_config_from_hf(hf_config.find_config(siglip_dir))
         cfg = hf_config.model_config_from_hf(hf, vision=vision, **tokenizer_ids(folder))
+    if shardings is None and mesh is not None:  # each leaf straight into its shards on the mesh
+        shardings = param_shardings(cfg, mesh, rules)
     dtype = np.dtype(dtype if dtype is not None else cfg.param_dtype)
     shapes = abstract_params(cfg)
-    rules = keys.videorefer_rules(cfg)
+    key_rules = keys.videorefer_rules(cfg)
 
     top = [k for k in shapes if use_stored_vision_tower or k != "vision_tower"]
-    main_rules, main_shapes = split_rules(rules, shapes, top)
+    main_rules, main_shapes = split_rules(key_rules, shapes, top)
     ignore = list(BUFFER_PATTERNS) + (keys.videorefer_ignore_patterns(cfg) if use_stored_vision_tower
                                       else [r"model\.vision_tower\..*"])
     src = open_source(folder, main_rules, main_shapes, ignore=ignore, prefix="model.")
@@ -291,3 +299,17 @@ def import_videorefer(
         params["vision_tower"] = load_siglip_tower(
             siglip_dir, cfg, dtype=dtype, shardings=sharding_at(shardings, ("vision_tower",)))
     return cfg, params
+
+
+def import_to_store(src: str, out: str, *, param_dtype=None, vision_tower: str | None = None,
+                    use_stored_vision_tower: bool = False) -> ModelConfig:
+    """`vrefer-convert import` for VideoRefer: an official folder -> an imported folder (`store`
+    layout, with a copy of the SigLIP folder read for the tower layers the model does not keep)."""
+    from vrefer_jax.checkpoints.store import save_imported
+
+    hf = hf_config.find_config(src)
+    cfg, params = import_videorefer(src, vision_tower_folder=vision_tower,
+                                    use_stored_vision_tower=use_stored_vision_tower, dtype=param_dtype)
+    siglip = None if use_stored_vision_tower else siglip_folder_of(hf, vision_tower, src)
+    save_imported(out, cfg, params, hf, src, siglip)
+    return cfg

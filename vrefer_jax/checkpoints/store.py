@@ -4,7 +4,9 @@ job and `vrefer-convert` all read and write.
 An imported folder holds
 
   params/             the parameter tree (Orbax `StandardCheckpointer`)
-  model_config.json   our `ModelConfig`
+  model_config.json   the model config (`ModelConfig`, `VL3Config`, ...) as a dict, with a "family"
+                      field naming its model family (`vrefer_jax.families`); folders written before
+                      the field existed have none and are VideoRefer's
   hf/                 the source `config.json`, tokenizer and `generation_config.json` files, and
                       `hf/siglip_vision_tower/`, the SigLIP folder read (for the tower layers the
                       model does not keep; `vrefer-convert export` writes the complete tower)
@@ -50,7 +52,7 @@ def save_imported(out: str, cfg, params, hf_cfg: dict | None, tokenizer_src: str
     ckpt.wait_until_finished()
     if jax.process_index() != 0:
         return
-    hf_config.write_json(os.path.join(out, MODEL_CONFIG), hf_config.model_config_to_dict(cfg))
+    hf_config.write_json(os.path.join(out, MODEL_CONFIG), config_to_dict(cfg))
     os.makedirs(os.path.join(out, HF), exist_ok=True)
     if hf_cfg is not None:
         hf_config.write_json(os.path.join(out, HF, "config.json"), hf_cfg)
@@ -76,11 +78,66 @@ def copy_siglip_folder(src: str, dst: str) -> None:
             shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
 
 
+FAMILY_KEY = "family"
+LEGACY_FAMILY = "videorefer"  # model_config.json files without FAMILY_KEY
+
+
+def config_to_dict(cfg) -> dict:
+    """A model config -> the `model_config.json` dict: its fields plus the family's name."""
+    import dataclasses
+
+    from vrefer_jax import families
+
+    return {FAMILY_KEY: families.for_config(cfg).name, **dataclasses.asdict(cfg)}
+
+
+def config_from_dict(cls, d: dict, where: str = MODEL_CONFIG):
+    """Rebuild a (nested, frozen) config dataclass from its `asdict` form: a field whose default is a
+    dataclass is rebuilt as that class, a field whose default is a tuple gets a tuple (JSON has
+    lists). Unknown or missing fields raise ValueError naming them and `where`."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(d) - set(fields)):
+        raise ValueError(f"{where}: unknown {cls.__name__} fields {unknown}")
+    kw = {}
+    for name, value in d.items():
+        default = fields[name].default
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = config_from_dict(type(default), value, f"{where}: {name}")
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        kw[name] = value
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def read_model_config(folder: str):
-    """The `ModelConfig` of an imported folder."""
+    """The model config of an imported folder, of the class of the family `model_config.json` names
+    (VideoRefer's `ModelConfig` when it names none)."""
+    from vrefer_jax import families
     from vrefer_jax.checkpoints import hf_config
 
-    return hf_config.model_config_from_dict(hf_config.read_json(os.path.join(folder, MODEL_CONFIG)))
+    path = os.path.join(folder, MODEL_CONFIG)
+    d = dict(hf_config.read_json(path))
+    family = families.get(d.pop(FAMILY_KEY, LEGACY_FAMILY))
+    return config_from_dict(family.config_class, d, path)
+
+
+def hf_sources(folder: str) -> tuple[dict | None, str | None, str | None]:
+    """What an imported folder's `hf/` keeps for an export: (the source config.json dict or None, the
+    folder holding tokenizer files or None, the generation_config.json path or None)."""
+    from vrefer_jax.checkpoints import hf_config
+
+    hf_dir = os.path.join(folder, HF)
+    base_path = os.path.join(hf_dir, "config.json")
+    base = hf_config.read_json(base_path) if os.path.isfile(base_path) else None
+    tok = hf_dir if any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "vocab.json",
+                                                                           "tokenizer.model")) else None
+    gen = os.path.join(hf_dir, "generation_config.json")
+    return base, tok, gen if os.path.isfile(gen) else None
 
 
 def param_shardings(cfg, mesh=None, rules=None):
@@ -131,7 +188,7 @@ def restore_target(folder: str, cfg, mesh=None, rules=None):
 
 
 def load_imported(folder: str, mesh=None, rules=None):
-    """(cfg, params) of a folder written by `save_imported`.
+    """(cfg, params) of a folder written by `save_imported` (cfg of the folder's family).
 
     The parameters are restored straight into their shardings on `mesh` (`restore_target`): every
     host reads only its own shards. Without a mesh they land on one device."""

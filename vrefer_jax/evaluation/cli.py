@@ -44,16 +44,11 @@ def host_options(family, bench: str, args: argparse.Namespace) -> dict[str, Any]
     """The family's protocol for this benchmark (VideoRefer-7B: 8 frames for Bench-Q/D, 16 for
     MCQA; VRVL3: fps 1 for Bench-Q, 4 for Bench-D), overridden by the frame flags given. A flag the
     family's host does not take (`--num_frames` for VRVL3, which samples by fps) is an error."""
-    opts = dict(family.benchmark_options.get(bench, {}))
     given = {k: getattr(args, k, None) for k in ("num_frames", "fps", "max_frames")}
-    for k, v in given.items():
-        if v is None:
-            continue
-        if k not in family.host_option_names:
-            raise SystemExit(f"vrefer-eval: --{k} does not apply to {family.name} checkpoints "
-                             f"(their frame options: {', '.join('--' + n for n in family.host_option_names)})")
-        opts[k] = v
-    return opts
+    try:
+        return family.host_options(bench, **given)
+    except ValueError as e:
+        raise SystemExit(f"vrefer-eval: --{e}") from None
 
 
 def _bench(args: argparse.Namespace) -> str:

@@ -48,9 +48,48 @@ def for_model_type(model_type: str) -> Family:
     raise UnknownFamily(f"no model family reads model_type {model_type!r}; known: {', '.join(known)}")
 
 
+def config_from_gin(files=(), bindings=(), family: str | None = None):
+    """Parse gin files / bindings and build the model config of `family`, or, without one, of the
+    one family whose config class the gin binds (e.g. `VL3Config.text = @TextConfig()`). Bindings
+    are cleared afterwards, so later bare `TextConfig()` calls get the defaults again.
+
+    Raises `UnknownFamily` when no family or several families' config classes are bound."""
+    import gin
+
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(list(files), list(bindings))
+    try:
+        if family is None:
+            bound = [f for f in REGISTRY.values() if _binds(f.config_class)]
+            if len(bound) != 1:
+                names = ", ".join(f"{f.name} ({f.config_class.__name__})" for f in REGISTRY.values())
+                raise UnknownFamily(f"{list(files)} bind {'no' if not bound else 'several'} model config classes "
+                                    f"of {names}: pass the family")
+            family = bound[0].name
+        return get(family).config_class()
+    finally:
+        gin.clear_config()
+
+
+def _binds(cls) -> bool:
+    """Whether the parsed gin config binds a field of the config class `cls`."""
+    import dataclasses
+
+    import gin
+
+    for f in dataclasses.fields(cls):
+        try:
+            gin.query_parameter(f"{cls.__name__}.{f.name}")
+            return True
+        except ValueError:
+            continue
+    return False
+
+
 from vrefer_jax.families import videorefer as _videorefer, vl3 as _vl3  # noqa: E402
 
 register(_videorefer.FAMILY)
 register(_vl3.FAMILY)
 
-__all__ = ["Family", "UnknownFamily", "REGISTRY", "register", "get", "for_config", "for_model_type"]
+__all__ = ["Family", "UnknownFamily", "REGISTRY", "register", "get", "for_config", "for_model_type",
+           "config_from_gin"]

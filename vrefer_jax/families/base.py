@@ -34,6 +34,14 @@ class Family:
     host_option_names: the frame options its host takes (`vrefer-eval` / `vrefer-infer` flags)
     bench_protocol:  prompt protocol of its benchmark scripts (`bench_formats.PROTOCOLS`)
     benchmark_options: benchmark -> host options of its official evaluation scripts
+    import_checkpoint: (src, out, *, param_dtype=None, **options) -> cfg: an official Hugging Face
+                     folder -> an imported folder (`checkpoints.store` layout); options a family
+                     does not take are refused by name (`vrefer-convert import`)
+    load_hf:         (folder, **options) -> (cfg, params): an official folder imported in memory
+                     (the predictor's on-the-fly load); options a family does not take are refused
+    export_checkpoint: (src, out, *, dtype, max_shard_size, tokenizer=None, overwrite=False,
+                     **options) -> the config.json dict: an imported folder -> an official folder
+                     (`vrefer-convert export`)
     """
 
     name: str
@@ -51,6 +59,23 @@ class Family:
     host_option_names: tuple[str, ...] = ()
     bench_protocol: str = "videorefer"
     benchmark_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    import_checkpoint: Callable[..., Any] | None = None
+    export_checkpoint: Callable[..., Any] | None = None
+    load_hf: Callable[..., Any] | None = None
+
+    def host_options(self, protocol: str, **given) -> dict[str, Any]:
+        """The host options of an official protocol (`benchmark_options[protocol]`: a benchmark, or
+        "infer" for `vrefer-infer`), overridden by the given ones that are not None. An option this
+        family's host does not take raises `ValueError` naming it and the ones it does take."""
+        opts = dict(self.benchmark_options.get(protocol, {}))
+        for k, v in given.items():
+            if v is None:
+                continue
+            if k not in self.host_option_names:
+                raise ValueError(f"{k} does not apply to {self.name} models (their host options: "
+                                 f"{', '.join(self.host_option_names)})")
+            opts[k] = v
+        return opts
 
     @property
     def input_keys(self) -> tuple[str, ...]:

@@ -20,6 +20,24 @@ def _ignore_patterns(cfg):
     return videorefer_keys.videorefer_ignore_patterns(cfg)
 
 
+def _import_checkpoint(src, out, **options):
+    from vrefer_jax.checkpoints import hf_import
+
+    return hf_import.import_to_store(src, out, **options)
+
+
+def _export_checkpoint(src, out, **options):
+    from vrefer_jax.checkpoints import hf_export
+
+    return hf_export.export_from_store(src, out, **options)
+
+
+def _load_hf(folder, **options):
+    from vrefer_jax.checkpoints.hf_import import import_videorefer
+
+    return import_videorefer(folder, **options)
+
+
 def _host(cfg, tokenizer, **options):
     from vrefer_jax.inference.videorefer_host import VideoReferHost
 
@@ -40,9 +58,13 @@ FAMILY = Family(
     key_rules=_key_rules,
     ignore_patterns=_ignore_patterns,
     host=_host,
-    host_option_names=("num_frames",),
+    import_checkpoint=_import_checkpoint,
+    export_checkpoint=_export_checkpoint,
+    load_hf=_load_hf,
+    host_option_names=("num_frames", "aspect"),
     bench_protocol="videorefer",
     # the released Bench scripts sample 8 frames; MCQA uses the model's 16
-    benchmark_options={"bench-q": {"num_frames": 8}, "bench-d": {"num_frames": 8},
+    # (`vrefer-infer`: 8, NUM_FRAMES of the official mm_infer path)
+    benchmark_options={"infer": {"num_frames": 8}, "bench-q": {"num_frames": 8}, "bench-d": {"num_frames": 8},
                        **{b: {"num_frames": 16} for b in ("mvbench", "videomme", "perception_test")}},
 )

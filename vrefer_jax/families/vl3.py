@@ -66,6 +66,24 @@ def _ignore_patterns(cfg):
     return videorefer_keys.causal_lm_ignore_patterns(cfg.text)  # a tied head's duplicate `lm_head.weight`
 
 
+def _import_checkpoint(src, out, **options):
+    from vrefer_jax.checkpoints import vl3_hf
+
+    return vl3_hf.import_to_store(src, out, **options)
+
+
+def _export_checkpoint(src, out, **options):
+    from vrefer_jax.checkpoints import vl3_hf
+
+    return vl3_hf.export_from_store(src, out, **options)
+
+
+def _load_hf(folder, **options):
+    from vrefer_jax.checkpoints.vl3_hf import import_vl3
+
+    return import_vl3(folder, **options)
+
+
 FAMILY = Family(
     name="videorefer_videollama3",
     model_types=("videollama3_qwen2",),
@@ -81,7 +99,11 @@ FAMILY = Family(
     key_rules=_key_rules,
     ignore_patterns=_ignore_patterns,
     host=_host,
+    import_checkpoint=_import_checkpoint,
+    export_checkpoint=_export_checkpoint,
+    load_hf=_load_hf,
     host_option_names=("fps", "max_frames"),
     bench_protocol="vl3",
-    benchmark_options={"bench-q": {"fps": 1}, "bench-d": {"fps": 4}},  # reference_vl3 §13
+    # reference_vl3 §5, §13: `infer.py` and Bench-Q at fps 1, Bench-D at 4
+    benchmark_options={"infer": {"fps": 1}, "bench-q": {"fps": 1}, "bench-d": {"fps": 4}},
 )

@@ -17,7 +17,8 @@ and must stay inside it: `../` escapes and absolute paths are refused (media_out
 a mask image over --max-image-pixels) becomes one output row {"id", "line", "error", "reason"}
 naming the line and the field; the other lines are answered and the exit status is 1. An object
 whose masks are all empty is answered with "warnings": ["empty_mask: object K"] in its row (and a
-line on stderr). Frames: --num-frames 8, as the official mm_infer path.
+line on stderr). Frames follow the checkpoint's family: VideoRefer-7B samples --num-frames 8, as its
+official mm_infer path; VideoRefer-VideoLLaMA3 samples --fps 1 (at most --max-frames 768), as its infer.py.
 """
 
 from __future__ import annotations
@@ -96,10 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "larger one is refused before decoding (image_too_large). Pillow's own limit "
                         "(2 x PIL.Image.MAX_IMAGE_PIXELS) still applies to every image")
     g = p.add_argument_group("generation (default: official mm_infer: greedy + generation_config.json)")
-    g.add_argument("--num-frames", "--num_frames", type=int, default=OFFICIAL_NUM_FRAMES,
-                   help=f"frames sampled per video (default {OFFICIAL_NUM_FRAMES}, as the official mm_infer "
-                        "path: NUM_FRAMES of videorefer/constants.py; 16 as trained and as the general "
+    g.add_argument("--num-frames", "--num_frames", type=int, default=None,
+                   help=f"VideoRefer-7B: frames sampled per video (default {OFFICIAL_NUM_FRAMES}, as the official "
+                        "mm_infer path: NUM_FRAMES of videorefer/constants.py; 16 as trained and as the general "
                         "video benchmarks)")
+    g.add_argument("--fps", type=float, default=None,
+                   help="VideoRefer-VideoLLaMA3: frames per second sampled (default 1, as its infer.py; 4 as its "
+                        "Bench-D and demo)")
+    g.add_argument("--max-frames", "--max_frames", type=int, default=None,
+                   help="VideoRefer-VideoLLaMA3: cap on sampled frames (default 768)")
     g.add_argument("--aspect", choices=["square", "pad"], default=None,
                    help="frame/mask aspect handling (default: the checkpoint's image_aspect_ratio)")
     g.add_argument("--bench-q-style", action="store_true", help="rewrite <region> to [<region>] (Bench-Q)")
@@ -135,8 +141,8 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None, predictor=None) -> int:
     """Run the CLI. `predictor` (a `Predictor`) skips loading `--checkpoint` (tests, notebooks)."""
     a = build_parser().parse_args(argv)
-    for flag in ("num_frames", "batch_size", "max_image_pixels"):
-        if getattr(a, flag) < 1:
+    for flag in ("num_frames", "batch_size", "max_image_pixels", "max_frames", "fps"):
+        if getattr(a, flag) is not None and getattr(a, flag) <= 0:
             return _fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
 
     if a.requests:
@@ -189,12 +195,15 @@ def _run(a, predictor, reqs, where, root, ok, bad, out) -> int:
             return _fail(f"--mesh: {_one_line(e)}")
         try:
             predictor = Predictor.load(a.checkpoint, a.tokenizer, vision_tower=a.vision_tower,
-                                       use_stored_vision_tower=a.use_stored_vision_tower, dtype=a.dtype,
-                                       num_frames=a.num_frames, aspect=a.aspect, mesh=mesh)
+                                       use_stored_vision_tower=a.use_stored_vision_tower, dtype=a.dtype, mesh=mesh)
         except Exception as e:  # noqa: BLE001 - any load failure is one line, not a traceback
             return _fail(f"cannot load --checkpoint {a.checkpoint}: {_one_line(e)}")
-    else:
-        predictor.configure(num_frames=a.num_frames, aspect=a.aspect)
+    # the family's official frame sampling (VideoRefer-7B: 8 frames; VRVL3: fps 1), then the flags
+    try:
+        predictor.configure(**predictor.family.host_options(
+            "infer", num_frames=a.num_frames, aspect=a.aspect, fps=a.fps, max_frames=a.max_frames))
+    except ValueError as e:
+        return _fail(f"--{e}")  # e.g. "--num_frames does not apply to videorefer_videollama3 models ..."
     gen = _generation(predictor, a)
 
     def row(i: int, **fields) -> dict:

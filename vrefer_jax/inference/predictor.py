@@ -80,10 +80,11 @@ class Predictor:
             cfg, params = store.load_imported(checkpoint, mesh=mesh, rules=rules)
             side = os.path.join(checkpoint, store.HF)
         elif os.path.isfile(os.path.join(checkpoint, "config.json")):
-            from vrefer_jax.checkpoints.hf_import import import_videorefer
-
-            cfg, params = import_videorefer(checkpoint, vision_tower_folder=vision_tower,
-                                            use_stored_vision_tower=use_stored_vision_tower)
+            # an official folder, imported in memory by the family its `model_type` names
+            family = families.for_model_type(hf_config.find_config(checkpoint).get("model_type"))
+            opts = {k: v for k, v in (("vision_tower_folder", vision_tower),
+                                      ("use_stored_vision_tower", use_stored_vision_tower)) if v}
+            cfg, params = family.load_hf(checkpoint, **opts)
             side = checkpoint
         else:
             raise FileNotFoundError(f"{checkpoint}: neither {store.MODEL_CONFIG} (Orbax import) nor config.json")

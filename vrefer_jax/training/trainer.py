@@ -112,13 +112,15 @@ class _Preemption:
 
 def load_init_params(path: str, mesh=None, rules=None):
     """(cfg, params) from an imported folder (restored straight into the parameter shardings on
-    `mesh`: each host reads its own shards) or a Hugging Face folder."""
-    from vrefer_jax.checkpoints import store
+    `mesh`: each host reads its own shards) or an official Hugging Face folder (imported by the
+    family its `model_type` names, each tensor placed straight into its shards on `mesh`)."""
+    from vrefer_jax import families
+    from vrefer_jax.checkpoints import hf_config, store
 
     if store.is_imported(path):
         return store.load_imported(path, mesh, rules)
-    from vrefer_jax.checkpoints.hf_import import import_videorefer
-    return import_videorefer(path)
+    family = families.for_model_type(hf_config.find_config(path).get("model_type"))
+    return family.load_hf(path, mesh=mesh, rules=rules)
 
 
 def check_special_ids(cfg: ModelConfig, tok) -> None:
