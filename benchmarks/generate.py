@@ -17,14 +17,14 @@ Prefill = encoders + splice + one decoder pass over the prompt (`generate_multim
 max_new_tokens=1). Decode tokens/s = B * (N - 1) / (time(N) - time(1)) of the generation loop
 (`decode_loop`) started from the spliced embeddings, so the encoders' run-to-run noise (seconds for
 VRVL3 on a CPU) does not swamp the difference; EOS disabled so every row runs all N steps. Times are
-medians after a warm-up compile, with `block_until_ready`.
+the best of `--repeats` runs after a warm-up compile, with `block_until_ready` (the minimum is robust
+against other load on shared cores; a median is not).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -35,7 +35,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vrefer_jax import families  # noqa: E402
-from vrefer_jax.aot_targets import model_config_from_gin  # noqa: E402
 from vrefer_jax.families.workloads import Workload, synthetic_batch  # noqa: E402
 from vrefer_jax.inference import generate as gen_lib  # noqa: E402
 from vrefer_jax.inference.generate import generate_multimodal  # noqa: E402
@@ -71,13 +70,14 @@ def decode_fn(cfg, params, batch, out_len: int):
 
 
 def timed(fn, repeats: int) -> float:
+    """Best wall time of `repeats` calls after a warm-up (compile) call."""
     jax.block_until_ready(fn())  # compile
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         jax.block_until_ready(fn())
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return min(ts)
 
 
 def describe(sizes: dict) -> str:
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     print(f"{'config':10s} {'family':22s} {'B':>3s} {'prompt':>7s} {'prefill ms':>11s} {'decode tok/s':>13s}"
           f" {'ms/step':>8s}")
     for path in a.configs:
-        cfg = model_config_from_gin([path], a.gin_bindings)
+        cfg = families.config_from_gin([path], a.gin_bindings)
         fam = families.for_config(cfg)
         params = random_params(cfg)
         name = os.path.splitext(os.path.basename(path))[0]

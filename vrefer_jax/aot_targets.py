@@ -26,35 +26,6 @@ class Target:
     tpu_topology: str | None = None  # name for get_topology_desc
 
 
-def model_config_from_gin(files, bindings=()):
-    """The model config of whichever registered family the gin files bind (`ModelConfig` for
-    VideoRefer gins, `VL3Config` for `vl3_*.gin`); bindings are cleared afterwards."""
-    import gin
-
-    from vrefer_jax import families
-
-    if hasattr(families, "config_from_gin"):  # the registry's own reader, once it has one
-        return families.config_from_gin(list(files), list(bindings))
-    gin.clear_config()
-    gin.parse_config_files_and_bindings(list(files), list(bindings))
-    try:
-        bound = []
-        for fam in families.REGISTRY.values():
-            for f in dataclasses.fields(fam.config_class):
-                try:
-                    gin.query_parameter(f"{fam.config_class.__name__}.{f.name}")
-                except ValueError:
-                    continue
-                bound.append(fam)
-                break
-        if len(bound) != 1:
-            raise families.UnknownFamily(f"{list(files)} bind the config classes of {len(bound)} model families "
-                                         f"({', '.join(f.name for f in bound) or 'none'}); expected one")
-        return bound[0].config_class()
-    finally:
-        gin.clear_config()
-
-
 def parse_target(name: str) -> Target:
     """'v5p-64' -> 32 v5p chips; '8xH100' -> 8 H100s; 'cpu-8' -> 8 host devices (tests)."""
     m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)

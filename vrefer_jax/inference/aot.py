@@ -27,8 +27,8 @@ import sys
 import time
 from typing import Any
 
-from vrefer_jax.aot_targets import (GIB, Target, compiled_memory, ensure_host_devices, model_config_from_gin, nbytes,
-                                    parse_target, shard_bytes, target_devices)
+from vrefer_jax.aot_targets import (GIB, Target, compiled_memory, ensure_host_devices, nbytes, parse_target,
+                                    shard_bytes, target_devices)
 
 MODULE = "vrefer_jax.inference.aot"
 
@@ -170,7 +170,9 @@ def main(argv=None) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     ensure_host_devices(target.num_devices, argv, MODULE)
 
-    cfg = model_config_from_gin([args.model], args.gin_bindings)
+    from vrefer_jax import families
+
+    cfg = families.config_from_gin([args.model], args.gin_bindings)
     from vrefer_jax.sharding import MeshConfig
 
     mesh = MeshConfig.parse(args.mesh).resolve(target.num_devices) if args.mesh else None

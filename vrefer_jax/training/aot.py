@@ -44,8 +44,8 @@ import sys
 import time
 from typing import Any
 
-from vrefer_jax.aot_targets import (GIB, Target, compiled_memory, ensure_host_devices, model_config_from_gin,
-                                    nbytes, parse_target, shard_bytes, target_devices)
+from vrefer_jax.aot_targets import (GIB, Target, compiled_memory, ensure_host_devices, nbytes, parse_target,
+                                    shard_bytes, target_devices)
 from vrefer_jax.training.stages import available_stages, stage_trainable
 
 # The stage a family's AOT check uses when none is given (configs/stages/<name>.gin).
@@ -425,7 +425,9 @@ def main(argv=None) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     ensure_host_devices(target.num_devices, argv)
 
-    cfg = model_config_from_gin([args.model], args.gin_bindings).replace(remat_policy=args.remat)
+    from vrefer_jax import families
+
+    cfg = families.config_from_gin([args.model], args.gin_bindings).replace(remat_policy=args.remat)
     depth = tuple(int(x) for x in args.depth.split(",")) if args.depth else None
     workload = default_workload(cfg, args.seq_len, frames=args.frames, regions=args.regions,
                                 region_cells=args.region_cells,
