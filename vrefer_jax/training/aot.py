@@ -161,7 +161,13 @@ def analytic_memory(cfg, abstract_state, trainable, batch, n_batch_shards: int, 
     layer = tok * c * (6 * t.hidden_size + 3 * t.intermediate_size
                        + 2 * t.num_key_value_heads * t.head_dim) * 2  # forward + its gradients
     chunk = micro_batch * min(seq_len, 512) * t.vocab_size * 4 * 3  # fp32 logits, softmax, grad
-    vision, conn, vision_note = _encoder_activations(cfg, batch, trainable, micro_batch, c)
+    # The XLA attention path materialises the scores of one layer: fp32 logits and probabilities in
+    # the compute dtype per head ([H / tensor, L, L] per row), again for their gradients in the
+    # recomputed layer, plus the boolean [L, L] mask.
+    tp = max(1, num_devices // n_batch_shards)
+    heads = -(-t.num_attention_heads // tp)
+    attn = micro_batch * seq_len * seq_len * (heads * (4 + c) * 2 + 1)
+    vision, conn, vision_note = _encoder_activations(cfg, batch, trainable, micro_batch, c, tp)
     # FSDP working set: one gathered decoder layer in the compute dtype plus its fp32 gradient before
     # the reduce-scatter; the LM head and the embedding table likewise (vocab-sized, unsharded).
     layer_params = _count(p["llm"]["layers"]) // t.num_hidden_layers
@@ -174,8 +180,8 @@ def analytic_memory(cfg, abstract_state, trainable, batch, n_batch_shards: int, 
         grad_accumulator=per_dev(train_tree),
         compute_copies=per_dev(p) * c // w if c < w else 0,
         batch=sum(nbytes(x) for x in batch.values()) // n_batch_shards,
-        activations_estimate=int(saved + layer + chunk + vision + conn), connector_activations=int(conn),
-        vision_activations=int(vision), vision_note=vision_note,
+        activations_estimate=int(saved + layer + attn + chunk + vision + conn), connector_activations=int(conn),
+        decoder_attention=int(attn), vision_activations=int(vision), vision_note=vision_note,
         fsdp_working_set=int(gathered),
         ideal_master_params=n_total * w / num_devices,
     )
@@ -185,15 +191,16 @@ def analytic_memory(cfg, abstract_state, trainable, batch, n_batch_shards: int, 
     return out
 
 
-def _encoder_activations(cfg, batch, trainable, micro_batch: int, c: int) -> tuple[float, float, str]:
+def _encoder_activations(cfg, batch, trainable, micro_batch: int, c: int, tp: int = 1) -> tuple[float, float, str]:
     """(vision tower bytes, connector / projector bytes, a note) of one micro-batch per device.
 
     VideoRefer-7B: the SigLIP tower's saved layer inputs over the frames and region frames (as if
     kept; it is frozen), and the STC connector (trained, not rematerialised). VRVL3: the NaViT
     encoder over the row's N packed patches: the saved layer inputs when it trains, one layer's
     working set (q, k, v, out, the MLP, and the attention scores: fp32 logits + probabilities + the
-    boolean mask, [H, N, N] per row, or [N/P, H, P, P] with block attention of P patches), its
-    output; the projector over the V visual tokens (trained, not rematerialised)."""
+    boolean mask, [H, N, N] per row, or [N/P, H, P, P] with block attention of P patches; heads
+    split over `tp` tensor devices), its output; the projector over the V visual tokens (trained,
+    not rematerialised)."""
     t, v = cfg.text, cfg.vision
     if hasattr(v, "num_layers_run"):  # VideoRefer-7B
         frames = micro_batch * (cfg.num_frames + batch["region_frames"].shape[1])
@@ -208,7 +215,8 @@ def _encoder_activations(cfg, batch, trainable, micro_batch: int, c: int) -> tup
     trained = "vision_encoder" in trainable and cfg.train_vision_tower
     rows = micro_batch * N
     saved = v.num_hidden_layers * rows * v.hidden_size * c if trained else 0
-    scores = micro_batch * v.num_attention_heads * N * P * (4 + c) + micro_batch * N * P  # logits, probs, mask
+    heads = -(-v.num_attention_heads // tp)
+    scores = micro_batch * heads * N * P * (4 + c) + micro_batch * N * P  # logits, probs, mask
     one = rows * c * (5 * v.hidden_size + 2 * v.intermediate_size) + scores
     vision = saved + one * (2 if trained else 1) + rows * v.hidden_size * c  # + the encoder output
     conn = micro_batch * V * c * (v.hidden_size + 3 * t.hidden_size) * 2  # merged in, fc1, GELU, fc2; grads
@@ -361,7 +369,8 @@ def format_report(r: dict[str, Any]) -> str:
              f"  bf16 compute copies   {g(a['compute_copies'])}   (if XLA casts all sharded params at once)",
              f"  batch shard           {g(a['batch'])}",
              f"  activations (est.)    {g(a['activations_estimate'])}   (full remat: saved layer inputs + one layer"
-             f" + one logits chunk; connector, not remat'd: {g(a['connector_activations'])}; vision:"
+             f" + one logits chunk; decoder attention scores of one layer: {g(a['decoder_attention'])};"
+             f" connector, not remat'd: {g(a['connector_activations'])}; vision:"
              f" {g(a['vision_activations'])}, {a['vision_note']})",
              f"  FSDP working set (est.){g(a['fsdp_working_set'])}   (one gathered layer + LM head/embedding"
              " gathered and their unsharded fp32 grads)",
@@ -375,6 +384,12 @@ def format_report(r: dict[str, Any]) -> str:
              f"  total                 {g(c['total'])}" + (f"   vs HBM {hbm:.0f} GiB: "
                                                          f"{'fits' if c['total'] < 0.9 * hbm * GIB else 'DOES NOT FIT'}"
                                                          f" ({c['total'] / (hbm * GIB):.0%})" if hbm == hbm else "")]
+    if r["scaled_from"]:
+        D, V = r["scaled_from"]
+        at = r["compiled_at_depth"]
+        full, dec, vis = at[f"{D}x{V}"], at[f"{D - 1}x{V}"], at[f"{D}x{V - 1}"]
+        lines.append(f"  at depth {D}/{V}: total {g(full['total'])} (temporaries {g(full['temporaries'])}); per decoder "
+                     f"layer {g(full['total'] - dec['total'])}, per vision layer {g(full['total'] - vis['total'])}")
     lines = [x for x in lines if x]
     if "CPU" in r["how"]:
         lines.append("  NOTE: compiled by the CPU backend with the target's mesh: sharding is the target's, but "
