@@ -100,8 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gin_bindings", nargs="*", default=[])
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--text", type=int, default=64,
-                    help="VideoRefer: prompt ids besides the video; VRVL3: text rows")
+    ap.add_argument("--text", type=int, default=64, help="text tokens of the prompt (besides video and regions)")
     ap.add_argument("--frames", type=int, default=None, help="video frames (VideoRefer: num_frames; VRVL3: 16)")
     ap.add_argument("--frame-hw", type=int, nargs=2, default=(224, 392), help="VRVL3 source frame size (h w)")
     ap.add_argument("--regions", type=int, default=2)
@@ -117,8 +116,8 @@ def main(argv=None) -> int:
         fam = families.for_config(cfg)
         params = random_params(cfg)
         name = os.path.splitext(os.path.basename(path))[0]
-        workload = Workload(text_len=a.text + (1 + a.regions if fam.name == "videorefer" else 0), frames=a.frames,
-                            frame_hw=tuple(a.frame_hw), regions=a.regions, region_cells=a.region_cells)
+        workload = Workload(text_len=a.text, frames=a.frames, frame_hw=tuple(a.frame_hw), regions=a.regions,
+                            region_cells=a.region_cells)
         for B in a.batch:
             batch, out_len, sizes = make_batch(cfg, B, workload)
             if B == a.batch[0]:

@@ -6,9 +6,10 @@ decides what the batch looks like:
 
 * VideoRefer-7B (`videorefer`): one `<video>` of `frames` frames (the config's `num_frames` by
   default) at the tower's image size, `regions` objects of `region_frames` masked frames each;
-  `L = text_len` prompt ids (placeholders included), expanded on the device to at most
-  `out_len = L + video tokens + regions x region_token_num`. With `total_len` (training): `L =
-  max(16, total_len - video tokens)`, `out_len = total_len`.
+  `L = text_len + 1 + regions` prompt ids (the text, the `<video>` id and one `<region>` id per
+  object), expanded on the device to at most `out_len = L + video tokens + regions x
+  region_token_num`. With `total_len` (training): `L = max(16, total_len - video tokens)`,
+  `out_len = total_len`.
 * VideoRefer-VideoLLaMA3 (`videorefer_videollama3`): `frames` video frames (16 by default) of a
   `frame_hw` source size, resized by the processor rules (`data_pipeline.vl3.image_processing`:
   `smart_resize` within the per-frame share of `mm_max_length`), every merged token kept (no
@@ -37,7 +38,7 @@ from vrefer_jax.config import IGNORE_INDEX
 class Workload:
     """A workload, family-neutral (each family reads the fields it has; see the module docstring).
 
-    text_len:      VideoRefer: prompt ids (placeholders included); VRVL3: text rows
+    text_len:      text tokens (besides the <video> / <region> ids, the visual and region rows)
     total_len:     static sequence length instead of text_len (training: the text fills the rest)
     frames:        video frames (None: VideoRefer `cfg.num_frames`, VRVL3 16)
     frame_hw:      VRVL3 source frame size (height, width) in pixels, before `smart_resize`
@@ -95,7 +96,7 @@ def _videorefer(cfg, B: int, w: Workload, abstract: bool, seed: int):
     if w.total_len is not None:
         L, out_len = max(16, w.total_len - nv), w.total_len
     else:
-        L = w.text_len
+        L = w.text_len + 1 + w.regions
         out_len = L + nv + w.regions * Q
     if L < 2 + w.regions:
         raise ValueError(f"VideoRefer: {L} prompt ids cannot hold <video> and {w.regions} <region> ids")

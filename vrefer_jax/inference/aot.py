@@ -44,12 +44,14 @@ def default_mesh(target: Target) -> tuple[int, int, int]:
 def prompt_workload(cfg, text_len: int, max_objects: int, frames: int | None = None,
                     frame_hw: tuple[int, int] | None = None, region_cells: int | None = None):
     """The serving prompt of `cfg`'s family (see the module docstring) as a `Workload`. VideoRefer:
-    objects span all `num_frames` frames; VRVL3: one crop per object, 30 cells (k-means) by default."""
+    `text_len` prompt ids in all (the <video> and <region> ids among them), objects on all
+    `num_frames` frames; VRVL3: `text_len` text rows, one crop per object, 30 cells (k-means)."""
     from vrefer_jax import families
     from vrefer_jax.families.workloads import Workload
 
     if families.for_config(cfg).name == "videorefer":
-        return Workload(text_len=text_len, frames=frames, regions=max_objects, region_frames=frames or cfg.num_frames)
+        return Workload(text_len=text_len - 1 - max_objects, frames=frames, regions=max_objects,
+                        region_frames=frames or cfg.num_frames)
     return Workload(text_len=text_len, frames=frames or 64, frame_hw=tuple(frame_hw or (360, 640)),
                     regions=max_objects, region_cells=region_cells or 30)
 
