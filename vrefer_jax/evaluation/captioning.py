@@ -47,6 +47,7 @@ METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr",
 PUNCTUATIONS = ("''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...",
                 ";")
 _PTB_JAR = "stanford-corenlp-3.4.1.jar"
+_LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x85\u2028\u2029"})
 _SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
 
@@ -96,7 +97,8 @@ def ptb_tokenize_java(captions: Sequence[str]) -> list[str]:
     file goes to a temporary folder (pycocoevalcap writes it next to its jar, which fails in a
     read-only install)."""
     jar = os.path.join(_evalcap_dir(), "tokenizer", _PTB_JAR)
-    text = "\n".join(c.replace("\n", " ") for c in captions)
+    # one caption per line: other line breaks would shift the lines (pycocoevalcap only replaces "\n")
+    text = "\n".join(c.translate(_LINE_BREAKS) for c in captions)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "captions.txt")
         with open(path, "w", encoding="utf-8") as f:
@@ -104,7 +106,9 @@ def ptb_tokenize_java(captions: Sequence[str]) -> list[str]:
         out = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
                               "-lowerCase", path], capture_output=True, check=True).stdout.decode("utf-8")
     lines = out.split("\n")
-    if len(lines) < len(captions):
+    if lines and lines[-1] == "" and len(lines) == len(captions) + 1:
+        lines = lines[:-1]
+    if len(lines) != len(captions):
         raise RuntimeError(f"PTBTokenizer returned {len(lines)} lines for {len(captions)} captions")
     return [_filter(line) for line in lines[:len(captions)]]
 
@@ -149,7 +153,7 @@ def _word_tokens(word: str, next_is_digit: bool) -> list[str]:
 
 def ptb_tokenize_python(caption: str) -> str:
     """Our stand-in for `ptb_tokenize_java` on one caption (see the module docstring)."""
-    text = caption.replace("\n", " ").translate(str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"',
+    text = caption.translate(_LINE_BREAKS).translate(str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"',
                                                                  "\u201d": '"'}))
     tokens: list[str] = []
     matches = list(_TOKEN.finditer(text))
