@@ -99,6 +99,9 @@ FAMILY = Family(
     load_hf=_load_hf,
     host_option_names=("fps", "max_frames"),
     bench_protocol="vl3",
-    # reference_vl3 §5, §13: `infer.py` and Bench-Q at fps 1, Bench-D at 4
-    benchmark_options={"infer": {"fps": 1}, "bench-q": {"fps": 1}, "bench-d": {"fps": 4}},
+    # reference_vl3 §5, §13: `infer.py` and Bench-Q at fps 1, Bench-D and HC-STVG at 4 (HC-STVG's
+    # script also caps at 768 frames, the default); the image benchmarks (lvis, paco, vg, dlc,
+    # refl4) take no frame option
+    benchmark_options={"infer": {"fps": 1}, "bench-q": {"fps": 1}, "bench-d": {"fps": 4}, "hcstvg": {"fps": 4},
+                       **{b: {} for b in ("lvis", "paco", "vg", "dlc", "refl4")}},
 )
