@@ -60,6 +60,9 @@ class SynthConfig:
     # Caption turns per training video: 2 = a short and a detailed one, 1 = one of the two at random
     # (a caption has several times a question's supervised tokens), 0 = none.
     captions_per_video: int = 2
+    # Prompt wording of the training turns (`bench_formats.PROTOCOLS`): the evaluated family's
+    # Bench-Q / Bench-D scripts ("vl3": `<region>` without the `[...]` VRVL3's expansion adds).
+    prompt_protocol: str = "videorefer"
 
     def __post_init__(self):
         if not 2 <= self.num_frames <= 32:
@@ -83,6 +86,8 @@ class SynthConfig:
             raise ValueError(f"travel must satisfy 0 < lo <= hi <= 1, got {self.travel}")
         if self.captions_per_video not in (0, 1, 2):
             raise ValueError(f"captions_per_video must be 0, 1 or 2, got {self.captions_per_video}")
+        if self.prompt_protocol not in ("videorefer", "vl3"):
+            raise ValueError(f"prompt_protocol must be 'videorefer' or 'vl3', got {self.prompt_protocol!r}")
         if self.min_speed_ratio < 1.0:
             raise ValueError(f"min_speed_ratio must be >= 1, got {self.min_speed_ratio}")
 
