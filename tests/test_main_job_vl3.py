@@ -35,9 +35,9 @@ def _run(workdir, bindings):
     return res
 
 
-SHORT = ["SyntheticJob.train_videos = 40", "SyntheticJob.eval_videos = 8", "SyntheticJob.bench_d_items = 2",
+SHORT = ["SyntheticJob.train_videos = 24", "SyntheticJob.eval_videos = 4", "SyntheticJob.bench_d_items = 1",
          "SyntheticJob.question_kinds = ('colour',)", "SyntheticJob.turns_per_sample = 3",
-         "TrainConfig.total_steps = 30", "TrainConfig.log_every = 5", "TrainConfig.checkpoint_every = 15",
+         "TrainConfig.total_steps = 20", "TrainConfig.log_every = 5", "TrainConfig.checkpoint_every = 10",
          "LoaderConfig.length_group_window = 2"]
 
 
