@@ -33,6 +33,15 @@ setup(
         "pysubs2>=1.6,<2",  # VideoMME .srt subtitles, as the official script reads them
     ],
     extras_require={
+        # Region benchmark scorers (vrefer-eval region / score): pycocoevalcap's caption metrics
+        # (its METEOR / SPICE / PTB tokenizer also need a Java runtime, which pip cannot install),
+        # inflect for DLC-Bench's plural class names, torch + transformers for LVIS / PACO SSim.
+        "eval": [
+            "pycocoevalcap>=1.2,<2",
+            "inflect>=7,<8",
+            "torch==2.13.0",
+            "transformers>=4.46,<6",
+        ],
         # Test-only references. torch is the CPU build; timm is installed with --no-deps by
         # .ci/run (its torchvision dependency has no CPU build for torch 2.13), hence pillow/pyyaml.
         "dev": [
@@ -42,6 +51,8 @@ setup(
             "tfrecord>=1.14,<2",
             "pyyaml>=6",
             "huggingface_hub>=0.24",
+            "pycocoevalcap>=1.2,<2",  # the region benchmark scorers' tests (= the eval extra)
+            "inflect>=7,<8",
         ],
     },
     entry_points={"console_scripts": [

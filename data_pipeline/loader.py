@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 # cap names = policy keys; append new ones (the order indexes the skip-count vectors)
 CAPS = ("input_ids", "region_frames", "objects", "object_frames", "expanded_len")
+# VRVL3's caps (`data_pipeline.vl3.loader`): text rows L, packed patches N, visual tokens V, regions
+# R, cells per region C (the padded sizes of `vrefer_jax.vl3_batch`)
+VL3_CAPS = ("input_ids", "patches", "visual_tokens", "regions", "region_cells")
 _MODAL_TOKEN = {"video": "<video>", "image": "<image>", "text": None}
 
 
@@ -99,6 +102,16 @@ class LoaderConfig:
     max_expanded_len: int | None = None
     num_video_tokens: int | None = None
     region_tokens_per_object: int | None = None
+    # VRVL3 (`data_pipeline.vl3.loader`; VideoRefer-7B ignores these). seq_len is L there: the final
+    # rows with every visual / region token, which is also the model's `out_len`.
+    max_patches: int | None = None  # N: packed pixel patches (frames + region crops)
+    max_visual_tokens: int | None = None  # V: merged visual tokens after pruning
+    max_regions: int | None = None  # R: regions (one per object and annotated frame)
+    max_region_cells: int | None = None  # C: mask-grid cells per region
+    fps: float | None = 1.0  # frame sampling (`VL3HostConfig.fps`); None = every frame
+    max_frames: int = 768  # frame cap after fps sampling (`VL3HostConfig.max_frames`)
+    media_root: str = ""  # media paths are relative to it; "" = each sample file's folder
+    length_group_window: int = 0  # batches per length-grouping window; 0 = batches in sample order
 
     def policy(self, cap: str) -> str:
         p = self.overflow if isinstance(self.overflow, str) else self.overflow.get(cap, "error")
@@ -108,9 +121,10 @@ class LoaderConfig:
 
     def __post_init__(self):
         if not isinstance(self.overflow, str):
-            unknown = set(self.overflow) - set(CAPS)
+            unknown = set(self.overflow) - set(CAPS) - set(VL3_CAPS)
             if unknown:
-                raise ValueError(f"unknown caps in overflow: {sorted(unknown)}; expected {CAPS}")
+                raise ValueError(f"unknown caps in overflow: {sorted(unknown)}; expected {CAPS} (VideoRefer-7B) "
+                                 f"or {VL3_CAPS} (VRVL3)")
         for cap in CAPS:
             self.policy(cap)
         if self.aspect not in ("square", "pad"):
@@ -371,14 +385,15 @@ class LoaderIterator(grain.DatasetIterator):
     state; complete once a finite stream has raised StopIteration). A `grain.DatasetIterator`, so
     `grain.checkpoint.CheckpointSave(it)` works with Orbax."""
 
-    def __init__(self, parent: grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, caps: Sequence[str] = CAPS):
         super().__init__(parent)
-        self.skipped = {c: 0 for c in CAPS}
+        self.caps = tuple(caps)  # the names the `num_skipped` vectors count, in order
+        self.skipped = {c: 0 for c in self.caps}
 
     def __next__(self) -> dict[str, Any]:
         while True:
             batch = next(self._parent)
-            for cap, n in zip(CAPS, batch.pop("num_skipped").tolist()):
+            for cap, n in zip(self.caps, batch.pop("num_skipped").tolist()):
                 self.skipped[cap] += int(n)
             if batch:  # else a counts-only batch: skips after the last examples of a worker's stream
                 return batch
@@ -388,7 +403,7 @@ class LoaderIterator(grain.DatasetIterator):
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._parent.set_state(state["pipeline"])
-        self.skipped = {c: int(state.get("skipped", {}).get(c, 0)) for c in CAPS}
+        self.skipped = {c: int(state.get("skipped", {}).get(c, 0)) for c in self.caps}
 
     def close(self) -> None:
         close = getattr(self._parent, "close", None)

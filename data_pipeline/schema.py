@@ -55,6 +55,10 @@ REASONS: dict[str, str] = {
     "bad_size": "height/width are not both positive integers",
     "mask_size_mismatch": "a mask's size differs from its frame's size",
     "bad_benchmark_entry": "a benchmark entry lacks or mistypes Question/options/Answer/caption/frame_idx",
+    "bad_box": "a box is not [x, y, width, height] finite numbers (Ref-L4 / VG region boxes)",
+    "bad_media_size": "the image / frame size is outside what the model's image processor takes",
+    "bad_region": "a region cannot be cropped and zoomed from its mask and frame",
+    "region_count_mismatch": "the region token count differs from the pooled cells (float-mask parity mode)",
     "worker_died": "the converter worker process died on this sample (e.g. a crash in a decoder)",
     "unexpected_error": "an exception no check anticipated (type and message are kept): please report it",
 }

@@ -5,9 +5,11 @@
 
 1. generate moving-shape videos with exact masks, Bench-Q/Bench-D-style eval sets and a BPE
    tokenizer (`data_pipeline.synthetic`), in the official JSON + RLE format;
-2. convert the training JSON to TFRecord shards (`data_pipeline.convert`);
-3. train the tiny VideoRefer with the real trainer (Grain loader, sharded step over the local
-   devices, Orbax checkpoints);
+2. convert the training JSON to TFRecord shards (`data_pipeline.convert`); a VRVL3 model
+   (`configs/experiments/synthetic_tiny_vl3.gin`) trains from the JSON + media directly and gets
+   a copy of the tokenizer with its `<image>` / `<REGION>` tokens instead;
+3. train the tiny model with the real trainer (the family's Grain loader, sharded step over the
+   local devices, Orbax checkpoints);
 4. evaluate with the Bench-Q runner (official + strict parsers), again with the object tokens
    zeroed (the ablation), and score Bench-D descriptions by attribute matching;
 5. export a Hugging Face folder and answer one question with `vrefer-infer`.
@@ -56,6 +58,7 @@ class SyntheticJob:
     vocab_size: int = 512
     convert_shards: int = 4
     eval_mode: str = "single"
+    frame_noise: float = 0.0  # see data_pipeline.synthetic.scene.SynthConfig.frame_noise
     eval_batch_size: int = 16
     bench_d_items: int = 40
     description_tokens: int = 48
@@ -65,17 +68,48 @@ def _done(path: str) -> bool:
     return os.path.exists(path)
 
 
-def _model_for(tok_path: str):
-    """The gin-bound ModelConfig with the synthetic tokenizer's vocabulary and special ids."""
-    from vrefer_jax.config import ModelConfig
+def _family():
+    """The model family the gin configuration binds (VideoRefer-7B unless e.g. `VL3Config` is bound)."""
+    from vrefer_jax import families
+
+    bound = [f for f in families.REGISTRY.values() if families._binds(f.config_class)]
+    return bound[0] if len(bound) == 1 else families.get("videorefer")
+
+
+def _model_for(tok_path: str, family=None):
+    """The gin-bound model config of `family` with the synthetic tokenizer's vocabulary and
+    special ids (VRVL3: `<image>`, `<REGION>` and the pad of `vl3_tokenizer`'s copy)."""
     from vrefer_jax.text.tokenizer import load_tokenizer
 
+    family = family or _family()
     tok = load_tokenizer(tok_path)
-    cfg = ModelConfig()
+    cfg = family.config_class()
     if tok.vocab_size > cfg.text.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} ids, the model {cfg.text.vocab_size}")
     pad = tok.token_to_id("<|endoftext|>")
-    return cfg.replace(region_token_id=tok.region_id, pad_token_id=pad), tok
+    if family.name == "videorefer":
+        return cfg.replace(region_token_id=tok.region_id, pad_token_id=pad), tok
+    return cfg.replace(image_token_id=tok.token_to_id("<image>"), region_token_id=tok.token_to_id("<REGION>"),
+                       pad_token_id=pad), tok
+
+
+def vl3_tokenizer(src_dir: str, out_dir: str) -> str:
+    """A copy of the synthetic tokenizer with VRVL3's special tokens appended (`<image>`,
+    `<|stream_start|>`, `<|stream_end|>`, `<REGION>`, as the official `add_tokens`), so that the
+    run's `final/hf`, the exported folder and `vrefer-infer` all read the same ids."""
+    import shutil
+
+    from tokenizers import AddedToken, Tokenizer
+
+    from vrefer_jax.text.vl3_prompt import SPECIAL_TOKENS
+
+    os.makedirs(out_dir, exist_ok=True)
+    tok = Tokenizer.from_file(os.path.join(src_dir, "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS
+                            if tok.token_to_id(t) is None])
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    shutil.copyfile(os.path.join(src_dir, "tokenizer_config.json"), os.path.join(out_dir, "tokenizer_config.json"))
+    return out_dir
 
 
 def chance_levels(items) -> dict[str, float]:
@@ -88,14 +122,28 @@ def chance_levels(items) -> dict[str, float]:
     return out
 
 
+def host_options(cfg) -> dict[str, Any]:
+    """Frame options of the evaluation: VideoRefer-7B the model's frame count; VRVL3 its Bench-Q
+    protocol (fps 1), for Bench-D too (the synthetic clips are sampled as in training)."""
+    from vrefer_jax import families
+
+    family = families.for_config(cfg)
+    if family.name == "videorefer":
+        return {"num_frames": cfg.num_frames}
+    return family.host_options("bench-q")
+
+
 def evaluate(cfg, params, tok, data_dir: str, out_dir: str, job: SyntheticJob, tag: str) -> dict[str, Any]:
-    """Bench-Q accuracy (and Bench-D attribute score) of (cfg, params) on the synthetic eval sets."""
+    """Bench-Q accuracy (and Bench-D attribute score) of (cfg, params) on the synthetic eval sets,
+    with the prompt protocol of the model's family."""
+    from vrefer_jax import families
     from vrefer_jax.evaluation import bench_d, bench_q
     from vrefer_jax.inference.predictor import Predictor, default_generation
 
-    pred = Predictor(cfg, params, tok, num_frames=cfg.num_frames)
+    protocol = families.for_config(cfg).bench_protocol
+    pred = Predictor(cfg, params, tok, **host_options(cfg))
     os.makedirs(out_dir, exist_ok=True)
-    items = bench_q.load(os.path.join(data_dir, "bench_q.json"), job.eval_mode)
+    items = bench_q.load(os.path.join(data_dir, "bench_q.json"), job.eval_mode, protocol)
     gen = default_generation(tok, None, max_new_tokens=4, repetition_penalty=1.0)
     t = time.perf_counter()
     bench_q.run(items, pred, os.path.join(out_dir, f"bench_q.{tag}.jsonl"), media_root=data_dir, gen=gen,
@@ -105,7 +153,7 @@ def evaluate(cfg, params, tok, data_dir: str, out_dir: str, job: SyntheticJob, t
     q["seconds"] = time.perf_counter() - t
     res = {"bench_q": q, "by_kind": accuracy_by_kind(rows, os.path.join(data_dir, "bench_q.json"))}
     if job.bench_d_items:
-        d_items = bench_d.load(os.path.join(data_dir, "bench_d.json"), job.eval_mode)[: job.bench_d_items]
+        d_items = bench_d.load(os.path.join(data_dir, "bench_d.json"), job.eval_mode, protocol)[: job.bench_d_items]
         dgen = default_generation(tok, None, max_new_tokens=job.description_tokens, repetition_penalty=1.0)
         bench_d.run(d_items, pred, os.path.join(out_dir, f"bench_d.{tag}.jsonl"), media_root=data_dir, gen=dgen,
                     batch_size=job.eval_batch_size)
@@ -179,6 +227,8 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
     from vrefer_jax.training import trainer
 
     job = job or SyntheticJob()
+    family = _family()
+    vl3 = family.name != "videorefer"
     t0 = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     data_dir = os.path.join(workdir, "data")
@@ -194,15 +244,20 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
             data_dir, seed=job.seed, train_videos=job.train_videos, eval_videos=job.eval_videos,
             cfg=scene.SynthConfig(num_frames=job.video_frames, size=job.video_size, mask_frames=job.mask_frames,
                                       eval_mask_frames=job.eval_mask_frames, turns_per_sample=job.turns_per_sample,
-                                      fixed_options=job.fixed_options, **optional),
+                                      fixed_options=job.fixed_options, prompt_protocol=family.bench_protocol,
+                                      frame_noise=job.frame_noise, **optional),
             vocab_size=job.vocab_size)
         print(f"      {summary['train_samples']} training samples, {summary['bench_q']} Bench-Q, "
               f"{summary['bench_d']} Bench-D items", flush=True)
-    cfg, tok = _model_for(tok_path)
+    if vl3:
+        tok_path = vl3_tokenizer(data_dir, os.path.join(data_dir, "vl3_tokenizer"))
+    cfg, tok = _model_for(tok_path, family)
 
     # 2. records
     rec_dir = os.path.join(workdir, "records")
-    if not (resume and _done(os.path.join(rec_dir, "train.report.json"))):
+    if vl3:
+        print("[2/5] VRVL3 trains from the JSON + media (data_pipeline.vl3.loader): no records", flush=True)
+    elif not (resume and _done(os.path.join(rec_dir, "train.report.json"))):
         print("[2/5] converting to TFRecord shards ...", flush=True)
         entries = inputs_lib.load_entries(os.path.join(data_dir, "train.json"))
         ccfg = convert_lib.ConvertConfig(num_frames=cfg.num_frames, image_size=cfg.vision.image_size, image_format="png")
@@ -213,8 +268,8 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
     # 3. training
     print("[3/5] training ...", flush=True)
     train_dir = os.path.join(workdir, "train")
-    data = dataclasses.replace(trainer.DataConfig(), train=(os.path.join(rec_dir, "train-*.tfrecord"),),
-                               tokenizer=tok_path)
+    train_src = os.path.join(data_dir, "train.json") if vl3 else os.path.join(rec_dir, "train-*.tfrecord")
+    data = dataclasses.replace(trainer.DataConfig(), train=(train_src,), tokenizer=tok_path)
     if resume and _done(os.path.join(train_dir, "DONE")):
         out = {"history": [json.loads(l) for l in open(os.path.join(train_dir, "metrics.jsonl"))]}
     else:
@@ -234,15 +289,19 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
     trained = evaluate(fcfg, params, tok, data_dir, eval_dir, job, "trained")
     ablated = evaluate(fcfg.replace(zero_object_tokens=True), params, tok, data_dir, eval_dir, job, "zeroed")
     from vrefer_jax.evaluation import bench_q
-    chance = chance_levels(bench_q.load(os.path.join(data_dir, "bench_q.json"), job.eval_mode))
+    chance = chance_levels(bench_q.load(os.path.join(data_dir, "bench_q.json"), job.eval_mode, family.bench_protocol))
     table = format_table(trained, ablated, chance)
 
     # 5. export + one question through vrefer-infer
     print("[5/5] exporting to a Hugging Face folder and asking vrefer-infer one question ...", flush=True)
-    from vrefer_jax.checkpoints.hf_export import export_videorefer
     hf_dir = os.path.join(workdir, "hf_export")
-    export_videorefer(params, fcfg, hf_dir, tokenizer_folder=os.path.join(final, "hf"), dtype="float32")
-    answer = ask_one(hf_dir, data_dir, fcfg.num_frames)
+    if vl3:
+        family.export_checkpoint(final, hf_dir, dtype="float32", overwrite=True)
+        answer = ask_one(hf_dir, data_dir, None, family.bench_protocol, host_options(fcfg))
+    else:
+        from vrefer_jax.checkpoints.hf_export import export_videorefer
+        export_videorefer(params, fcfg, hf_dir, tokenizer_folder=os.path.join(final, "hf"), dtype="float32")
+        answer = ask_one(hf_dir, data_dir, fcfg.num_frames)
 
     result = {"table": table, "trained": trained, "ablated": ablated, "chance": chance, "loss_curve": losses,
               "skipped_samples": skipped[-1] if skipped else 0,
@@ -254,9 +313,11 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
     return result
 
 
-def ask_one(checkpoint: str, data_dir: str, num_frames: int) -> dict[str, str]:
+def ask_one(checkpoint: str, data_dir: str, num_frames: int | None, protocol: str = "videorefer",
+            options: dict[str, Any] | None = None) -> dict[str, str]:
     """Answer the first Bench-Q question through the `vrefer-infer` CLI (RLE mask files) from the
-    exported Hugging Face folder (so the export round trip is exercised too)."""
+    exported Hugging Face folder (so the export round trip is exercised too). VideoRefer-7B:
+    `num_frames`; VRVL3: the host `options` (fps, max_frames) and its prompt `protocol`."""
     import contextlib
     import io
 
@@ -271,10 +332,13 @@ def ask_one(checkpoint: str, data_dir: str, num_frames: int) -> dict[str, str]:
         with open(path, "w") as f:
             json.dump(obj[fidx]["segmentation"], f)
         masks += ["--rle", path]
-    question = bench_q_prompt(entry["Question"], entry["options"])  # the prompt the model was trained on
+    question = bench_q_prompt(entry["Question"], entry["options"], protocol)  # the prompt the model was trained on
     argv = ["--checkpoint", checkpoint, "--video", os.path.join(data_dir, entry["video"]), "--question", question,
-            "--frame", fidx, "--num-frames", str(num_frames), "--max-new-tokens", "8",
-            "--use-stored-vision-tower", *masks]
+            "--frame", fidx, "--max-new-tokens", "8", *masks]
+    if num_frames is not None:
+        argv += ["--num-frames", str(num_frames), "--use-stored-vision-tower"]
+    for k, v in (options or {}).items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         infer_cli.main(argv)

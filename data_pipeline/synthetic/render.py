@@ -67,6 +67,9 @@ def render(tracks: Sequence[Track], rng: np.random.Generator, cfg: SynthConfig) 
     S, T = cfg.size, cfg.num_frames
     bg = _background(rng, S)
     frames = np.repeat(bg[None], T, axis=0)
+    if cfg.frame_noise > 0:  # drawn only when asked: the default videos stay byte-identical
+        noisy = frames.astype(np.float32) + rng.normal(0, cfg.frame_noise, frames.shape[:3])[..., None]
+        frames = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
     full = np.stack([[shape_mask(tr.shape, *tr.centres[t], tr.radius, S) for t in range(T)] for tr in tracks])
     visible = full.copy()
     for k in range(len(tracks)):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_pipeline.bench_formats import BENCH_D_PROMPT, bench_q_prompt
+from data_pipeline.bench_formats import BENCH_D_PROMPT, VL3_BENCH_D_PROMPT, bench_q_prompt
 from data_pipeline.synthetic.captions import attributes, detailed_caption, short_caption
 from data_pipeline.synthetic.questions import make_questions
 from data_pipeline.synthetic.render import annotation
@@ -48,7 +48,8 @@ def _turns(video: Video, rng: np.random.Generator, cfg: SynthConfig) -> list[dic
     out = []
     for q in make_questions(video, rng, cfg):
         _, frames = _annotated(video, q["objects"], rng, cfg.mask_frames)
-        out.append({"type": q["type"], "prompt": bench_q_prompt(q["Question"], q["options"]), "reply": q["Answer"],
+        out.append({"type": q["type"], "prompt": bench_q_prompt(q["Question"], q["options"], cfg.prompt_protocol),
+                    "reply": q["Answer"],
                     "objects": q["objects"], "frames": frames})
     kinds = ("short", "detailed")
     if cfg.captions_per_video < 2:
@@ -56,10 +57,12 @@ def _turns(video: Video, rng: np.random.Generator, cfg: SynthConfig) -> list[dic
     for kind in kinds:
         k = int(rng.integers(len(video.tracks)))
         _, frames = _annotated(video, [k], rng, cfg.mask_frames)
+        vl3 = cfg.prompt_protocol == "vl3"  # VRVL3 adds the [...] around a region's tokens itself
         if kind == "short":
-            prompt, cap = "What is [<region>]? Answer in a few words.", short_caption(video.tracks[k])
+            prompt = f"What is {'<region>' if vl3 else '[<region>]'}? Answer in a few words."
+            cap = short_caption(video.tracks[k])
         else:
-            prompt, cap = BENCH_D_PROMPT, detailed_caption(video, k, cfg.size)
+            prompt, cap = (VL3_BENCH_D_PROMPT if vl3 else BENCH_D_PROMPT), detailed_caption(video, k, cfg.size)
         out.append({"type": f"{kind} caption", "prompt": prompt, "reply": cap, "objects": [k], "frames": frames})
     return out
 

@@ -60,6 +60,15 @@ class SynthConfig:
     # Caption turns per training video: 2 = a short and a detailed one, 1 = one of the two at random
     # (a caption has several times a question's supervised tokens), 0 = none.
     captions_per_video: int = 2
+    # Prompt wording of the training turns (`bench_formats.PROTOCOLS`): the evaluated family's
+    # Bench-Q / Bench-D scripts ("vl3": `<region>` without the `[...]` VRVL3's expansion adds).
+    prompt_protocol: str = "videorefer"
+    # std (grey levels) of fresh Gaussian noise on every frame's background, as a camera's sensor
+    # noise; 0 = a static background. VRVL3 prunes merged tokens whose pixels did not change since
+    # the previous frame, so over a static background only the moving objects' tokens survive and
+    # their place in the frame is lost to a model whose (random, frozen) encoder has no absolute
+    # position (2D RoPE is relative); real footage is never pixel-static outside letterboxes.
+    frame_noise: float = 0.0
 
     def __post_init__(self):
         if not 2 <= self.num_frames <= 32:
@@ -83,6 +92,8 @@ class SynthConfig:
             raise ValueError(f"travel must satisfy 0 < lo <= hi <= 1, got {self.travel}")
         if self.captions_per_video not in (0, 1, 2):
             raise ValueError(f"captions_per_video must be 0, 1 or 2, got {self.captions_per_video}")
+        if self.prompt_protocol not in ("videorefer", "vl3"):
+            raise ValueError(f"prompt_protocol must be 'videorefer' or 'vl3', got {self.prompt_protocol!r}")
         if self.min_speed_ratio < 1.0:
             raise ValueError(f"min_speed_ratio must be >= 1, got {self.min_speed_ratio}")
 

@@ -50,12 +50,7 @@ run = functools.partial(runner.run_predictions, row_fn=row_fields)
 def _predicted(rows: Mapping[str, dict],
                items: Sequence[runner.Item] | None) -> tuple[list[tuple[str, dict, dict]], dict]:
     """[(id, row, extra)] of rows with a prediction, in benchmark order, and the coverage report."""
-    if items is None:
-        cov = {"missing": [], "errors": [r["error"] for r in rows.values() if r.get("error")], "unknown": []}
-        return [(sid, r, r) for sid, r in rows.items() if r.get("pred") is not None], cov
-    cov = runner.coverage(items, rows)
-    out = [(s.sample_id, rows[s.sample_id], s.extra) for s in items
-           if isinstance(s, schema.Sample) and s.sample_id in rows and rows[s.sample_id].get("pred") is not None]
+    _, out, cov = runner.predicted(rows, items)
     return out, cov
 
 

@@ -1,4 +1,5 @@
-"""LLM judge for VideoRefer-Bench-D descriptions through any OpenAI-compatible chat endpoint.
+"""LLM judge through any OpenAI-compatible chat endpoint: the client (`JudgeClient.ask`, shared by
+Bench-D, DLC-Bench and Ref-L4 CLAIR) and Bench-D's rubric, parsing and aggregation.
 
 Rubric (reference §5.2; official `videorefer/eval/videorefer_bench_d/system.txt`, here in our own
 words): four dimensions scored with an integer 0-5 each, answered as numbered lines
@@ -122,21 +123,22 @@ def _parses(reply: str) -> bool:
 
 
 class JudgeClient:
-    """Chat completions over urllib with retries and a JSONL cache (thread-safe).
+    """Chat completions over urllib with retries and a JSONL cache (thread-safe), for any scorer.
 
-    `requests` counts HTTP attempts made (cache hits make none). A cached reply is final only if
-    `accept(reply)` (default: it has the four scores); every other reply is appended with
-    `"parsed": false` and counts as one attempt, so that later runs ask again until
-    `cfg.unparsed_attempts` attempts were made. Acceptance is re-evaluated when the cache is read,
-    so caches written before this rule are handled the same way."""
+    `ask(messages, accept, attempts)` is the general entry point (Bench-D's `judge`, DLC-Bench and
+    CLAIR use it): `requests` counts HTTP attempts made (cache hits make none). A cached reply is
+    final only if `accept(reply)` (default: Bench-D's four scores); every other reply is appended
+    with `"parsed": false` and counts as one attempt, so that later calls (this run or later runs
+    sharing the cache) ask again until `attempts` (default `cfg.unparsed_attempts`) requests were
+    made; then the last reply stands. Acceptance is evaluated when a reply is looked up, so caches
+    written before this rule, or shared between scorers, are handled the same way."""
 
     def __init__(self, cfg: JudgeConfig, cache_path: str | None = None, sleep: Callable[[float], None] = time.sleep,
                  accept: Callable[[str], bool] = _parses):
         self.cfg, self.cache_path, self._sleep, self._accept = cfg, cache_path, sleep, accept
         self._lock = threading.Lock()
         self.requests = 0
-        self._cache: dict[str, str] = {}
-        self._unparsed: dict[str, tuple[int, str]] = {}  # key -> (attempts, last reply)
+        self._replies: dict[str, list[str]] = {}  # key -> every reply received, in order
         if cache_path and os.path.exists(cache_path):
             with open(cache_path, encoding="utf-8") as f:
                 for line in f:
@@ -145,16 +147,13 @@ class JudgeClient:
                         key, reply = row["key"], row["reply"]
                     except (json.JSONDecodeError, KeyError, TypeError):
                         continue  # a line cut short by a killed run
-                    if not isinstance(reply, str):
-                        continue
-                    if accept(reply):
-                        self._cache[key] = reply
-                    else:
-                        self._unparsed[key] = (self._unparsed.get(key, (0, ""))[0] + 1, reply)
+                    if isinstance(key, str) and isinstance(reply, str):
+                        self._replies.setdefault(key, []).append(reply)
 
     # -- requests
 
     def messages(self, caption: str, pred: str) -> list[dict[str, str]]:
+        """Bench-D's messages: the rubric as system prompt, reference and prediction as user turn."""
         return [{"role": "system", "content": self.cfg.system_prompt},
                 {"role": "user", "content": user_message(caption, pred)}]
 
@@ -199,23 +198,25 @@ class JudgeClient:
             last = f"reply content is {type(text).__name__}, not text"
         raise JudgeError(f"no reply after {self.cfg.retries + 1} attempts; last: {last}")
 
-    def judge(self, caption: str, pred: str) -> str:
-        """The judge's reply for one (reference, prediction) pair, from the cache when present."""
-        msgs = self.messages(caption, pred)
-        key = self.cache_key(msgs)
+    def ask(self, messages: Sequence[Mapping[str, str]], accept: Callable[[str], bool] | None = None,
+            attempts: int | None = None) -> str:
+        """The reply to `messages`: the first cached reply that `accept`s, else a new request unless
+        `attempts` requests (over all runs sharing the cache) were already made, in which case the
+        last reply stands. Raises `JudgeError` when the endpoint gives no reply (not cached)."""
+        accept = accept or self._accept
+        limit = max(1, self.cfg.unparsed_attempts if attempts is None else attempts)
+        key = self.cache_key(messages)
         with self._lock:
-            if key in self._cache:
-                return self._cache[key]
-            tries, last = self._unparsed.get(key, (0, ""))
-            if tries >= max(1, self.cfg.unparsed_attempts):
-                return last  # bounded: the unparsed reply stands (and is listed by `aggregate`)
-        reply = self.complete(msgs)
-        parsed = self._accept(reply)
+            seen = self._replies.get(key, [])
+            for reply in seen:
+                if accept(reply):
+                    return reply
+            if len(seen) >= limit:
+                return seen[-1]  # bounded: the unparsed reply stands (the scorer lists it)
+        reply = self.complete(messages)
+        parsed = bool(accept(reply))
         with self._lock:
-            if parsed:
-                self._cache[key] = reply
-            else:
-                self._unparsed[key] = (self._unparsed.get(key, (0, ""))[0] + 1, reply)
+            self._replies.setdefault(key, []).append(reply)
             if self.cache_path:
                 os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
                 with open(self.cache_path, "a", encoding="utf-8") as f:
@@ -224,6 +225,22 @@ class JudgeClient:
                     f.flush()
                     os.fsync(f.fileno())
         return reply
+
+    def judge(self, caption: str, pred: str) -> str:
+        """Bench-D: the judge's reply for one (reference, prediction) pair, from the cache when present."""
+        return self.ask(self.messages(caption, pred))
+
+
+def map_concurrent(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
+                   log: Callable[[str], None] | None = None, what: str = "judged") -> list[Any]:
+    """`[fn(x) for x in items]` on `workers` threads, in order, logging every 50 results."""
+    out: list[Any] = []
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as ex:
+        for i, res in enumerate(ex.map(fn, items)):
+            out.append(res)
+            if log and (i + 1) % 50 == 0:
+                log(f"{what} {i + 1}/{len(items)}")
+    return out
 
 
 # ----------------------------------------------------------------------------- parsing and aggregation
@@ -262,13 +279,7 @@ def judge_items(pairs: Sequence[tuple[str, str, str]], client: JudgeClient,
         scores, problem = parse_scores(reply)
         return {"id": sid, "reply": reply, "scores": scores, "problem": problem}
 
-    out: list[dict[str, Any]] = []
-    with concurrent.futures.ThreadPoolExecutor(max(1, client.cfg.workers)) as ex:
-        for i, res in enumerate(ex.map(one, pairs)):
-            out.append(res)
-            if log and (i + 1) % 50 == 0:
-                log(f"judged {i + 1}/{len(pairs)}")
-    return out
+    return map_concurrent(one, pairs, client.cfg.workers, log)
 
 
 def aggregate(judged: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -239,3 +239,19 @@ def coverage(items: Sequence[Item], rows: Mapping[str, dict]) -> dict[str, list]
     return {"missing": [i for i in ids if i not in rows],
             "errors": [rows[i]["error"] for i in ids if i in rows and rows[i].get("error")],
             "unknown": sorted(set(rows) - known)}
+
+
+def predicted(rows: Mapping[str, dict] | Sequence[dict], items: Sequence[Item] | None = None
+              ) -> tuple[dict[str, dict], list[tuple[str, dict, Mapping]], dict[str, list]]:
+    """(rows by id, `[(id, row, ground truth)]` of the rows with a prediction, coverage report).
+
+    With `items`, the order is the benchmark's, the ground truth each sample's `extra`, and the
+    coverage `coverage(items, rows)`; without, the rows' order, the row itself, and only the error
+    rows are listed."""
+    rows = dict(rows) if isinstance(rows, Mapping) else {str(r["id"]): r for r in rows}
+    if items is None:
+        cov = {"missing": [], "errors": [r["error"] for r in rows.values() if r.get("error")], "unknown": []}
+        return rows, [(sid, r, r) for sid, r in rows.items() if r.get("pred") is not None], cov
+    out = [(s.sample_id, rows[s.sample_id], s.extra) for s in items
+           if isinstance(s, schema.Sample) and s.sample_id in rows and rows[s.sample_id].get("pred") is not None]
+    return rows, out, coverage(items, rows)

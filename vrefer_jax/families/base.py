@@ -42,6 +42,13 @@ class Family:
     export_checkpoint: (src, out, *, dtype, max_shard_size, tokenizer=None, overwrite=False,
                      **options) -> the config.json dict: an imported folder -> an official folder
                      (`vrefer-convert export`)
+    train_loader:    (cfg, sources, tokenizer, weights=None, **loader_fields) -> the training /
+                     eval loader (`data_pipeline.loader.LoaderIterator`): `LoaderConfig` built from
+                     `loader_fields` and the gin bindings in force (the trainer enters the `train/`
+                     or `eval/` scope), with what the model fixes filled in
+    check_tokenizer: (cfg, tokenizer) -> None; raises ValueError when the model's special ids and
+                     the tokenizer's disagree (the trainer refuses to start)
+    hf_config:       cfg -> the Hugging Face `config.json` dict written with a run's `final/`
     """
 
     name: str
@@ -62,6 +69,19 @@ class Family:
     import_checkpoint: Callable[..., Any] | None = None
     export_checkpoint: Callable[..., Any] | None = None
     load_hf: Callable[..., Any] | None = None
+    # path -> tokenizer (None: `text.tokenizer.load_tokenizer`); VRVL3's adds `<image>` / `<REGION>`
+    tokenizer_loader: Callable[[str], Any] | None = None
+    train_loader: Callable[..., Any] | None = None
+    check_tokenizer: Callable[..., None] | None = None
+    hf_config: Callable[[Any], dict] | None = None
+
+    def load_tokenizer(self, path: str):
+        """The family's tokenizer from a folder or file."""
+        if self.tokenizer_loader is not None:
+            return self.tokenizer_loader(path)
+        from vrefer_jax.text.tokenizer import load_tokenizer
+
+        return load_tokenizer(path)
 
     def host_options(self, protocol: str, **given) -> dict[str, Any]:
         """The host options of an official protocol (`benchmark_options[protocol]`: a benchmark, or

@@ -38,6 +38,18 @@ def _load_hf(folder, **options):
     return import_videorefer(folder, **options)
 
 
+def _train_loader(cfg, sources, tokenizer, weights=None, **fields):
+    from data_pipeline.loader import LoaderConfig, make_loader
+
+    return make_loader(list(sources), LoaderConfig.for_model(cfg, **fields), tokenizer, weights)
+
+
+def _hf_config(cfg):
+    from vrefer_jax.checkpoints import hf_config
+
+    return hf_config.model_config_to_hf(cfg)
+
+
 def _host(cfg, tokenizer, **options):
     from vrefer_jax.inference.videorefer_host import VideoReferHost
 
@@ -61,6 +73,8 @@ FAMILY = Family(
     import_checkpoint=_import_checkpoint,
     export_checkpoint=_export_checkpoint,
     load_hf=_load_hf,
+    train_loader=_train_loader,
+    hf_config=_hf_config,
     host_option_names=("num_frames", "aspect"),
     bench_protocol="videorefer",
     # the released Bench scripts sample 8 frames; MCQA uses the model's 16

@@ -48,6 +48,34 @@ def validate(cfg: VL3Config, batch, out_len: int | None = None, sample_ids=None)
         vl3_batch.check_chunks(batch["patch_segments"], cfg.vision_attention_chunk, sample_ids)
 
 
+def _train_loader(cfg, sources, tokenizer, weights=None, **fields):
+    from data_pipeline.vl3 import loader
+
+    return loader.make_loader(list(sources), loader.loader_config(cfg, **fields), tokenizer, cfg, weights)
+
+
+def check_tokenizer(cfg: VL3Config, tok) -> None:
+    """The model's `<image>` / `<REGION>` / pad ids are the tokenizer's, and every id fits the
+    embedding table (the data is encoded with this tokenizer)."""
+    problems = []
+    for name, want in (("<image>", cfg.image_token_id), ("<REGION>", cfg.region_token_id)):
+        got = tok.token_to_id(name)
+        if got != want:
+            problems.append(f"the tokenizer's {name} is {got}, VL3Config's id {want}")
+    if tok.pad_id != cfg.pad_token_id:
+        problems.append(f"VL3Config.pad_token_id is {cfg.pad_token_id}, the tokenizer's pad is {tok.pad_id}")
+    if tok.vocab_size > cfg.text.vocab_size:
+        problems.append(f"the tokenizer has {tok.vocab_size} ids, TextConfig.vocab_size is {cfg.text.vocab_size}")
+    if problems:
+        raise ValueError("special ids of the model and the tokenizer disagree: " + "; ".join(problems))
+
+
+def _hf_config(cfg):
+    from vrefer_jax.checkpoints import vl3_hf_config
+
+    return vl3_hf_config.vl3_config_to_hf(cfg, torch_dtype=cfg.param_dtype)
+
+
 def _key_rules(cfg):
     from vrefer_jax.checkpoints import vl3_keys
 
@@ -84,6 +112,12 @@ def _load_hf(folder, **options):
     return import_vl3(folder, **options)
 
 
+def _load_tokenizer(path):
+    from vrefer_jax.text.vl3_prompt import load_vl3_tokenizer
+
+    return load_vl3_tokenizer(path)
+
+
 FAMILY = Family(
     name="videorefer_videollama3",
     model_types=("videollama3_qwen2",),
@@ -102,8 +136,15 @@ FAMILY = Family(
     import_checkpoint=_import_checkpoint,
     export_checkpoint=_export_checkpoint,
     load_hf=_load_hf,
+    tokenizer_loader=_load_tokenizer,
+    train_loader=_train_loader,
+    check_tokenizer=check_tokenizer,
+    hf_config=_hf_config,
     host_option_names=("fps", "max_frames"),
     bench_protocol="vl3",
-    # reference_vl3 §5, §13: `infer.py` and Bench-Q at fps 1, Bench-D at 4
-    benchmark_options={"infer": {"fps": 1}, "bench-q": {"fps": 1}, "bench-d": {"fps": 4}},
+    # reference_vl3 §5, §13: `infer.py` and Bench-Q at fps 1, Bench-D and HC-STVG at 4 (HC-STVG's
+    # script also caps at 768 frames, the default); the image benchmarks (lvis, paco, vg, dlc,
+    # refl4) take no frame option
+    benchmark_options={"infer": {"fps": 1}, "bench-q": {"fps": 1}, "bench-d": {"fps": 4}, "hcstvg": {"fps": 4},
+                       **{b: {} for b in ("lvis", "paco", "vg", "dlc", "refl4")}},
 )

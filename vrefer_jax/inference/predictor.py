@@ -24,7 +24,7 @@ from vrefer_jax import families
 from vrefer_jax.inference.generate import generate_multimodal
 from vrefer_jax.inference.sampling import GenerationConfig
 from vrefer_jax.sharding import logical_axis_rules
-from vrefer_jax.text.tokenizer import Tokenizer, load_tokenizer
+from vrefer_jax.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Predictor:
                 os.path.isfile(os.path.join(d, f)) for f in _TOKENIZER_FILES)), None)
             if tokenizer is None:
                 raise FileNotFoundError(f"no tokenizer files in {checkpoint} or {side}: pass tokenizer=")
-        tok = load_tokenizer(tokenizer)
+        tok = families.for_config(cfg).load_tokenizer(tokenizer)
         gen_dict = None
         for d in (checkpoint, side):
             p = os.path.join(d, "generation_config.json")

@@ -1,16 +1,28 @@
-"""AdamW with linear warmup + cosine decay, gradient clipping, and per-stage freezing.
+"""AdamW with linear warmup + cosine decay, gradient clipping, per-part learning rates and freezing.
+
+Two ways to say what trains (`OptimizerConfig`):
+
+* `trainable` + `learning_rate` (VideoRefer-7B's stage gins): the listed top-level groups train at
+  one rate, the rest are frozen.
+* per-part rates, as the official VRVL3 `train.py` arguments (reference_vl3 §15): `llm_lr`,
+  `mm_projector_lr`, `vision_encoder_lr`, `region_encoder_lr`. Setting any of them switches to this
+  mode; a part whose rate is None (unset) or 0 is frozen, as the official `None` LR. `trainable`
+  then follows from the rates (binding a different non-default one is refused).
+
+Parts -> top-level parameter names (`PART_NAMES`; each family's names are a subset):
+  llm: llm, lm_head   mm_projector: mm_projector   region_encoder: region_encoder
+  vision_encoder: vision_tower (VideoRefer-7B) / vision_encoder (VRVL3)
 
 Freezing goes through `optax.multi_transform`: the frozen group gets `optax.set_to_zero()`, which
 keeps no state, so frozen parameters cost no optimizer memory and stay bit-identical.
-Groups are the top-level parameter trees of the model families (`Family.param_groups`):
-  VideoRefer-7B: vision_tower, mm_projector, region_encoder, llm, lm_head
-  VRVL3:         vision_encoder, mm_projector, region_encoder, llm, lm_head (untied 7B only)
+Weight decay skips biases and norm scales (leaves named `bias` / `scale`), as the official AdamW
+decay / no-decay groups (LayerNorm weights and biases); embeddings and kernels decay.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import gin
@@ -22,13 +34,25 @@ from vrefer_jax import families
 # Every top-level parameter name of every registered family, in registry order.
 GROUPS = tuple(dict.fromkeys(n for f in families.REGISTRY.values() for names in f.param_groups.values()
                              for n in names))
+# Per-part learning rates (the official `*_lr` arguments) -> the top-level names they cover.
+PART_NAMES: dict[str, tuple[str, ...]] = {
+    "llm": ("llm", "lm_head"),
+    "mm_projector": ("mm_projector",),
+    "vision_encoder": ("vision_tower", "vision_encoder"),
+    "region_encoder": ("region_encoder",),
+}
+DEFAULT_TRAINABLE = ("mm_projector", "region_encoder", "llm", "lm_head")
+NO_DECAY_LEAVES = ("bias", "scale")  # biases and norm scales (LayerNorm / RMSNorm / BatchNorm)
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """Official defaults (HF `adamw_torch`, scripts/train/*.sh): betas (0.9, 0.999), eps 1e-8,
-    weight decay 0, cosine schedule with 3% warmup, max grad norm 1.0 (HF Trainer default)."""
+    weight decay 0, cosine schedule with 3% warmup, max grad norm 1.0 (HF Trainer default).
+
+    llm_lr / mm_projector_lr / vision_encoder_lr / region_encoder_lr: per-part peak rates (see the
+    module docstring); all None = one `learning_rate` for the `trainable` groups."""
 
     learning_rate: float = 1e-5
     warmup_ratio: float = 0.03
@@ -39,49 +63,132 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    trainable: tuple[str, ...] = ("mm_projector", "region_encoder", "llm", "lm_head")
+    trainable: tuple[str, ...] = DEFAULT_TRAINABLE
+    llm_lr: float | None = None
+    mm_projector_lr: float | None = None
+    vision_encoder_lr: float | None = None
+    region_encoder_lr: float | None = None
 
     def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        for part, lr in self.raw_part_lrs().items():
+            if lr is not None and lr < 0:
+                raise ValueError(f"OptimizerConfig.{part}_lr must be >= 0 or None, got {lr}")
+        if self.per_part:
+            derived = tuple(n for part, lr in self.part_lrs().items() if lr for n in PART_NAMES[part])
+            if not derived:
+                raise ValueError("per-part learning rates are all None / 0: nothing would train")
+            if tuple(self.trainable) != DEFAULT_TRAINABLE and set(self.trainable) != set(derived):
+                raise ValueError(f"OptimizerConfig.trainable {tuple(self.trainable)} disagrees with the per-part "
+                                 f"rates {self.part_lrs()} (they train {derived}); bind one or the other")
+            object.__setattr__(self, "trainable", derived)
         unknown = set(self.trainable) - set(GROUPS)
         if unknown or not self.trainable:
             raise ValueError(f"trainable must be a non-empty subset of {GROUPS}, got {self.trainable}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+
+    def raw_part_lrs(self) -> dict[str, float | None]:
+        return {p: getattr(self, f"{p}_lr") for p in PART_NAMES}
+
+    @property
+    def per_part(self) -> bool:
+        """Whether any per-part rate is bound (else `trainable` + `learning_rate`)."""
+        return any(lr is not None for lr in self.raw_part_lrs().values())
+
+    def part_lrs(self) -> dict[str, float]:
+        """Peak rate of every part (0 = frozen), in either mode."""
+        if self.per_part:
+            return {p: float(lr or 0.0) for p, lr in self.raw_part_lrs().items()}
+        return {p: (self.learning_rate if any(n in self.trainable for n in names) else 0.0)
+                for p, names in PART_NAMES.items()}
+
+    @property
+    def peak_learning_rate(self) -> float:
+        """The rate the logged schedule follows: `learning_rate`, or the largest per-part rate."""
+        return max(self.part_lrs().values()) if self.per_part else self.learning_rate
 
 
-def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int, peak: float | None = None) -> optax.Schedule:
     """HF `get_cosine_schedule_with_warmup`: warmup = ceil(ratio * total) steps from 0, then a
-    half cosine to `min_lr_ratio * lr` at `total_steps`."""
+    half cosine to `min_lr_ratio * peak` at `total_steps`. peak: default `cfg.learning_rate`."""
+    lr = cfg.learning_rate if peak is None else peak
     warmup = int(-(-cfg.warmup_ratio * total_steps // 1))
     if cfg.schedule == "constant":
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)), optax.constant_schedule(cfg.learning_rate)],
-            [warmup]) if warmup else optax.constant_schedule(cfg.learning_rate)
+            [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
+            [warmup]) if warmup else optax.constant_schedule(lr)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=cfg.min_lr_ratio * cfg.learning_rate)
+        init_value=0.0, peak_value=lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=cfg.min_lr_ratio * lr)
+
+
+def _tree_map_boxed(fn, params):
+    return jax.tree_util.tree_map_with_path(fn, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _group_of(path) -> str:
+    group = path[0].key
+    if group not in GROUPS:
+        raise ValueError(f"unknown top-level parameter group {group!r}; expected {GROUPS}")
+    return group
+
+
+def decays(path) -> bool:
+    """Whether a parameter (by its tree path) gets weight decay: not a bias or a norm scale."""
+    return str(getattr(path[-1], "key", path[-1])) not in NO_DECAY_LEAVES
+
+
+def decay_mask(params):
+    """Same-structure tree of bools: True where weight decay applies (works on boxed trees)."""
+    return _tree_map_boxed(lambda path, _: decays(path), params)
 
 
 def param_labels(trainable: Sequence[str]):
     """params -> same-structure tree of 'train' / 'freeze' (works on boxed `nn.Partitioned` trees)."""
 
     def labels(params):
-        def label(path, _):
-            group = path[0].key
-            if group not in GROUPS:
-                raise ValueError(f"unknown top-level parameter group {group!r}; expected {GROUPS}")
-            return "train" if group in trainable else "freeze"
+        return _tree_map_boxed(lambda path, _: "train" if _group_of(path) in trainable else "freeze", params)
 
-        return jax.tree_util.tree_map_with_path(label, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return labels
+
+
+def part_labels(part_lrs: Mapping[str, float]):
+    """params -> tree of '<part>/decay', '<part>/no_decay' or 'freeze' (a part at rate 0 is frozen)."""
+    part_of = {n: p for p, names in PART_NAMES.items() for n in names}
+
+    def labels(params):
+        def label(path, _):
+            part = part_of[_group_of(path)]
+            if not part_lrs[part]:
+                return "freeze"
+            return f"{part}/{'decay' if decays(path) else 'no_decay'}"
+
+        return _tree_map_boxed(label, params)
 
     return labels
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(transform, schedule). Clipping uses the norm of the trainable gradients only."""
-    schedule = learning_rate_schedule(cfg, total_steps)
-    chain = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
-    chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
-    train = optax.chain(*chain)
-    tx = optax.multi_transform({"train": train, "freeze": optax.set_to_zero()}, param_labels(cfg.trainable))
-    return tx, schedule
+    """(transform, schedule of the logged rate). Clipping uses the norm of the trainable gradients
+    only (frozen gradients are zero). With `trainable` + `learning_rate` (and weight decay 0) the
+    transform and its state are those of earlier versions, so their checkpoints restore."""
+    if not cfg.per_part:
+        schedule = learning_rate_schedule(cfg, total_steps)
+        chain = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
+        mask = decay_mask if cfg.weight_decay else None
+        chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 mask=mask))
+        train = optax.chain(*chain)
+        tx = optax.multi_transform({"train": train, "freeze": optax.set_to_zero()}, param_labels(cfg.trainable))
+        return tx, schedule
+    lrs = cfg.part_lrs()
+    transforms: dict[str, optax.GradientTransformation] = {"freeze": optax.set_to_zero()}
+    for part, lr in lrs.items():
+        if not lr:
+            continue
+        sched = learning_rate_schedule(cfg, total_steps, peak=lr)
+        for kind, wd in (("decay", cfg.weight_decay), ("no_decay", 0.0)):
+            transforms[f"{part}/{kind}"] = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd)
+    multi = optax.multi_transform(transforms, part_labels(lrs))
+    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), multi) if cfg.max_grad_norm else multi
+    return tx, learning_rate_schedule(cfg, total_steps, peak=cfg.peak_learning_rate)

@@ -18,7 +18,7 @@ STAGES_DIR = os.path.join(REPO_ROOT, "configs", "stages")
 
 
 def available_stages() -> list[str]:
-    """Names of the stage gin files (`stage2`, `stage2_5`, `stage3`)."""
+    """Names of the stage gin files (`stage2`, `stage2_5`, `stage3`, `vl3_stage1`, `vl3_stage2`)."""
     return sorted(f[:-4] for f in os.listdir(STAGES_DIR) if f.endswith(".gin"))
 
 
@@ -54,8 +54,16 @@ def stage_bindings(stage: str) -> dict[tuple[str, str], Any]:
 
 
 def stage_trainable(stage: str) -> tuple[str, ...]:
-    """The parameter groups a stage trains (`OptimizerConfig.trainable` in its gin file)."""
-    value = stage_bindings(stage).get(("OptimizerConfig", "trainable"))
-    if not value:
-        raise ValueError(f"{stage_file(stage)} does not bind OptimizerConfig.trainable")
-    return tuple(value)
+    """The top-level parameter groups a stage trains: `OptimizerConfig.trainable` in its gin file,
+    or the parts its per-part rates (`OptimizerConfig.llm_lr`, ...) leave unfrozen."""
+    from vrefer_jax.training.optimizer import OptimizerConfig
+
+    bound = {arg: v for (sel, arg), v in stage_bindings(stage).items() if sel == "OptimizerConfig"}
+    per_part = any(bound.get(f"{p}_lr") is not None for p in ("llm", "mm_projector", "vision_encoder",
+                                                               "region_encoder"))
+    if not bound.get("trainable") and not per_part:
+        raise ValueError(f"{stage_file(stage)} binds neither OptimizerConfig.trainable nor per-part rates "
+                         "(OptimizerConfig.llm_lr, ...)")
+    if "trainable" in bound:
+        bound["trainable"] = tuple(bound["trainable"])
+    return tuple(OptimizerConfig(**bound).trainable)

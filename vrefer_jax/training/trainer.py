@@ -29,8 +29,8 @@ import gin
 import jax
 import numpy as np
 
+from vrefer_jax import families
 from vrefer_jax.config import IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
-from vrefer_jax.models import videorefer
 from vrefer_jax.sharding import MeshConfig, logical_axis_rules, make_mesh
 from vrefer_jax.training import flops as flops_lib
 from vrefer_jax.training import optimizer as opt_lib
@@ -114,7 +114,6 @@ def load_init_params(path: str, mesh=None, rules=None):
     """(cfg, params) from an imported folder (restored straight into the parameter shardings on
     `mesh`: each host reads its own shards) or an official Hugging Face folder (imported by the
     family its `model_type` names, each tensor placed straight into its shards on `mesh`)."""
-    from vrefer_jax import families
     from vrefer_jax.checkpoints import hf_config, store
 
     if store.is_imported(path):
@@ -216,23 +215,33 @@ class MetricsLog:
         self._last = rec
 
 
-def _loader(scope: str, cfg: ModelConfig, batch: int, seed: int, sources, tokenizer, weights=None, epochs=None,
+def _loader(scope: str, cfg, batch: int, seed: int, sources, tokenizer, weights=None, epochs=None,
             out_len: int | None = None, overrides: Mapping[str, Any] | None = None):
-    """The `scope` ('train' / 'eval') loader: `LoaderConfig` from its gin bindings in that scope,
-    the model's fixed fields, and `overrides` (what `train(loader=...)` gives)."""
-    from data_pipeline.loader import LoaderConfig, make_loader
-
+    """The `scope` ('train' / 'eval') loader of the model's family (`Family.train_loader`):
+    `LoaderConfig` from its gin bindings in that scope, the model's fixed fields, and `overrides`
+    (what `train(loader=...)` gives). VideoRefer-7B reads record shards, VRVL3 JSON / JSONL files."""
+    family = families.for_config(cfg)
     try:
         with gin.config_scope(scope):
-            lcfg = LoaderConfig.for_model(cfg, max_expanded_len=out_len, batch_size=batch, seed=seed, num_epochs=epochs,
-                                          **(overrides or {}))
+            return family.train_loader(cfg, list(sources), tokenizer, weights, max_expanded_len=out_len,
+                                       batch_size=batch, seed=seed, num_epochs=epochs, **(overrides or {}))
     except TypeError as e:  # an unbound required field, e.g. seq_len
         raise ConfigError(f"{scope} loader: {e}; bind it in gin (e.g. LoaderConfig.seq_len = 2048)") from None
-    return make_loader(list(sources), lcfg, tokenizer, weights)
 
 
-def _batch_spec(cfg: ModelConfig) -> dict[str, int]:
-    return {k: v.ndim for k, v in videorefer.dummy_batch(cfg, abstract=True).items()}
+def _batch_spec(cfg) -> dict[str, int]:
+    return {k: v.ndim for k, v in families.for_config(cfg).dummy_batch(cfg, abstract=True).items()}
+
+
+def _gin_model_config():
+    """The model config of the family whose config class the gin configuration binds (VideoRefer-7B's
+    `ModelConfig` when none or several are)."""
+    bound = [f for f in families.REGISTRY.values() if families._binds(f.config_class)]
+    return (bound[0].config_class if len(bound) == 1 else ModelConfig)()
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = None,
@@ -245,18 +254,19 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
     `on_step(step, metrics)` is called for every step as its metrics are read back, which is while
     the next step runs: the host never waits on the device except to read the previous step."""
     from data_pipeline.loader import to_global
-    from vrefer_jax.text.tokenizer import load_tokenizer
 
-    cfg = model_cfg or ModelConfig()
+    cfg = model_cfg or _gin_model_config()
+    family = families.for_config(cfg)
     data = data_cfg or DataConfig()
     tc = train_cfg or TrainConfig()
     oc = opt_cfg or opt_lib.OptimizerConfig()
     sc = step_cfg or StepConfig()
     if not data.train:
         raise ConfigError("DataConfig.train is empty: bind it to one or more record sets")
-    if ("vision_tower" in oc.trainable) != cfg.train_vision_tower:
-        raise ConfigError(f"OptimizerConfig.trainable {oc.trainable} and ModelConfig.train_vision_tower="
-                         f"{cfg.train_vision_tower} disagree: the tower gets gradients only with both set")
+    vision = [n for n in opt_lib.PART_NAMES["vision_encoder"] if any(n in g for g in family.param_groups.values())]
+    if any(n in oc.trainable for n in vision) != cfg.train_vision_tower:
+        raise ConfigError(f"OptimizerConfig trains {oc.trainable} and {type(cfg).__name__}.train_vision_tower="
+                         f"{cfg.train_vision_tower} disagree: the {vision[0]} gets gradients only with both set")
     nproc = jax.process_count()
     if tc.global_batch_size % nproc:
         raise ConfigError(f"global batch {tc.global_batch_size} not divisible by {nproc} processes")
@@ -282,8 +292,14 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
     rules = logical_axis_rules()
     tx, schedule = opt_lib.make_optimizer(oc, tc.total_steps)
     shardings = train_state.state_shardings(cfg, tx, mesh, rules)
-    tok = tokenizer or load_tokenizer(data.tokenizer)
-    check_special_ids(cfg, tok)
+    tok = tokenizer or family.load_tokenizer(data.tokenizer)
+    if family.check_tokenizer is None:
+        check_special_ids(cfg, tok)
+    else:
+        try:
+            family.check_tokenizer(cfg, tok)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     it = _loader("train", cfg, tc.global_batch_size // nproc, tc.seed, data.train, tok, data.weights,
                  out_len=sc.out_len, overrides=loader)
 
@@ -294,7 +310,7 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
         params = None
         if tc.init_from:
             init_cfg, params = load_init_params(tc.init_from, mesh, rules)
-            if videorefer.count_params(params) != videorefer.count_params(videorefer.abstract_params(cfg)):
+            if _count(params) != _count(family.abstract_params(cfg)):
                 raise ConfigError(f"{tc.init_from}: parameter shapes do not match the configured model")
             if (init_cfg.region_token_id, init_cfg.pad_token_id) != (cfg.region_token_id, cfg.pad_token_id):
                 raise ConfigError(f"{tc.init_from}: region/pad token ids {init_cfg.region_token_id}/"
@@ -308,7 +324,7 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
     batch_spec = _batch_spec(cfg)
     step_fn = make_train_step(cfg, sc, tx, schedule, oc.trainable, mesh, rules, shardings, batch_spec)
     eval_fn = make_eval_step(cfg, sc, mesh, rules, shardings.params, batch_spec) if data.eval and tc.eval_every else None
-    flop_model = flops_lib.FlopModel(cfg, oc.trainable)
+    flop_model = flops_lib.FlopModel(cfg, oc.trainable) if isinstance(cfg, ModelConfig) else None
 
     writer = None
     if main:
@@ -342,7 +358,8 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
         nonlocal last_t, last_step, tokens_acc, flops_acc
         m = jax.device_get(m_dev)
         tokens_acc += int(m["tokens"])
-        flops_acc += flop_model.step_flops(tc.global_batch_size, int(m["tokens"]), region_frames)
+        if flop_model is not None:
+            flops_acc += flop_model.step_flops(tc.global_batch_size, int(m["tokens"]), region_frames)
         if int(m["nonfinite"]) >= tc.max_nonfinite:
             save(done, force=True)
             ckpt.wait()
@@ -357,7 +374,7 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
                        learning_rate=float(m["learning_rate"]), step_time=dt,
                        tokens_per_s=tokens_acc / max(now - last_t, 1e-9),
                        skipped_steps=int(not m["finite"]), skipped_samples=sum(it.skipped.values()))
-            if tc.peak_flops_per_device:
+            if tc.peak_flops_per_device and flop_model is not None:
                 rec["mfu"] = flops_acc / max(now - last_t, 1e-9) / (tc.peak_flops_per_device * jax.device_count())
             last_t, last_step, tokens_acc, flops_acc = now, step_done, 0, 0.0
             history.append(rec)
@@ -384,7 +401,7 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
             state, m = step_fn(state, batch)  # dispatched; runs while the host reads the last metrics
             done = step + 1
             flush()
-            pending.append((done, m, host_batch["region_frames"].shape[1]))
+            pending.append((done, m, host_batch["region_frames"].shape[1] if "region_frames" in host_batch else 0))
             evaluating = eval_fn is not None and done % tc.eval_every == 0
             if evaluating or done == tc.total_steps:
                 flush()
@@ -441,7 +458,7 @@ def evaluate_loss(eval_fn, params, data: DataConfig, cfg: ModelConfig, tc: Train
     return total / max(count, 1)
 
 
-def save_final(out: str, cfg: ModelConfig, params, tokenizer_dir: str | None) -> None:
+def save_final(out: str, cfg, params, tokenizer_dir: str | None) -> None:
     """Parameters in the imported-folder layout, so `vrefer-infer` / `vrefer-eval` / `vrefer-convert
     export` read them. Called on every process (Orbax writes each process's shards).
 
@@ -464,7 +481,9 @@ def save_final(out: str, cfg: ModelConfig, params, tokenizer_dir: str | None) ->
     _barrier("vrefer_final_start")
     tok_src = tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else (
         os.path.dirname(tokenizer_dir) if tokenizer_dir else None)
-    save_imported(partial, cfg, params, hf_config.model_config_to_hf(cfg), tok_src)
+    family = families.for_config(cfg)
+    hf_cfg = family.hf_config(cfg) if family.hf_config is not None else hf_config.model_config_to_hf(cfg)
+    save_imported(partial, cfg, params, hf_cfg, tok_src)
     _barrier("vrefer_final_written")
     if main:
         if os.path.isdir(out):
