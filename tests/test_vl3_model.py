@@ -254,3 +254,14 @@ def test_bench_q_and_d_with_the_vl3_protocols(world, predictor, tmp_path):
 
 def runner_rows(path):
     return [json.loads(line) for line in open(path)]
+
+
+def test_block_attention_predictor_equals_dense(world, predictor):
+    """`vision_attention_chunk`: the predictor lays each sample out in blocks (no frame or crop
+    crosses one) and answers as the dense encoder does."""
+    ss = world["samples"]
+    blocked = Predictor(world["cfg"].replace(vision_attention_chunk=128), world["params"], world["tok"],
+                        generation=world["gen"])
+    batch, _ = blocked.make_batch([blocked.prepare(s, world["root"]) for s in ss])
+    assert batch["patches"].shape[1] % 128 == 0
+    assert blocked.answer(ss, world["root"], batch_size=3) == predictor.answer(ss, world["root"], batch_size=3)

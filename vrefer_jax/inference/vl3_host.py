@@ -47,7 +47,12 @@ class VL3Host:
 
     def make_batch(self, rows: Sequence[pre.Prepared]) -> tuple[dict, int]:
         fl = self.bucket_floors
+        chunk = self.cfg.vision_attention_chunk
+        if chunk:  # block attention: no image / frame / crop may cross a block of `chunk` patches
+            rows = [vl3_batch.chunk_example(r, chunk) for r in rows]
         dims = {k: next_pow2(max(r.sizes()[k] for r in rows), fl[k]) for k in vl3_batch.SIZE_KEYS}
+        if chunk:
+            dims["N"] = -(-dims["N"] // chunk) * chunk
         batch = vl3_batch.stack([vl3_batch.pad_example(r, **dims, Q=self.cfg.region_token_num,
                                                        pad_token_id=self.cfg.pad_token_id, with_labels=False)
                                  for r in rows])
