@@ -41,6 +41,9 @@ def imported_modules(path: pathlib.Path, pkg: str) -> list[tuple[int, str]]:
                 parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
             out += [(node.lineno, base)] + [(node.lineno, f"{base}.{a.name}") for a in node.names]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "lazy" and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            out.append((node.lineno, node.args[0].value.partition(":")[0]))  # families.base.lazy("mod:fn")
     return out
 
 
@@ -71,3 +74,14 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
         "vrefer_jax/models/sub/bad.py:4 imports vrefer_jax.checkpoints.key_map",
         "vrefer_jax/models/sub/bad.py:5 imports vrefer_jax.inference",
         "vrefer_jax/models/sub/bad.py:5 imports vrefer_jax.inference.generate"]
+
+
+def test_the_checker_reads_lazy_registry_targets(tmp_path):
+    """The registry names checkpoint / data / inference code as `lazy("module:function")` strings;
+    the checker counts them as imports (a family pointing into training would be caught)."""
+    pkg = tmp_path / "vrefer_jax" / "families"
+    pkg.mkdir(parents=True)
+    (pkg / "bad.py").write_text('from vrefer_jax.families.base import lazy\n'
+                                'X = lazy("vrefer_jax.training.trainer:train")\n')
+    assert violations("vrefer_jax/families/**/*.py", RULES["vrefer_jax/families/**/*.py"], tmp_path) == [
+        "vrefer_jax/families/bad.py:2 imports vrefer_jax.training.trainer"]

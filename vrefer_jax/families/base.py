@@ -7,6 +7,22 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 
+def lazy(target: str) -> Callable[..., Any]:
+    """"package.module:function" -> a function that imports it on first call, so the registry can name
+    a family's checkpoint, data and inference code without importing it (those layers import the
+    registry; `tests/test_layering.py` reads these strings as imports)."""
+    module, _, name = target.partition(":")
+
+    def call(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"`{target}` (imported on first call)."
+    return call
+
+
 class UnknownFamily(KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable
         return str(self.args[0])

@@ -4,56 +4,14 @@ from __future__ import annotations
 
 from vrefer_jax import batch as batch_lib
 from vrefer_jax.config import ModelConfig
-from vrefer_jax.families.base import Family
+from vrefer_jax.families.base import Family, lazy
 from vrefer_jax.models import videorefer
-
-
-def _key_rules(cfg):
-    from vrefer_jax.checkpoints import videorefer_keys
-
-    return videorefer_keys.videorefer_rules(cfg)
-
-
-def _ignore_patterns(cfg):
-    from vrefer_jax.checkpoints import videorefer_keys
-
-    return videorefer_keys.videorefer_ignore_patterns(cfg)
-
-
-def _import_checkpoint(src, out, **options):
-    from vrefer_jax.checkpoints import hf_import
-
-    return hf_import.import_to_store(src, out, **options)
-
-
-def _export_checkpoint(src, out, **options):
-    from vrefer_jax.checkpoints import hf_export
-
-    return hf_export.export_from_store(src, out, **options)
-
-
-def _load_hf(folder, **options):
-    from vrefer_jax.checkpoints.hf_import import import_videorefer
-
-    return import_videorefer(folder, **options)
 
 
 def _train_loader(cfg, sources, tokenizer, weights=None, **fields):
     from data_pipeline.loader import LoaderConfig, make_loader
 
     return make_loader(list(sources), LoaderConfig.for_model(cfg, **fields), tokenizer, weights)
-
-
-def _hf_config(cfg):
-    from vrefer_jax.checkpoints import hf_config
-
-    return hf_config.model_config_to_hf(cfg)
-
-
-def _host(cfg, tokenizer, **options):
-    from vrefer_jax.inference.videorefer_host import VideoReferHost
-
-    return VideoReferHost(cfg, tokenizer, **options)
 
 
 FAMILY = Family(
@@ -67,14 +25,14 @@ FAMILY = Family(
     output_embedding=lambda params: params["lm_head"]["kernel"],
     param_groups={"vision_tower": ("vision_tower",), "mm_projector": ("mm_projector",),
                   "region_encoder": ("region_encoder",), "llm": ("llm",), "lm_head": ("lm_head",)},
-    key_rules=_key_rules,
-    ignore_patterns=_ignore_patterns,
-    host=_host,
-    import_checkpoint=_import_checkpoint,
-    export_checkpoint=_export_checkpoint,
-    load_hf=_load_hf,
+    key_rules=lazy("vrefer_jax.checkpoints.videorefer_keys:videorefer_rules"),
+    ignore_patterns=lazy("vrefer_jax.checkpoints.videorefer_keys:videorefer_ignore_patterns"),
+    host=lazy("vrefer_jax.inference.videorefer_host:VideoReferHost"),
+    import_checkpoint=lazy("vrefer_jax.checkpoints.hf_import:import_to_store"),
+    export_checkpoint=lazy("vrefer_jax.checkpoints.hf_export:export_from_store"),
+    load_hf=lazy("vrefer_jax.checkpoints.hf_import:import_videorefer"),
     train_loader=_train_loader,
-    hf_config=_hf_config,
+    hf_config=lazy("vrefer_jax.checkpoints.hf_config:model_config_to_hf"),
     host_option_names=("num_frames", "aspect"),
     bench_protocol="videorefer",
     # the released Bench scripts sample 8 frames; MCQA uses the model's 16

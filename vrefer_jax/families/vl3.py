@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from vrefer_jax import vl3_batch
-from vrefer_jax.families.base import Family
+from vrefer_jax.families.base import Family, lazy
 from vrefer_jax.models.vl3.model import VideoReferVL3
 from vrefer_jax.vl3_config import VL3Config
 
@@ -76,46 +76,10 @@ def _hf_config(cfg):
     return vl3_hf_config.vl3_config_to_hf(cfg, torch_dtype=cfg.param_dtype)
 
 
-def _key_rules(cfg):
-    from vrefer_jax.checkpoints import vl3_keys
-
-    return vl3_keys.vl3_rules(cfg)
-
-
-def _host(cfg, tokenizer, **options):
-    from vrefer_jax.inference.vl3_host import VL3Host
-
-    return VL3Host(cfg, tokenizer, **options)
-
-
 def _ignore_patterns(cfg):
     from vrefer_jax.checkpoints import videorefer_keys
 
     return videorefer_keys.causal_lm_ignore_patterns(cfg.text)  # a tied head's duplicate `lm_head.weight`
-
-
-def _import_checkpoint(src, out, **options):
-    from vrefer_jax.checkpoints import vl3_hf
-
-    return vl3_hf.import_to_store(src, out, **options)
-
-
-def _export_checkpoint(src, out, **options):
-    from vrefer_jax.checkpoints import vl3_hf
-
-    return vl3_hf.export_from_store(src, out, **options)
-
-
-def _load_hf(folder, **options):
-    from vrefer_jax.checkpoints.vl3_hf import import_vl3
-
-    return import_vl3(folder, **options)
-
-
-def _load_tokenizer(path):
-    from vrefer_jax.text.vl3_prompt import load_vl3_tokenizer
-
-    return load_vl3_tokenizer(path)
 
 
 FAMILY = Family(
@@ -130,13 +94,13 @@ FAMILY = Family(
                                      else params["llm"]["embed_tokens"]["embedding"].T),
     param_groups={"vision_encoder": ("vision_encoder",), "mm_projector": ("mm_projector",),
                   "region_encoder": ("region_encoder",), "llm": ("llm", "lm_head")},
-    key_rules=_key_rules,
+    key_rules=lazy("vrefer_jax.checkpoints.vl3_keys:vl3_rules"),
     ignore_patterns=_ignore_patterns,
-    host=_host,
-    import_checkpoint=_import_checkpoint,
-    export_checkpoint=_export_checkpoint,
-    load_hf=_load_hf,
-    tokenizer_loader=_load_tokenizer,
+    host=lazy("vrefer_jax.inference.vl3_host:VL3Host"),
+    import_checkpoint=lazy("vrefer_jax.checkpoints.vl3_hf:import_to_store"),
+    export_checkpoint=lazy("vrefer_jax.checkpoints.vl3_hf:export_from_store"),
+    load_hf=lazy("vrefer_jax.checkpoints.vl3_hf:import_vl3"),
+    tokenizer_loader=lazy("vrefer_jax.text.vl3_prompt:load_vl3_tokenizer"),
     train_loader=_train_loader,
     check_tokenizer=check_tokenizer,
     hf_config=_hf_config,
