@@ -117,6 +117,20 @@ class Sample:
         return union, [[pos[f] for f in obj.frames] for obj in self.objects]
 
 
+def prompt_turns(sample: Sample) -> list[Mapping[str, str]]:
+    """The turns an inference prompt is built from (a leading non-human turn dropped, as officially):
+    everything before the first gpt turn whose text is empty (a chat: earlier questions and answers,
+    then the question to answer), or, when no gpt turn is empty, the first human turn alone (a
+    benchmark or training sample answered from its first question)."""
+    kept = list(sample.conversations)
+    while kept and ROLES.get(kept[0].get("from")) != "human":
+        kept = kept[1:]
+    for i, t in enumerate(kept):
+        if ROLES[t["from"]] == "gpt" and not t["value"].strip():
+            return kept[:i]
+    return kept[:1]
+
+
 # ----------------------------------------------------------------------------- whole-input checks
 
 

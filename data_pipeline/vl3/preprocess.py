@@ -186,8 +186,9 @@ def preprocess(sample: schema.Sample, media_root: str, cfg: VL3Config, tokenizer
         if training:
             ids, labels, vis_idx, reg_idx = vl3_prompt.training_example(tokenizer, msgs, **kw)
         else:
-            first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
-            ids, vis_idx, reg_idx = vl3_prompt.inference_prompt(tokenizer, msgs[: first + 1], **kw)
+            # the first user turn, or a chat up to its question (`schema.prompt_turns`)
+            ids, vis_idx, reg_idx = vl3_prompt.inference_prompt(tokenizer, msgs[: len(schema.prompt_turns(sample))],
+                                                                **kw)
             labels = None
     except ValueError as e:
         raise schema.SampleError("bad_conversations", sid, "conversations", str(e)) from None

@@ -73,6 +73,112 @@ def _constrain_cache(cache: qwen2.KVCache) -> qwen2.KVCache:
                          valid=constrain(cache.valid, ("activation_batch", "activation_length")))
 
 
+@flax.struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries between steps, so it can stop after any step and resume.
+
+    t: int32 scalar, the next step to run (1 after prefill: step 0 is chosen from the prefill logits).
+    cache: the `qwen2.KVCache` of P + N slots. lengths [B] int32: real prompt tokens per row.
+    rng: the sampling key (step t draws with `fold_in(rng, t)`). buffers: `tokens` [B, N], `logprobs`
+    [B, N], `seen` [B, V] (ids generated so far, for the repetition penalty), `lengths` [B] (new
+    tokens, EOS included), `done` [B], `last` [B] (the token fed to the next step), `scores`
+    [B, N, V] with `return_scores`.
+    """
+
+    t: jax.Array
+    cache: qwen2.KVCache
+    lengths: jax.Array
+    rng: jax.Array
+    buffers: dict
+
+
+def _select(t, logits, state, gen: GenerationConfig, rng):
+    """Choose token t of every row from `logits` [B, V]; update the buffers."""
+    rows = jnp.arange(logits.shape[0])
+    eos = jnp.asarray(gen.eos_token_ids, jnp.int32)
+    s = process_logits(logits, state["seen"], gen)
+    tok = choose_tokens(s, gen, jax.random.fold_in(rng, t))
+    active = ~state["done"]
+    tok = jnp.where(active, tok, gen.pad_token_id)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(s, axis=-1), tok[:, None], axis=-1)[:, 0]
+    out = dict(state)
+    out["tokens"] = state["tokens"].at[:, t].set(tok)
+    out["logprobs"] = state["logprobs"].at[:, t].set(jnp.where(active, logp, 0.0))
+    out["seen"] = state["seen"].at[rows, tok].set(True)
+    out["lengths"] = state["lengths"] + active.astype(jnp.int32)
+    out["done"] = state["done"] | jnp.isin(tok, eos)
+    out["last"] = tok
+    if gen.return_scores:
+        out["scores"] = state["scores"].at[:, t].set(s)
+    return out
+
+
+def prefill(
+    fns: DecoderFns,
+    params: Any,
+    inputs_embeds: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    lengths: jax.Array,
+    text_cfg: TextConfig,
+    gen: GenerationConfig,
+    rng: jax.Array,
+    cache_dtype: Any,
+) -> DecodeState:
+    """The prompt through the decoder once and step 0 chosen (traced inside a jitted caller).
+
+    inputs_embeds [B, P, E] (activation_batch, activation_length, activation_embed); positions,
+    segment_ids [B, P] (0 = padding, after the real tokens); lengths [B] >= 1 real tokens per row.
+    """
+    B, P = inputs_embeds.shape[:2]
+    N = gen.max_new_tokens
+    lengths = lengths.astype(jnp.int32)
+    cache = _constrain_cache(qwen2.init_cache(text_cfg, B, P + N, cache_dtype))
+    hidden, cache = fns.decode(params, inputs_embeds, positions, segment_ids, cache)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
+    logits = fns.logits(params, last)[:, 0]
+    V = logits.shape[-1]
+    state = dict(
+        tokens=jnp.full((B, N), gen.pad_token_id, jnp.int32),
+        logprobs=jnp.zeros((B, N), jnp.float32),
+        seen=jnp.zeros((B, V), bool),
+        lengths=jnp.zeros((B,), jnp.int32),
+        done=jnp.zeros((B,), bool),
+        last=jnp.zeros((B,), jnp.int32),
+    )
+    if gen.return_scores:
+        state["scores"] = jnp.zeros((B, N, V), jnp.float32)
+    return DecodeState(t=jnp.int32(1), cache=cache, lengths=lengths, rng=rng,
+                       buffers=_select(0, logits, state, gen, rng))
+
+
+def decode_steps(fns: DecoderFns, params: Any, ds: DecodeState, gen: GenerationConfig, stop) -> DecodeState:
+    """Steps `ds.t` .. `stop - 1` (a traced int32; capped at N), or fewer when every row is done.
+    Row b's t-th new token sits at position lengths[b] + t; finished rows emit `pad_token_id`."""
+    B = ds.lengths.shape[0]
+    stop = jnp.minimum(stop, gen.max_new_tokens)
+
+    def cond(carry):
+        t, _, state = carry
+        return (t < stop) & ~jnp.all(state["done"])
+
+    def body(carry):
+        t, cache, state = carry
+        emb = fns.embed(params, state["last"][:, None])
+        pos = (ds.lengths + t - 1)[:, None]  # token t-1 sits at lengths + t - 1
+        hidden, cache = fns.decode(params, emb, pos, jnp.ones((B, 1), jnp.int32), cache)
+        logits = fns.logits(params, hidden)[:, 0]
+        return t + 1, _constrain_cache(cache), _select(t, logits, state, gen, ds.rng)
+
+    t, cache, state = jax.lax.while_loop(cond, body, (ds.t, ds.cache, ds.buffers))
+    return ds.replace(t=t, cache=cache, buffers=state)
+
+
+def _output(ds: DecodeState) -> GenerationOutput:
+    b = ds.buffers
+    return GenerationOutput(tokens=b["tokens"], lengths=b["lengths"], logprobs=b["logprobs"], scores=b.get("scores"))
+
+
 def decode_loop(
     fns: DecoderFns,
     params: Any,
@@ -85,68 +191,9 @@ def decode_loop(
     rng: jax.Array,
     cache_dtype: Any,
 ) -> GenerationOutput:
-    """Prefill + while-loop decode (traced inside a jitted caller).
-
-    inputs_embeds [B, P, E] (activation_batch, activation_length, activation_embed); positions,
-    segment_ids [B, P] (0 = padding, after the real tokens); lengths [B] >= 1 real tokens per row.
-    """
-    B, P = inputs_embeds.shape[:2]
-    N = gen.max_new_tokens
-    rows = jnp.arange(B)
-    lengths = lengths.astype(jnp.int32)
-    eos = jnp.asarray(gen.eos_token_ids, jnp.int32)
-
-    cache = _constrain_cache(qwen2.init_cache(text_cfg, B, P + N, cache_dtype))
-    hidden, cache = fns.decode(params, inputs_embeds, positions, segment_ids, cache)
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
-    logits = fns.logits(params, last)[:, 0]
-    V = logits.shape[-1]
-
-    def select(t, logits, state):
-        """Choose token t of every row from `logits` [B, V]; update the buffers."""
-        s = process_logits(logits, state["seen"], gen)
-        tok = choose_tokens(s, gen, jax.random.fold_in(rng, t))
-        active = ~state["done"]
-        tok = jnp.where(active, tok, gen.pad_token_id)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(s, axis=-1), tok[:, None], axis=-1)[:, 0]
-        out = dict(state)
-        out["tokens"] = state["tokens"].at[:, t].set(tok)
-        out["logprobs"] = state["logprobs"].at[:, t].set(jnp.where(active, logp, 0.0))
-        out["seen"] = state["seen"].at[rows, tok].set(True)
-        out["lengths"] = state["lengths"] + active.astype(jnp.int32)
-        out["done"] = state["done"] | jnp.isin(tok, eos)
-        out["last"] = tok
-        if gen.return_scores:
-            out["scores"] = state["scores"].at[:, t].set(s)
-        return out
-
-    state = dict(
-        tokens=jnp.full((B, N), gen.pad_token_id, jnp.int32),
-        logprobs=jnp.zeros((B, N), jnp.float32),
-        seen=jnp.zeros((B, V), bool),
-        lengths=jnp.zeros((B,), jnp.int32),
-        done=jnp.zeros((B,), bool),
-        last=jnp.zeros((B,), jnp.int32),
-    )
-    if gen.return_scores:
-        state["scores"] = jnp.zeros((B, N, V), jnp.float32)
-    state = select(0, logits, state)
-
-    def cond(carry):
-        t, _, state = carry
-        return (t < N) & ~jnp.all(state["done"])
-
-    def body(carry):
-        t, cache, state = carry
-        emb = fns.embed(params, state["last"][:, None])
-        pos = (lengths + t - 1)[:, None]  # token t-1 sits at lengths + t - 1
-        hidden, cache = fns.decode(params, emb, pos, jnp.ones((B, 1), jnp.int32), cache)
-        logits = fns.logits(params, hidden)[:, 0]
-        return t + 1, _constrain_cache(cache), select(t, logits, state)
-
-    _, _, state = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, state))
-    return GenerationOutput(tokens=state["tokens"], lengths=state["lengths"], logprobs=state["logprobs"],
-                            scores=state.get("scores"))
+    """Prefill + while-loop decode to the end (traced inside a jitted caller); arguments as `prefill`."""
+    ds = prefill(fns, params, inputs_embeds, positions, segment_ids, lengths, text_cfg, gen, rng, cache_dtype)
+    return _output(decode_steps(fns, params, ds, gen, jnp.int32(gen.max_new_tokens)))
 
 
 # ----------------------------------------------------------------------------- text path
@@ -233,9 +280,54 @@ def generate_multimodal(
     return _generate_multimodal(params, inputs, rng, cfg=cfg, gen=gen.static, out_len=int(out_len))
 
 
+# ----------------------------------------------------------------------------- chunked (streaming) path
+#
+# The same prefill and steps as `generate_multimodal`, split into jitted pieces so the host can read
+# the tokens every `steps` steps (streaming) and stop a batch early: `start_multimodal` = encoders +
+# prefill + step 0, `continue_decode` = up to `steps` more steps from a `DecodeState` (the KV cache
+# and buffers are donated, so a chunk updates them in place). Chunk boundaries do not change the
+# result: every step is the same computation as in the one-loop program.
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gen", "out_len"))
+def _start_multimodal(params, batch, rng, *, cfg, gen: GenerationConfig, out_len: int) -> DecodeState:
+    model, fns = _model_fns(cfg)
+    inputs = model.apply({"params": params}, batch, out_len, method=type(model).embed_inputs)
+    lengths = jnp.minimum(inputs["lengths"], out_len)
+    return prefill(fns, params, inputs["inputs_embeds"], inputs["positions"], inputs["segment_ids"], lengths,
+                   cfg.text, gen, rng, cfg.compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gen", "steps"), donate_argnames=("ds",))
+def _continue_decode(params, ds: DecodeState, *, cfg, gen: GenerationConfig, steps: int) -> DecodeState:
+    _, fns = _model_fns(cfg)
+    return decode_steps(fns, params, ds, gen, ds.t + steps)
+
+
+def start_multimodal(cfg, params: Mapping, batch: Mapping[str, Any], out_len: int, gen: GenerationConfig,
+                     rng: jax.Array | None = None) -> DecodeState:
+    """Encoders + prefill + the first new token of a contract batch (arguments as
+    `generate_multimodal`); continue with `continue_decode`."""
+    rng = jax.random.key(gen.seed) if rng is None else rng
+    inputs = {k: batch[k] for k in input_keys(cfg)}
+    return _start_multimodal(params, inputs, rng, cfg=cfg, gen=gen.static, out_len=int(out_len))
+
+
+def continue_decode(cfg, params: Mapping, ds: DecodeState, gen: GenerationConfig, steps: int) -> DecodeState:
+    """Up to `steps` more decode steps (fewer at N or when every row is done). `ds` is donated: use
+    only the returned state. One compiled program per `steps` value, whatever the step reached."""
+    return _continue_decode(params, ds, cfg=cfg, gen=gen.static, steps=int(steps))
+
+
+def decode_output(ds: DecodeState) -> GenerationOutput:
+    """The `GenerationOutput` so far: tokens of steps >= `ds.t` are still `pad_token_id`."""
+    return _output(ds)
+
+
 def input_keys(cfg) -> tuple[str, ...]:
     """The batch fields generation reads for this config's family."""
     return families.for_config(cfg).input_keys
 
 
-__all__ = ["GenerationOutput", "DecoderFns", "decode_loop", "generate_text", "generate_multimodal", "input_keys"]
+__all__ = ["GenerationOutput", "DecoderFns", "DecodeState", "prefill", "decode_steps", "decode_loop",
+           "start_multimodal", "continue_decode", "decode_output", "generate_text", "generate_multimodal", "input_keys"]

@@ -10,9 +10,11 @@ mesh's row shards) and decoding the answers.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +23,7 @@ import numpy as np
 
 from data_pipeline import schema
 from vrefer_jax import families
+from vrefer_jax.inference import generate as gen_lib
 from vrefer_jax.inference.generate import generate_multimodal
 from vrefer_jax.inference.sampling import GenerationConfig
 from vrefer_jax.sharding import logical_axis_rules
@@ -29,6 +32,18 @@ from vrefer_jax.text.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamStep:
+    """Progress of a streamed batch: `steps` decode steps ran; tokens [B, N] (pad_token_id past
+    each row's end and for steps not run yet), lengths [B] new tokens per row (EOS included), done
+    [B] rows that emitted EOS. Host numpy arrays."""
+
+    steps: int
+    tokens: np.ndarray
+    lengths: np.ndarray
+    done: np.ndarray
 
 
 class Predictor:
@@ -136,14 +151,41 @@ class Predictor:
         the raw `GenerationOutput` (host numpy arrays)."""
         gen = gen or self.generation
         self.family.validate(self.cfg, batch, out_len, sample_ids=sample_ids)
-        if self.mesh is None:
+        with self._on_mesh():
             out = generate_multimodal(self.cfg, self.params, batch, out_len, gen)
-        else:
-            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-                out = generate_multimodal(self.cfg, self.params, batch, out_len, gen)
         out = jax.tree.map(np.asarray, out)
         texts = [self.decode(out.tokens[b, : out.lengths[b]]) for b in range(out.tokens.shape[0])]
         return (texts, out) if return_output else texts
+
+    def stream_batch(self, batch: Mapping[str, Any], out_len: int, gen: GenerationConfig | None = None,
+                     chunk: int = 8, sample_ids: Sequence[str] | None = None) -> Iterator[StreamStep]:
+        """`generate_batch` read every `chunk` decode steps: yields a `StreamStep` (host arrays)
+        after the first token, then after each chunk, until every row is done or N steps ran. The
+        tokens equal `generate_batch`'s (same steps, same programs per step). Closing the generator
+        early (all rows past their own limits, a shutdown) stops decoding after the current chunk."""
+        gen = gen or self.generation
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.family.validate(self.cfg, batch, out_len, sample_ids=sample_ids)
+        with self._on_mesh():
+            ds = gen_lib.start_multimodal(self.cfg, self.params, batch, out_len, gen)
+        while True:
+            b = jax.device_get({k: ds.buffers[k] for k in ("tokens", "lengths", "done")})
+            step = StreamStep(steps=int(ds.t), tokens=b["tokens"], lengths=b["lengths"], done=b["done"])
+            yield step
+            if step.steps >= gen.max_new_tokens or step.done.all():
+                return
+            with self._on_mesh():
+                ds = gen_lib.continue_decode(self.cfg, self.params, ds, gen, chunk)
+
+    def _on_mesh(self):
+        """The mesh and logical-axis rules in force for one device call (nothing without a mesh)."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True).strip()
@@ -209,4 +251,4 @@ def default_generation(tokenizer: Tokenizer, hf_generation_config: Mapping | Non
     return gen.replace(eos_token_ids=eos)
 
 
-__all__ = ["Predictor", "default_generation"]
+__all__ = ["Predictor", "StreamStep", "default_generation"]

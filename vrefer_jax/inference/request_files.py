@@ -6,8 +6,11 @@ A request (JSON object):
      "video": "clip.mp4" | "frames/dir"  or  "image": "photo.jpg",
      "question": "What is <region> doing?",       one <region> per object (see `format_question`)
      "frame": 12,                                 default frame of single-frame objects (default 0)
+     "history": [{"question": ..., "answer": ...}],   optional earlier chat turns (the media tag
+                                                  goes to the first; <region>s count over all)
      "objects": [                                 one entry per <region>, in order
         {"mask": "m.png"} | {"rle": {...} | "rle.json"} | {"box": [x0, y0, x1, y1]},   at "frame"
+        {"png": "<base64 PNG>"} | {"polygon": [[x0, y0, x1, y1, ...], ...]}           inline
         {"frame": 30, "mask": "m30.png"},                                              at frame 30
         {"frames": {"3": {"mask": "a.png"}, "17": {"box": [...]}}}                     multi-frame
      ]}
@@ -42,7 +45,7 @@ from vrefer_jax.paths import PathOutsideRoot, resolve_under
 
 REGION = "<region>"
 _OBJECT_TAG = re.compile(r"<object\d+>")
-_KINDS = ("mask", "rle", "box")
+_KINDS = ("mask", "rle", "box", "png", "polygon")
 # Largest mask image decoded (pixels): an 8K frame is 33M; a PNG claiming more is refused before
 # decoding (a few KB of PNG can declare gigapixels). Pillow's own bomb check still applies above it.
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -104,33 +107,65 @@ class ImageTooLarge(ValueError):
     reason = "image_too_large"
 
 
-def read_mask(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """A mask image -> [H, W] bool (non-zero in any channel). Raises `ImageTooLarge` for an image
-    over `max_pixels` (checked from the header, before decoding) and OSError for an unreadable one."""
+def read_mask(path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """A mask image (a path or a binary file object) -> [H, W] bool (non-zero in any channel).
+    Raises `ImageTooLarge` for an image over `max_pixels` (checked from the header, before
+    decoding) and OSError for an unreadable one."""
     with warnings.catch_warnings():  # the size is checked here, Pillow's warning would only repeat it
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             im = Image.open(path)
         except Image.DecompressionBombError as e:  # over Pillow's own (2x) limit: refused at open
-            raise ImageTooLarge(f"image_too_large: {path}: {e}") from None
+            raise ImageTooLarge(f"image_too_large: {_name(path)}: {e}") from None
         with im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageTooLarge(f"image_too_large: {path} is {w}x{h} = {w * h} pixels, over the limit of "
+                raise ImageTooLarge(f"image_too_large: {_name(path)} is {w}x{h} = {w * h} pixels, over the limit of "
                                     f"{max_pixels} (max_image_pixels)")
             return np.asarray(im).reshape(h, w, -1).any(axis=-1)
 
 
-def format_question(question: str, bench_q_style: bool = False) -> str:
+def _name(path) -> str:
+    return path if isinstance(path, str) else "the inline PNG"
+
+
+def decode_png(value: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """An inline mask image: base64 text (a `data:image/png;base64,` prefix allowed) -> [H, W] bool,
+    with `read_mask`'s size limit. Raises ValueError for text that is not base64."""
+    import base64
+    import binascii
+    import io
+
+    if not isinstance(value, str):
+        raise ValueError(f"expected base64 text, got {type(value).__name__}")
+    data = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"not base64: {e}") from None
+    return read_mask(io.BytesIO(raw), max_pixels)
+
+
+def format_question(question: str, bench_q_style: bool = False, seen: set[str] | None = None) -> str:
     """The question as the model sees it.
 
     * bench_q_style: every `<region>` becomes `[<region>]` (official Bench-Q script).
     * A question with `<objectN>` tags and no `<region>` gets `<objectN> [<region>]` for each tag
       (the official notebooks' multi-object convention); N is only text, the k-th tag binds to the
-      k-th object.
+      k-th object. In a chat (`seen` given: the tags earlier turns introduced), a tag met again
+      only names its object (no second `<region>`); new tags are added to `seen`.
     """
     if REGION not in question and _OBJECT_TAG.search(question):
-        return _OBJECT_TAG.sub(lambda m: m.group(0) + " [" + REGION + "]", question)
+        if seen is None:  # one question: every tag is an object
+            return _OBJECT_TAG.sub(lambda m: m.group(0) + " [" + REGION + "]", question)
+
+        def expand(m):
+            if m.group(0) in seen:
+                return m.group(0)
+            seen.add(m.group(0))
+            return m.group(0) + " [" + REGION + "]"
+
+        return _OBJECT_TAG.sub(expand, question)
     return question.replace(REGION, "[" + REGION + "]") if bench_q_style else question
 
 
@@ -164,6 +199,12 @@ def _segmentation(spec: Mapping, frame: int, root: str, sizes: _FrameSizes, rid:
     try:
         if kind == "mask":
             return _rle(read_mask(_path(value, root, policy, rid, f"{field}.mask"), policy.max_image_pixels))
+        if kind == "png":
+            return _rle(decode_png(value, policy.max_image_pixels))
+        if kind == "polygon":  # COCO polygons in pixels; `schema.parse_sample` checks them
+            if not isinstance(value, list) or not value or not all(isinstance(p, list) for p in value):
+                raise ValueError(f"expected a list of [x0, y0, x1, y1, ...] lists, got {value!r}")
+            return value
         if kind == "rle":
             if isinstance(value, str):
                 with open(_path(value, root, policy, rid, f"{field}.rle"), encoding="utf-8") as f:
@@ -217,13 +258,15 @@ def _annotation(req: Mapping, root: str, modality: str, media_path: str, rid: st
 
 
 def request_to_sample(req: Mapping[str, Any], index: int = 0, media_root: str = "",
-                      bench_q_style: bool = False, policy: PathPolicy = PathPolicy()) -> schema.Sample:
+                      bench_q_style: bool = False, policy: PathPolicy = PathPolicy(),
+                      media_file: str | None = None) -> schema.Sample:
     """One request -> a validated `schema.Sample` (raises `RequestError` or `schema.SampleError`).
 
     `policy` decides where the request's paths may point (default: inside `media_root`). A relative
     media path that was confined stays as written (relative to `media_root`); any other (absolute,
     or typed on the command line) becomes the absolute path checked here, which the predictor reads
-    with `allow_absolute=True`."""
+    with `allow_absolute=True`. `media_file`: the media, already stored by the caller (an upload:
+    the request's `video` / `image` value is then only its name); read with `allow_absolute=True`."""
     if not isinstance(req, Mapping):
         raise RequestError(f"#{index}", "(request)", f"expected a JSON object, got {type(req).__name__}")
     rid = str(req["id"]) if req.get("id") is not None else f"#{index}"
@@ -231,24 +274,53 @@ def request_to_sample(req: Mapping[str, Any], index: int = 0, media_root: str = 
     if len(media) != 1:
         raise RequestError(rid, "video/image", "give exactly one of `video` and `image`")
     modality = media[0]
-    media_path = _path(req[modality], media_root, policy, rid, modality)
+    media_path = media_file or _path(req[modality], media_root, policy, rid, modality)
     question = req.get("question")
     if not isinstance(question, str) or not question.strip():
         raise RequestError(rid, "question", "a non-empty string is required")
     tags = [t for t in schema.MODAL_TOKENS.values() if t in question]
     if tags:  # the model takes one media placeholder per sample, the one added below
         raise RequestError(rid, "question", f"must not contain {tags[0]} (the {modality} tag is added to it)")
-    question = format_question(question, bench_q_style)
+    seen: set[str] | None = set() if req.get("history") else None  # chat: tags given a <region> earlier
+    turns = [(format_question(q, bench_q_style, seen), a) for q, a in _history(req.get("history"), rid)]
+    question = format_question(question, bench_q_style, seen)
+    turns.append((question, ""))
     annotation = _annotation(req, media_root, modality, media_path, rid, policy)
-    n_regions = question.count(REGION)
+    n_regions = sum(q.count(REGION) for q, _ in turns)
     if n_regions != len(annotation):
         raise RequestError(rid, "question", f"{n_regions} {REGION} token(s) but {len(annotation)} object(s) "
                            "given (objects / --mask / --rle / --box): one <region> per object, in order")
     tag = schema.MODAL_TOKENS[modality]
-    as_written = policy.confine and not os.path.isabs(req[modality])
+    as_written = policy.confine and not os.path.isabs(req[modality]) and media_file is None
+    conv = [t for k, (q, a) in enumerate(turns)
+            for t in ({"from": "human", "value": (tag + "\n" if k == 0 else "") + q}, {"from": "gpt", "value": a})]
     raw = {"id": rid, modality: req[modality] if as_written else os.path.abspath(media_path), "annotation": annotation,
-           "conversations": [{"from": "human", "value": tag + "\n" + question}, {"from": "gpt", "value": ""}]}
+           "conversations": conv}
     return schema.parse_sample(raw, index, extra={"question": question})
+
+
+def _history(value: Any, rid: str) -> list[tuple[str, str]]:
+    """Earlier chat turns `[{"question", "answer"}]` -> [(question, answer)]; answers must be
+    non-empty (an empty answer marks the question to answer) and hold no media tag or <region>."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RequestError(rid, "history", "expected a list of {question, answer} turns")
+    out = []
+    for k, turn in enumerate(value):
+        field = f"history[{k}]"
+        if not isinstance(turn, Mapping) or set(turn) != {"question", "answer"}:
+            raise RequestError(rid, field, f"expected an object with exactly `question` and `answer`, got {turn!r}")
+        q, a = turn["question"], turn["answer"]
+        if not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
+            raise RequestError(rid, field, "question and answer must be non-empty strings")
+        for name, text in (("question", q), ("answer", a)):
+            tags = [t for t in schema.MODAL_TOKENS.values() if t in text] + ([REGION] if name == "answer" and REGION
+                                                                             in text else [])
+            if tags:
+                raise RequestError(rid, f"{field}.{name}", f"must not contain {tags[0]}")
+        out.append((q, a))
+    return out
 
 
 class BadLine:
@@ -328,5 +400,6 @@ def error_text(e: Any) -> str:
 
 
 __all__ = ["RequestError", "PathPolicy", "BadLine", "ImageTooLarge", "MAX_IMAGE_PIXELS", "REASONS", "format_question",
+           "decode_png",
            "request_to_sample", "read_mask", "read_request_lines", "read_requests", "samples_from_requests",
            "error_text"]

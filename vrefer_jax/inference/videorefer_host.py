@@ -39,14 +39,22 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     n = max(int(n), minimum)
     return 1 << (n - 1).bit_length()
 
-def question_of(sample: schema.Sample) -> str:
-    """The first human turn's text without the modal tag (a leading `<video>\\n` is the usual form;
-    a tag elsewhere is removed as the official `preprocess_multimodal` would move it)."""
-    turn = next((t for t in sample.conversations if schema.ROLES.get(t.get("from")) == "human"), None)
-    if turn is None:
+def question_of(sample: schema.Sample) -> str | list[dict]:
+    """The prompt's question without the modal tag (a leading `<video>\\n` is the usual form; a tag
+    elsewhere is removed as the official `preprocess_multimodal` would move it): the first human
+    turn's text, or for a chat (`schema.prompt_turns`: earlier turns, then an empty gpt turn) the
+    message list up to the question, the tag moved to its first message."""
+    turns = schema.prompt_turns(sample)
+    if not turns:
         raise schema.SampleError("bad_conversations", sample.sample_id, "conversations", "no human turn")
-    text = turn["value"]
-    tag = _TAGS.get(sample.modality)
+    if len(turns) > 1:
+        return [{"role": "user" if schema.ROLES[t["from"]] == "human" else "assistant",
+                 "content": _untagged(t["value"], sample.modality)} for t in turns]
+    return _untagged(turns[0]["value"], sample.modality)
+
+
+def _untagged(text: str, modality: str) -> str:
+    tag = _TAGS.get(modality)
     if tag is None:
         return text
     if text.startswith(tag + "\n"):
