@@ -74,13 +74,14 @@ class Service:
             raise rq.ApiError(503, "shutting_down", str(e)) from None
         return job
 
-    def ask_sync(self, req: dict, body: rq.GenerationFields | None = None):
+    def ask_sync(self, req: dict, body: rq.GenerationFields | None = None, media_file: str | None = None):
         """For in-process callers (the demo, in a worker thread): prepare and queue `req` (a
-        `request_files` request), then yield its `Event`s. Raises `ApiError`."""
+        `request_files` request; `media_file`: its media, already on disk), then yield its `Event`s.
+        Raises `ApiError`."""
         import queue as queue_lib
 
         body = body or rq.GenerationFields()
-        prep = self.preparer.prepare(req)
+        prep = self.preparer.prepare(req, media_file=media_file)
         gen = rq.generation(self.predictor.generation, body, self.cfg)
         events: queue_lib.Queue = queue_lib.Queue()
         job = self.submit(prep, gen, body.timeout, events.put)

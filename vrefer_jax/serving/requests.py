@@ -334,26 +334,34 @@ class Preparer:
             raise ApiError(400, "video_too_long", f"video: {n} frames ({n / fps if fps else 0:.1f} s), over the limit "
                            f"of {c.max_video_frames} frames / {c.max_video_seconds:g} s", "video")
 
+    def _sample(self, req: dict, media_file: str | None) -> schema.Sample:
+        try:
+            return req_lib.request_to_sample(req, 0, self.cfg.media_root, policy=self.policy, media_file=media_file)
+        except req_lib.RequestError as e:
+            raise ApiError(400, e.reason, str(e), e.field) from None
+        except schema.SampleError as e:
+            raise ApiError(400, e.reason, str(e), e.field) from None
+
     # -- the whole check
 
-    def prepare(self, req: dict) -> PreparedRequest:
-        """Runs in a worker thread. Raises `ApiError` (4xx) naming the field."""
+    def prepare(self, req: dict, media_file: str | None = None) -> PreparedRequest:
+        """Runs in a worker thread. Raises `ApiError` (4xx) naming the field. `media_file`: the
+        media, stored by an in-process caller (the demo's upload), read where it is."""
         self._check_request(req)
         rid = str(req["id"])
         modality = next((m for m in ("video", "image") if req.get(m)), None)
         upload = None
         try:
-            if modality and isinstance(req[modality], str) and req[modality].startswith("data:"):
+            if media_file is not None:
+                sample = self._sample(req, media_file)
+                media = media_file
+            elif modality and isinstance(req[modality], str) and req[modality].startswith("data:"):
                 upload = self._upload(modality, req[modality])
-                req = dict(req, **{modality: f"upload{os.path.splitext(upload)[1]}"})
-            try:
-                sample = req_lib.request_to_sample(req, 0, self.cfg.media_root, policy=self.policy, media_file=upload)
-            except req_lib.RequestError as e:
-                raise ApiError(400, e.reason, str(e), e.field) from None
-            except schema.SampleError as e:
-                raise ApiError(400, e.reason, str(e), e.field) from None
-            media = upload or (sample.media if os.path.isabs(sample.media)
-                               else os.path.join(self.cfg.media_root, sample.media))
+                sample = self._sample(dict(req, **{modality: f"upload{os.path.splitext(upload)[1]}"}), upload)
+                media = upload
+            else:
+                sample = self._sample(req, None)
+                media = sample.media if os.path.isabs(sample.media) else os.path.join(self.cfg.media_root, sample.media)
             self._check_media(sample.modality, media)
             try:
                 p = self.predictor.prepare(sample, self.cfg.media_root, allow_absolute=True)
