@@ -31,6 +31,10 @@ setup(
         "pillow>=10,<14",
         "tensorboardX>=2.6,<3",
         "pysubs2>=1.6,<2",  # VideoMME .srt subtitles, as the official script reads them
+        # vrefer-serve: the HTTP API (FastAPI + uvicorn) and its web demo (Gradio, which caps pillow < 13)
+        "fastapi>=0.115,<1",
+        "uvicorn>=0.30,<1",
+        "gradio>=5,<7",
     ],
     extras_require={
         # Region benchmark scorers (vrefer-eval region / score): pycocoevalcap's caption metrics
@@ -53,6 +57,15 @@ setup(
             "huggingface_hub>=0.24",
             "pycocoevalcap>=1.2,<2",  # the region benchmark scorers' tests (= the eval extra)
             "inflect>=7,<8",
+            "httpx>=0.27",  # the serving tests' client
+            # the demo's browser test drives Debian's chromium (.ci/install_browser); playwright's
+            # own browser downloads are never used
+            "playwright>=1.45,<2",
+        ],
+        "test": [
+            "pytest>=8,<10",
+            "httpx>=0.27",
+            "playwright>=1.45,<2",
         ],
     },
     entry_points={"console_scripts": [
@@ -62,5 +75,6 @@ setup(
         "vrefer-demo = vrefer_jax.main_job:main",
         "vrefer-infer = vrefer_jax.inference.cli:main",
         "vrefer-eval = vrefer_jax.evaluation.cli:main",
+        "vrefer-serve = vrefer_jax.serving.cli:main",
     ]},
 )

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PARTS = ("vrefer_jax.models", "vrefer_jax.checkpoints", "vrefer_jax.training", "vrefer_jax.inference",
-         "vrefer_jax.evaluation", "vrefer_jax.families", "data_pipeline")
+         "vrefer_jax.evaluation", "vrefer_jax.families", "vrefer_jax.serving", "data_pipeline")
 NEUTRAL = ("vrefer_jax/batch.py", "vrefer_jax/numerics.py", "vrefer_jax/paths.py", "vrefer_jax/json_files.py",
            "vrefer_jax/shard_ranges.py", "vrefer_jax/sharding.py", "vrefer_jax/config.py",
            "vrefer_jax/vl3_batch.py", "vrefer_jax/vl3_config.py")
@@ -23,7 +23,9 @@ RULES = {
     # never into training (which asks it for the family of a config)
     "vrefer_jax/families/**/*.py": ("vrefer_jax.training", "vrefer_jax.evaluation"),
     "vrefer_jax/checkpoints/**/*.py": ("vrefer_jax.training",),
-    "vrefer_jax/inference/**/*.py": ("vrefer_jax.training",),
+    "vrefer_jax/inference/**/*.py": ("vrefer_jax.training", "vrefer_jax.serving"),
+    # the server sits on the predictor: no training, no evaluation, no model internals
+    "vrefer_jax/serving/**/*.py": ("vrefer_jax.training", "vrefer_jax.evaluation", "vrefer_jax.models"),
     **{f: PARTS for f in NEUTRAL},
 }
 
