@@ -264,6 +264,8 @@ def test_config_and_cli_errors(world, capsys):
     assert "cannot load --checkpoint" in capsys.readouterr().err
     assert cli.main(["--checkpoint", "x", "--gin_bindings", "ServeConfig.nope = 1"], predictor=world["pred"]) == 2
     assert "configuration" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", "x", "--warmup", "{not json"], predictor=world["pred"]) == 2
+    assert "--warmup" in capsys.readouterr().err
     server = cli.main(["--checkpoint", "tiny-ckpt", "--gin_file", "configs/serve/tiny.gin", "--port", "0",
                        "--media-root", world["root"]], predictor=world["pred"], run=False)
     svc = server.config.app.state.service
@@ -271,3 +273,23 @@ def test_config_and_cli_errors(world, capsys):
     import gin
 
     gin.clear_config()
+
+
+@pytest.mark.slow
+def test_serving_on_a_mesh(world):
+    """`vrefer-serve --mesh`: a predictor on a (data 2, tensor 2) mesh of the fake CPU devices serves
+    a batch of three (rows padded to the row shards) with the single-device answers."""
+    from vrefer_jax.inference.predictor import Predictor
+    from vrefer_jax.sharding import MeshConfig, make_mesh
+
+    mesh = make_mesh(MeshConfig.parse("data=2,fsdp=1,tensor=2"))
+    pred = Predictor(world["cfg"], world["params"], world["tok"], num_frames=4, generation=world["gen"],
+                     bucket_floors=world["pred"].host.bucket_floors, mesh=mesh)
+    server = LiveServer(create_app(pred, serve_cfg(world)))
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client, cf.ThreadPoolExecutor(3) as ex:
+            reqs = [dict(GOOD[0], id=f"m{i}", frame=i) for i in range(3)]
+            replies = [f.result() for f in [ex.submit(client.post, "/v1/regions/ask", json=r) for r in reqs]]
+    finally:
+        assert server.stop()
+    assert [r.json()["answer"] for r in replies] == [offline(world, r) for r in reqs]

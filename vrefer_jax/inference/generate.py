@@ -9,11 +9,14 @@ One program per (model config, generation config without seed, input shapes):
      EOS or N = max_new_tokens tokens; row b's t-th new token sits at position lengths[b] + t.
      Finished rows emit `pad_token_id`.
 
-Two entry points share the loop:
+Entry points sharing the loop (`prefill` + `decode_steps`):
   * `generate_text`: a `qwen2.Qwen2ForCausalLM` parameter tree and token ids (the parity path).
   * `generate_multimodal`: a parameter tree of any registered family (`vrefer_jax.families`) and its
     contract batch (no labels needed); the family module's `embed_inputs` runs the encoders once,
     then the same loop.
+  * `start_multimodal` + `continue_decode`: the multimodal path in pieces (prefill and step 0, then
+    chunks of up to k steps over a donated `DecodeState`), so the host can read tokens as they come
+    (streaming) and stop early; same tokens as `generate_multimodal`.
 
 The prompt is fed as embeddings, as the official `mm_infer` does, so the repetition penalty sees
 only the generated tokens. Compute runs in the model config's dtype; logits are fp32.

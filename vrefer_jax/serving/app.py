@@ -47,7 +47,16 @@ class Service:
         self.engine = engine_lib.Engine(predictor, cfg, self.metrics)
         self._prepare_slots = None  # an asyncio.Semaphore, made on the serving loop
 
-    def start(self) -> Service:
+    def start(self, warmup: dict | list[dict] | None = None) -> Service:
+        """Start the engine; with `warmup` (`request_files` requests: one per bucket you expect, e.g.
+        single- and multi-frame), first compile the programs a batch of each needs at every row
+        count (`Engine.warmup`), with the default generation settings."""
+        for k, req in enumerate([warmup] if isinstance(warmup, dict) else (warmup or [])):
+            t = time.monotonic()
+            prep = self.preparer.prepare(dict(req, id=req.get("id", f"warmup{k}")))
+            gen = rq.generation(self.predictor.generation, rq.GenerationFields(), self.cfg)
+            rows = self.engine.warmup(prep.prepared, gen)
+            log.info("vrefer-serve: warm-up %d compiled rows %s in %.1f s", k, rows, time.monotonic() - t)
         self.engine.start()
         return self
 
@@ -116,13 +125,15 @@ def _validation_error(exc: RequestValidationError) -> rq.ApiError:
 
 
 def create_app(predictor, cfg: ServeConfig | None = None, model_name: str = "vrefer",
-               service: Service | None = None) -> FastAPI:
+               service: Service | None = None, warmup: dict | list[dict] | None = None) -> FastAPI:
+    """`warmup`: requests compiled at every batch row count before the server answers (see
+    `Service.start`); a bad one stops the start-up with its error."""
     cfg = cfg or ServeConfig()
     svc = service or Service(predictor, cfg, model_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        svc.start()
+        await run_in_threadpool(svc.start, warmup)
         log.info("vrefer-serve: engine started (family %s)", predictor.family.name)
         try:
             yield

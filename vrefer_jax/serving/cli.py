@@ -15,6 +15,7 @@ Every start-up error (missing checkpoint, bad option, bad gin) is one line on st
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-absolute-paths", action="store_true", default=None)
     s.add_argument("--gin_file", action="append", default=[], help="gin file binding ServeConfig (repeatable)")
     s.add_argument("--gin_bindings", action="append", default=[], help="gin binding (repeatable)")
+    s.add_argument("--warmup", metavar="REQUESTS",
+                   help="a request or a list of them (JSON text or a .json file; paths under the media root), "
+                        "one per bucket you expect: each is compiled at every batch row count before serving, so "
+                        "the first clients do not wait for compiles")
     s.add_argument("--log-level", default="info")
     d = p.add_argument_group("web demo")
     d.add_argument("--demo", action="store_true", help="also serve the Gradio demo at /demo")
@@ -104,8 +109,18 @@ def main(argv: list[str] | None = None, predictor=None, run: bool = True):
 
     from vrefer_jax.serving.app import create_app
 
+    warmup = None
+    if a.warmup:
+        try:
+            text = open(a.warmup, encoding="utf-8").read() if os.path.isfile(a.warmup) else a.warmup
+            warmup = json.loads(text)
+            if not isinstance(warmup, (dict, list)) or not all(isinstance(r, dict) for r in
+                                                                (warmup if isinstance(warmup, list) else [warmup])):
+                raise ValueError("expected a JSON object (a request) or a list of them")
+        except (OSError, ValueError) as e:
+            return _fail(f"--warmup: {e}")
     name = a.model_name or os.path.basename(os.path.normpath(a.checkpoint))
-    app = create_app(predictor, cfg, model_name=name)
+    app = create_app(predictor, cfg, model_name=name, warmup=warmup)
     if a.demo:
         from vrefer_jax.serving import demo
 

@@ -41,7 +41,7 @@ class ServeConfig:
     allow_absolute_paths: bool = False
     upload_dir: str | None = None
     max_batch_size: int = 8
-    batch_window_ms: float = 20.0
+    batch_window_ms: float = 5.0
     stream_chunk: int = 8
     max_queue: int = 256
     prepare_workers: int = 2

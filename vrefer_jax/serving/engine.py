@@ -133,6 +133,20 @@ class Engine:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def warmup(self, prepared: Any, gen: GenerationConfig) -> list[int]:
+        """Compile before serving: one batch of `prepared` (a prepared request) at every row count a
+        batch can be padded to (1, 2, 4, ... max_batch_size), with `gen`'s settings and decode
+        buffer. Call before `start`. Not counted in the metrics. -> the row counts run."""
+        counts = sorted({min(next_pow2(n), self.cfg.max_batch_size) for n in range(1, self.cfg.max_batch_size + 1)})
+        metrics, self.metrics = self.metrics, Metrics(self.cfg.max_batch_size)
+        try:
+            for n in counts:
+                jobs = [Job(f"warmup-{n}-{i}", prepared, gen, float("inf"), lambda ev: None) for i in range(n)]
+                self._run_batch(jobs, settings_key(gen))
+        finally:
+            self.metrics = metrics
+        return counts
+
     @property
     def accepting(self) -> bool:
         return self._accepting

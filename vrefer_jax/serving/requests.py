@@ -378,8 +378,9 @@ class Preparer:
             raise ApiError(400, "prompt_too_long", f"request {rid!r}: the prompt is {n} tokens, over the limit of "
                            f"{self.cfg.max_prompt_tokens}", "question")
         try:  # the family's batch checks on this request alone: a batch it joins cannot fail them
-            batch, out_len = self.predictor.make_batch([p])
-            self.predictor.family.validate(self.predictor.cfg, batch, out_len, sample_ids=[rid])
+            batch, out_len = self.predictor.make_batch([p])  # rows: a multiple of the mesh's row shards
+            self.predictor.family.validate(self.predictor.cfg, batch, out_len,
+                                           sample_ids=[rid] * batch["input_ids"].shape[0])
         except ValueError as e:  # batch.BatchError (both families' checks raise it)
             raise ApiError(400, "bad_batch", f"request {rid!r}: {e}") from None
         return PreparedRequest(rid, p, n, list(p.warnings))
