@@ -16,6 +16,13 @@ Pipeline per record set (one set, or several for a stage mixture):
   logged ("skip"). Counts travel with the next batch; skips after the last batch of a finite stream
   (or before its dropped remainder) come in a final counts-only batch that `LoaderIterator` absorbs,
   so `LoaderIterator.skipped` is complete once the stream ends.
+* Packing (`pack = True`, `data_pipeline.packing`): instead of one sample per row, the batcher
+  packs several samples into each row (first-fit decreasing on the expanded length within windows
+  of `pack_window` samples, each sample its own segment; `vrefer_jax.batch.pack_examples`). The caps
+  become row budgets: `seq_len` text ids, `max_expanded_len` expanded tokens, `pack_videos` video
+  slots (P of packed frames [B, P, T, S, S, 3]), `max_region_frames` and `max_objects` per row
+  (`max_object_frames` still per object). A sample over a cap on its own is still refused or
+  skipped by the overflow policy.
 * `LoaderIterator.get_state()/set_state()` resume exactly; it is a `grain.DatasetIterator`, so
   `grain.checkpoint.CheckpointSave/CheckpointRestore` store it in an Orbax checkpoint.
 """
@@ -32,6 +39,7 @@ import grain
 import numpy as np
 
 from data_pipeline import masks as masks_lib
+from data_pipeline import packing as packing_lib
 from data_pipeline import records as records_lib
 from data_pipeline import video as video_lib
 from vrefer_jax import batch as batch_lib
@@ -112,6 +120,12 @@ class LoaderConfig:
     max_frames: int = 768  # frame cap after fps sampling (`VL3HostConfig.max_frames`)
     media_root: str = ""  # media paths are relative to it; "" = each sample file's folder
     length_group_window: int = 0  # batches per length-grouping window; 0 = batches in sample order
+    # Packing (module docstring): several samples per row, each its own segment. pack_window:
+    # samples per first-fit-decreasing window (the window holds their decoded frames in memory).
+    # pack_videos: video slots per row (VideoRefer-7B; P of packed frames), a row budget.
+    pack: bool = False
+    pack_window: int = 64
+    pack_videos: int = 4
 
     def policy(self, cap: str) -> str:
         p = self.overflow if isinstance(self.overflow, str) else self.overflow.get(cap, "error")
@@ -129,6 +143,9 @@ class LoaderConfig:
             self.policy(cap)
         if self.aspect not in ("square", "pad"):
             raise ValueError(f"aspect must be 'square' or 'pad', got {self.aspect!r}")
+        if self.pack and (self.pack_window < 1 or self.pack_videos < 1):
+            raise ValueError(f"packing needs pack_window >= 1 and pack_videos >= 1, got {self.pack_window}, "
+                             f"{self.pack_videos}")
         if self.max_expanded_len is not None and None in (self.num_video_tokens, self.region_tokens_per_object):
             raise ValueError("max_expanded_len needs num_video_tokens and region_tokens_per_object "
                              "(LoaderConfig.for_model fills them from the model config)")
@@ -259,10 +276,17 @@ class SampleTransform:
                     log.debug("skipping sample %s: %s needs %d > cap %d", sid, cap, size, limit)
                 return {"_skip": cap}
 
+        if c.pack and batch_lib.num_placeholders(ids) > c.pack_videos:
+            raise CapExceededError(sid, "pack_videos", batch_lib.num_placeholders(ids), c.pack_videos)
         frames = self._frames(rec, rec.frames) if rec.modality in ("video", "image") else []
         ex = to_example(sid, rec.modality, frames, self._frames(rec, rec.region_frames),
                         [(o.region_index, o.decode()) for o in rec.objects], ids, labels,
                         num_frames=c.num_frames, image_size=c.image_size, grid=c.grid, aspect=c.aspect)
+        if c.pack:  # unpadded: the packer concatenates samples into rows
+            sizes = dict(L=len(ids), videos=batch_lib.num_placeholders(ids), F=F, K=K)
+            if c.max_expanded_len is not None:
+                sizes["expanded"] = self.expanded_len(ids, rec)
+            return {packing_lib.PACK_KEY: sizes, "_item": ex}
         return batch_lib.pad_example(ex, seq_len=c.seq_len, region_frames=c.max_region_frames,
                                      objects=c.max_objects, object_frames=c.max_object_frames,
                                      mask_size=c.grid, pad_token_id=c.pad_token_id)
@@ -373,11 +397,38 @@ def make_dataset(
     ds = comps[0] if len(comps) == 1 else grain.MapDataset.mix(comps, weights)
     ds = ds.map(SampleTransform(cfg, tokenizer))
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size)
-    it = _BatchCountingSkips(ds.to_iter_dataset(read), cfg.batch_size, cfg.drop_remainder)
+    if cfg.pack:
+        it = packed_batches(ds.to_iter_dataset(read), cfg)
+    else:
+        it = _BatchCountingSkips(ds.to_iter_dataset(read), cfg.batch_size, cfg.drop_remainder)
     if cfg.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
     return it
+
+
+def row_budget(cfg: LoaderConfig) -> dict[str, int]:
+    """The VideoRefer-7B packing budgets of one row (the keys of the transform's sizes)."""
+    budget = dict(L=cfg.seq_len, videos=cfg.pack_videos, F=cfg.max_region_frames, K=cfg.max_objects)
+    if cfg.max_expanded_len is not None:
+        budget["expanded"] = cfg.max_expanded_len
+    return budget
+
+
+def packed_batches(parent: grain.IterDataset, cfg: LoaderConfig) -> grain.IterDataset:
+    """VideoRefer-7B packed batches over the transform's unpadded samples (`data_pipeline.packing`)."""
+    budget = row_budget(cfg)
+
+    def build_row(examples):
+        return batch_lib.pack_examples(examples, seq_len=cfg.seq_len, videos=cfg.pack_videos,
+                                       region_frames=cfg.max_region_frames, objects=cfg.max_objects,
+                                       object_frames=cfg.max_object_frames, mask_size=cfg.grid,
+                                       pad_token_id=cfg.pad_token_id)
+
+    return packing_lib.PackedBatches(
+        parent, batch_size=cfg.batch_size, window=cfg.pack_window, budget=budget,
+        key="expanded" if "expanded" in budget else "L", build_row=build_row, finish=stack_examples, caps=CAPS,
+        seed=cfg.seed, drop_remainder=cfg.drop_remainder)
 
 
 class LoaderIterator(grain.DatasetIterator):

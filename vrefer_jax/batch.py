@@ -11,12 +11,27 @@ Fields (static shapes; `FIELDS`):
                                  `region_token_id` per referred object; right padding
   labels          [B, L] int32   -100 where not supervised (optional: inference has none)
   segment_ids     [B, L] int32   0 = padding; 1 (or 1, 2, ... for packed rows) = real
-  frames          [B, T, S, S, 3] float  SigLIP-normalised sampled frames (an image repeated T times)
+  frames          [B, T, S, S, 3] float  SigLIP-normalised sampled frames (an image repeated T times);
+                  [B, P, T, S, S, 3]     in a packed batch: P video slots per row (see below)
   region_frames   [B, F, S, S, 3] float  the annotated frames (union over the sample's objects)
   object_frames   [B, K, M] int32        object k's frames in its own order, indices into F; -1 pad
   object_masks    [B, K, M, h, w] bool   its masks; resized to the vision grid on the device if
                                          (h, w) is not the grid already
   object_valid    [B, K] bool            which object slots are real
+
+Packed rows (`pack_examples`; the loader's `LoaderConfig.pack`): several samples share a row of
+static length, one after another, each its own segment (ids 1, 2, ... in row order, padding 0 at
+the end). The decoder never attends across segments and positions restart at 0 in each one.
+  * frames gains a slot axis P: slot p holds the video/image of the row's p-th `<video>`/`<image>`
+    placeholder (row order; text-only samples take no slot; unused slots are zeros). The model runs
+    the tower and the connector over all B*P slots and the splice gives the p-th placeholder of a
+    row the tokens of slot p, so every video expands inside its own segment. An unpacked batch
+    (rank-5 frames) is the case P = 1 and works unchanged.
+  * region_frames / objects are concatenated in row order along F / K: `object_frames` indices are
+    remapped into the row's F, and the k-th `<region>` of the row binds to the row's k-th object,
+    which is the k-th object of its own sample once the samples before it are counted.
+  * L, F, K (and the expanded length) are per-row budgets; M (frames per object) stays a per-object
+    cap. Static shapes throughout: a packed batch only differs from an unpacked one by P.
 
 * `Example`: one sample before padding; `pad_example` pads it to given sizes and `stack` makes the
   batch (the loader pads to its caps, the predictor to its buckets, `empty_batch` builds init /
@@ -39,7 +54,8 @@ import numpy as np
 from vrefer_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ConnectorConfig, ModelConfig
 
 # name -> (dimensions, dtype, padding value). Dimension letters: B batch, L text ids, T frames,
-# S image size, F region frames, K objects, M frames per object, G mask size.
+# S image size, F region frames, K objects, M frames per object, G mask size. A packed batch puts
+# a video-slot axis P after B in `frames` (`PACKED_FRAMES`).
 FIELDS: dict[str, tuple[tuple[str, ...], Any, Any]] = {
     "input_ids": (("B", "L"), np.int32, None),  # padded with the model's pad id
     "labels": (("B", "L"), np.int32, IGNORE_INDEX),
@@ -51,6 +67,12 @@ FIELDS: dict[str, tuple[tuple[str, ...], Any, Any]] = {
     "object_valid": (("B", "K"), np.bool_, False),
 }
 BATCH_KEYS = tuple(FIELDS)
+PACKED_FRAMES = ("B", "P", "T", "S", "S", 3)
+
+
+def video_slots(frames_shape: Sequence[int]) -> int:
+    """P, the video slots per row of a batch's `frames`: 1 for [B, T, S, S, 3], P for [B, P, T, S, S, 3]."""
+    return int(frames_shape[1]) if len(frames_shape) == 6 else 1
 
 
 # ----------------------------------------------------------------------------- video token count
@@ -183,6 +205,69 @@ def pad_example(ex: Example, *, seq_len: int, region_frames: int, objects: int, 
     return out
 
 
+def num_placeholders(input_ids: Sequence[int] | np.ndarray) -> int:
+    """<video>/<image> placeholders in a sample's ids (0 for text-only, 1 otherwise)."""
+    ids = np.asarray(input_ids)
+    return int(((ids == IMAGE_TOKEN_INDEX) | (ids == VIDEO_TOKEN_INDEX)).sum())
+
+
+PACK_SEPARATOR = "+"  # a packed row's `sample_id`: its samples' ids joined in row order
+
+
+def pack_examples(examples: Sequence[Example], *, seq_len: int, videos: int, region_frames: int, objects: int,
+                  object_frames: int, mask_size: int, pad_token_id: int) -> dict[str, Any]:
+    """Several `Example`s -> one packed row of the contract (no batch dimension; see "Packed rows"
+    in the module docstring), + `sample_id` (the ids joined by `PACK_SEPARATOR`).
+
+    seq_len, videos (P), region_frames and objects are budgets of the whole row; object_frames (M)
+    bounds each object. A budget too small raises ValueError naming the row's samples (the packer
+    checks the budgets before this: nothing is ever truncated)."""
+    if not examples:
+        raise ValueError("pack_examples needs at least one example")
+    name = PACK_SEPARATOR.join(ex.sample_id for ex in examples)
+    need = dict(seq_len=sum(len(ex.input_ids) for ex in examples),
+                videos=sum(num_placeholders(ex.input_ids) for ex in examples),
+                region_frames=sum(int(ex.region_frames.shape[0]) for ex in examples),
+                objects=sum(len(ex.object_frames) for ex in examples),
+                object_frames=max(ex.sizes()["object_frames"] for ex in examples))
+    have = dict(seq_len=seq_len, videos=videos, region_frames=region_frames, objects=objects,
+                object_frames=object_frames)
+    for k, n in need.items():
+        if n > have[k]:
+            raise ValueError(f"packed row {name}: {k} needs {n} but the row holds {have[k]}")
+    with_labels = examples[0].labels is not None
+    if any((ex.labels is not None) != with_labels for ex in examples):
+        raise ValueError(f"packed row {name}: some samples have labels and some do not")
+    T, S = examples[0].frames.shape[0], examples[0].frames.shape[1]
+    out = _empty(dict(L=seq_len, T=T, S=S, F=region_frames, K=objects, M=object_frames, G=mask_size, P=videos),
+                 pad_token_id, skip=() if with_labels else ("labels",))
+    pos = slot = f0 = k0 = 0
+    for seg, ex in enumerate(examples, start=1):
+        if ex.frames.shape[:2] != (T, S):
+            raise ValueError(f"packed row {name}: sample {ex.sample_id} has frames {ex.frames.shape[:2]}, "
+                             f"the row {(T, S)}")
+        n = len(ex.input_ids)
+        out["input_ids"][pos:pos + n] = ex.input_ids
+        if with_labels:
+            out["labels"][pos:pos + n] = ex.labels
+        out["segment_ids"][pos:pos + n] = seg
+        pos += n
+        if num_placeholders(ex.input_ids):
+            out["frames"][slot] = ex.frames
+            slot += 1
+        nf = int(ex.region_frames.shape[0])
+        out["region_frames"][f0:f0 + nf] = ex.region_frames
+        for fr, m in zip(ex.object_frames, ex.object_masks):
+            out["object_frames"][k0, : len(fr)] = np.asarray(fr, np.int32) + f0  # into the row's F
+            out["object_masks"][k0, : len(fr)] = m
+            out["object_valid"][k0] = True
+            k0 += 1
+        f0 += nf
+    out = {k: out[k] for k in FIELDS if k in out}
+    out["sample_id"] = name
+    return out
+
+
 def stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Padded examples -> a batch; their `sample_id`s become a str array `sample_ids`."""
     out = {k: np.stack([x[k] for x in examples]) for k in examples[0] if k != "sample_id"}
@@ -200,18 +285,22 @@ def _empty(dims: Mapping[str, int], pad_token_id: int, skip: Sequence[str] = ())
     return out
 
 
-def field_shapes(*, L: int, T: int, S: int, F: int, K: int, M: int, G: int, B: int | None = None
-                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """{field: (shape, dtype)} for the given sizes; B None = one example (no batch dimension)."""
-    dims = dict(B=B, L=L, T=T, S=S, F=F, K=K, M=M, G=G)
+def field_shapes(*, L: int, T: int, S: int, F: int, K: int, M: int, G: int, B: int | None = None,
+                 P: int | None = None) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{field: (shape, dtype)} for the given sizes; B None = one example (no batch dimension);
+    P None = the unpacked layout, else packed frames [B, P, T, S, S, 3] (`PACKED_FRAMES`)."""
+    dims = dict(B=B, L=L, T=T, S=S, F=F, K=K, M=M, G=G, P=P)
+    specs = {k: (PACKED_FRAMES if k == "frames" and P is not None else shape, dtype)
+             for k, (shape, dtype, _) in FIELDS.items()}
     return {k: (tuple(d if isinstance(d, int) else dims[d] for d in shape if not (d == "B" and B is None)), dtype)
-            for k, (shape, dtype, _) in FIELDS.items()}
+            for k, (shape, dtype) in specs.items()}
 
 
 def empty_batch(*, B: int, L: int, T: int, S: int, F: int, K: int, M: int, G: int,
-                pad_token_id: int = 0) -> dict[str, np.ndarray]:
-    """An all-padding batch (segment 0, objects invalid, frames -1): the base of `dummy_batch`."""
-    return _empty(dict(B=B, L=L, T=T, S=S, F=F, K=K, M=M, G=G), pad_token_id)
+                pad_token_id: int = 0, P: int | None = None) -> dict[str, np.ndarray]:
+    """An all-padding batch (segment 0, objects invalid, frames -1): the base of `dummy_batch`.
+    P: packed layout with P video slots per row (None: unpacked)."""
+    return _empty(dict(B=B, L=L, T=T, S=S, F=F, K=K, M=M, G=G, P=P), pad_token_id)
 
 
 # ----------------------------------------------------------------------------- host-side checks
@@ -233,33 +322,51 @@ def check_batch(
     out_len: int,
     num_region_frames: int,
     sample_ids: Sequence[str] | None = None,
+    num_videos: int = 1,
 ) -> None:
     """Validate a batch before it reaches the device; raise `BatchError` naming the sample.
 
-    Checked per row: one visual placeholder at most; every `<region>` after it; as many `<region>`
+    Checked per row: real tokens first, each segment one contiguous run (a packed row's samples one
+    after another); one visual placeholder at most per segment and at most `num_videos` (P, the
+    video slots) per row; every `<region>` after its own segment's placeholder; as many `<region>`
     ids as valid objects (the k-th `<region>` binds to the k-th object, so a mismatch would silently
-    shift every later object); each valid object has >= 1 frame, frame indices a valid prefix inside
-    the region frames; and the worst-case expanded length (`expanded_length`) fits `out_len`.
+    shift every later object); each valid object has >= 1 frame, frame indices a valid prefix
+    inside the region frames; and the worst-case expanded length of the row (`expanded_length`,
+    additive over its segments) fits `out_len`. Messages name the row's sample ids (a packed row's
+    `sample_id` joins its samples' ids) and, in a packed row, the segment.
     """
     input_ids, segment_ids = np.asarray(input_ids), np.asarray(segment_ids)
     object_frames, object_valid = np.asarray(object_frames), np.asarray(object_valid)
     for b in range(input_ids.shape[0]):
         name = sample_ids[b] if sample_ids is not None else f"#{b}"
         real = segment_ids[b] > 0
-        ids = input_ids[b][real]
+        ids, segs = input_ids[b][real], segment_ids[b][real]
         if real.any() and not real[: real.sum()].all():
             raise BatchError(f"sample {name}: padding must come after the real tokens (segment_ids)")
-        visual = np.flatnonzero((ids == IMAGE_TOKEN_INDEX) | (ids == VIDEO_TOKEN_INDEX))
-        regions = np.flatnonzero(ids == region_token_id)
+        starts = np.flatnonzero(np.r_[True, segs[1:] != segs[:-1]]) if len(segs) else np.zeros(0, int)
+        run_ids = segs[starts]
+        if len(set(run_ids.tolist())) != len(run_ids):
+            raise BatchError(f"sample {name}: a segment is split into several runs (segment_ids {run_ids.tolist()})")
         n_obj = int(object_valid[b].sum())
         if not object_valid[b][:n_obj].all():
             raise BatchError(f"sample {name}: object slots must be filled from the first (object_valid)")
-        if len(visual) > 1:
-            raise BatchError(f"sample {name}: {len(visual)} <video>/<image> placeholders; one per sample is supported")
+        is_visual = (ids == IMAGE_TOKEN_INDEX) | (ids == VIDEO_TOKEN_INDEX)
+        regions = np.flatnonzero(ids == region_token_id)
+        packed = len(run_ids) > 1
+        for a, e, sid in zip(starts, np.r_[starts[1:], len(segs)], run_ids):
+            where = f"sample {name}" + (f" (segment {sid})" if packed else "")
+            visual = np.flatnonzero(is_visual[a:e])
+            if len(visual) > 1:
+                raise BatchError(f"{where}: {len(visual)} <video>/<image> placeholders; one per sample is supported")
+            seg_regions = np.flatnonzero(ids[a:e] == region_token_id)
+            if len(seg_regions) and (not len(visual) or seg_regions[0] < visual[0]):
+                raise BatchError(f"{where}: every <region> must come after the <video>/<image> placeholder")
+        n_visual = int(is_visual.sum())
+        if n_visual > num_videos:
+            raise BatchError(f"sample {name}: {n_visual} <video>/<image> placeholders but {num_videos} video "
+                             "slot(s) per row")
         if len(regions) != n_obj:
             raise BatchError(f"sample {name}: {len(regions)} <region> tokens in the text but {n_obj} objects with masks")
-        if len(regions) and (not len(visual) or regions[0] < visual[0]):
-            raise BatchError(f"sample {name}: every <region> must come after the <video>/<image> placeholder")
         counts = []
         for k in range(n_obj):
             fr = object_frames[b, k]
@@ -277,10 +384,13 @@ def check_batch(
 
 
 def validate(cfg: ModelConfig, batch: Mapping[str, Any], out_len: int, sample_ids: Sequence[str] | None = None) -> None:
-    """`check_batch` of a contract batch against a `ModelConfig` (raises `BatchError` naming the sample)."""
+    """`check_batch` of a contract batch (unpacked or packed) against a `ModelConfig` (raises
+    `BatchError` naming the sample)."""
+    frames_shape = np.shape(batch["frames"])
     check_batch(
         batch["input_ids"], batch["segment_ids"], batch["object_frames"], batch["object_valid"],
         region_token_id=cfg.region_token_id,
-        num_video_tokens=model_video_tokens(cfg, batch["frames"].shape[1]),
+        num_video_tokens=model_video_tokens(cfg, frames_shape[-4]),
         region_token_num=cfg.object_encoder.region_token_num,
-        out_len=out_len, num_region_frames=batch["region_frames"].shape[1], sample_ids=sample_ids)
+        out_len=out_len, num_region_frames=batch["region_frames"].shape[1], sample_ids=sample_ids,
+        num_videos=video_slots(frames_shape))

@@ -100,6 +100,9 @@ class ObjectEncoderConfig:
     region_token_num: int = 4  # at most this many tokens per object after the temporal merge
 
 
+ATTENTION_IMPLS = ("dense", "xla_blockwise", "cudnn", "splash")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
@@ -118,6 +121,19 @@ class TextConfig:
     # std of the normal init of every decoder weight, and of the object encoder's (HF's
     # `initializer_range`); only a model trained from scratch sees it.
     initializer_range: float = 0.02
+    # Decoder attention without a KV cache (`vrefer_jax.models.attention`): 'dense' materialises the
+    # [B, 1, T, T] mask; 'xla_blockwise' (pure JAX flash, any backend), 'cudnn' (GPU, bf16/fp16) and
+    # 'splash' (TPU Pallas) take the segment ids instead. Generation with a cache is always dense.
+    attention_impl: str = "dense"
+    attention_block: int = 512  # query / key block of 'xla_blockwise' and 'splash'
+    attention_max_segments: int = 16  # segments per row 'cudnn' can describe (its packed layout)
+
+    def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"TextConfig.attention_impl {self.attention_impl!r}: choose from "
+                             f"{', '.join(ATTENTION_IMPLS)}")
+        if self.attention_block < 1 or self.attention_max_segments < 1:
+            raise ValueError("TextConfig.attention_block and attention_max_segments must be >= 1")
 
     @property
     def head_dim(self) -> int:
@@ -145,7 +161,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     # Rematerialisation policy for the scanned decoder / vision layers (see layers.remat_policy).
     remat_policy: str = "none"
-    # `jax.nn.dot_product_attention(implementation=...)`: None (XLA picks), "xla" or "cudnn".
+    # `jax.nn.dot_product_attention(implementation=...)` of the dense attentions (the vision tower,
+    # and the decoder when `TextConfig.attention_impl` is 'dense'): None (XLA picks), "xla" or "cudnn".
     attention_impl: str | None = None
     # Ablation (evaluation only): object tokens replaced by zeros, same token counts and layout.
     zero_object_tokens: bool = False

@@ -30,6 +30,14 @@ Fields (static shapes; `FIELDS`; dimension letters in brackets):
                                    used only when cells > Q)
 
 `Example` holds one sample unpadded; `pad_example` pads it, `vrefer_jax.batch.stack` stacks.
+
+Packed rows (`pack_examples`; the loader's `LoaderConfig.pack`): the rows are final on the host, so
+packing is concatenation with index remapping and the shapes do not change: samples one after
+another in L (segment ids 1, 2, ...; the decoder never attends across them, positions restart per
+segment), their patches one after another in N (patch segments renumbered so every image / frame /
+crop of the row keeps its own id), visual tokens in V and regions in R, with `visual_index`,
+`region_index`, `visual_patches` and `region_cells` shifted by the samples before. L, N, V and R are
+budgets of the whole row; C bounds each region.
 With `VL3Config.vision_attention_chunk` P > 0 the encoder attends within aligned blocks of P patches:
 `chunk_example` moves each image / frame / crop so that none crosses a block boundary (and remaps
 the patch indices), `check_chunks` is the host check.
@@ -125,7 +133,8 @@ def pad_example(ex: Example, *, L: int, N: int, V: int, R: int, C: int, Q: int, 
     out["input_ids"][:n] = ex.input_ids
     if labels:
         out["labels"][:n] = IGNORE_INDEX if ex.labels is None else ex.labels
-    out["segment_ids"][:n] = 1
+    lengths = ex.meta.get("segments") or [n]  # a packed row: one segment per sample (`pack_examples`)
+    out["segment_ids"][:n] = np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)
     out["visual_index"][:n] = ex.visual_index
     out["region_index"][:n] = ex.region_index
     for k in ("patches", "patch_segments", "patch_coords", "visual_patches"):
@@ -140,6 +149,60 @@ def pad_example(ex: Example, *, L: int, N: int, V: int, R: int, C: int, Q: int, 
         out["region_init"][:r] = ex.region_init
     out["sample_id"] = ex.sample_id
     return out
+
+
+PACK_SEPARATOR = "+"  # a packed row's `sample_id`: its samples' ids joined in row order
+
+
+def pack_examples(examples: Sequence[Example], *, Q: int) -> Example:
+    """Several samples -> one unpadded `Example` holding them as consecutive segments (module
+    docstring, "Packed rows"); pad it with `pad_example` to the row's sizes. `segments` of the result
+    (in `meta["segments"]`) is each sample's text length, in order, for `pad_example` to number them."""
+    if not examples:
+        raise ValueError("pack_examples needs at least one example")
+    with_labels = examples[0].labels is not None
+    if any((ex.labels is not None) != with_labels for ex in examples):
+        raise ValueError("packed row: some samples have labels and some do not")
+    C = max((ex.region_cells.shape[1] for ex in examples if len(ex.region_cells)), default=1)
+    W = max((ex.visual_patches.shape[1] for ex in examples if ex.visual_patches.ndim == 2), default=1)
+    parts: dict[str, list] = {k: [] for k in ("input_ids", "labels", "visual_index", "region_index", "patches",
+                                              "patch_segments", "patch_coords", "visual_patches", "region_cells",
+                                              "region_weights", "region_num_cells", "region_init")}
+    n0 = v0 = r0 = s0 = 0
+    for ex in examples:
+        shift = lambda a, d: np.where(np.asarray(a) >= 0, np.asarray(a) + d, np.asarray(a))  # noqa: E731
+        parts["input_ids"].append(np.asarray(ex.input_ids))
+        if with_labels:
+            parts["labels"].append(np.asarray(ex.labels))
+        parts["visual_index"].append(shift(ex.visual_index, v0))
+        parts["region_index"].append(shift(ex.region_index, r0 * Q))
+        psegs = np.asarray(ex.patch_segments)
+        parts["patches"].append(np.asarray(ex.patches))
+        parts["patch_segments"].append(np.where(psegs > 0, psegs + s0, 0))
+        parts["patch_coords"].append(np.asarray(ex.patch_coords))
+        vp = np.asarray(ex.visual_patches)
+        vp = vp.reshape(len(vp), vp.shape[1] if vp.ndim == 2 else 1)
+        parts["visual_patches"].append(np.pad(shift(vp, n0), ((0, 0), (0, W - vp.shape[1])), constant_values=-1))
+        r = len(ex.region_num_cells)
+        cells = np.asarray(ex.region_cells)
+        cells = cells.reshape(r, cells.shape[1] if cells.ndim == 3 else 0, 4)
+        c = C - cells.shape[1]
+        parts["region_cells"].append(np.pad(shift(cells, n0), ((0, 0), (0, c), (0, 0)), constant_values=-1))
+        parts["region_weights"].append(np.pad(np.asarray(ex.region_weights, np.float32).reshape(cells.shape),
+                                              ((0, 0), (0, c), (0, 0))))
+        parts["region_num_cells"].append(np.asarray(ex.region_num_cells))
+        parts["region_init"].append(np.asarray(ex.region_init).reshape(r, Q) if r else np.zeros((0, Q), np.int32))
+        n0, v0, r0 = n0 + len(psegs), v0 + len(vp), r0 + r
+        s0 += int(psegs.max(initial=0))
+    cat = {k: np.concatenate(v) if v else None for k, v in parts.items()}
+    return Example(
+        sample_id=PACK_SEPARATOR.join(ex.sample_id for ex in examples),
+        input_ids=cat["input_ids"], visual_index=cat["visual_index"], region_index=cat["region_index"],
+        patches=cat["patches"], patch_segments=cat["patch_segments"], patch_coords=cat["patch_coords"],
+        visual_patches=cat["visual_patches"], region_cells=cat["region_cells"],
+        region_weights=cat["region_weights"], region_num_cells=cat["region_num_cells"],
+        region_init=cat["region_init"], labels=cat["labels"] if with_labels else None,
+        meta={"segments": [len(ex.input_ids) for ex in examples]})
 
 
 def chunk_example(ex: Example, chunk: int) -> Example:

@@ -21,6 +21,11 @@ Pipeline per sample file (one, or several mixed with weights):
   in an order drawn from (seed, window index): rows of a batch have similar lengths (less padding
   work to tell the model nothing), the order over windows stays random. Deterministic: same seed,
   same batches.
+* Packing (`LoaderConfig.pack`, `data_pipeline.packing`): rows are final on the host, so packing
+  is concatenation with remapped indices (`vl3_batch.pack_examples`): first-fit decreasing on the
+  text length within windows of `pack_window` samples, under the row budgets L (`seq_len`), N
+  (`max_patches`), V (`max_visual_tokens`) and R (`max_regions`); C stays a per-region cap. It
+  replaces length grouping (packing sorts by length itself). Same resumable state.
 * Resumable: `LoaderIterator.get_state()` is the pipeline state at the current window's start plus
   the number of its batches already emitted; `set_state` rebuilds that window (the transform is a
   pure function of the sample: k-means starts are seeded by the sample id) and continues after the
@@ -38,6 +43,7 @@ import numpy as np
 
 from data_pipeline import inputs as inputs_lib
 from data_pipeline import loader as loader_lib
+from data_pipeline import packing as packing_lib
 from data_pipeline import schema
 from data_pipeline.loader import VL3_CAPS, CapExceededError, LoaderConfig, LoaderIterator, stack_examples
 from data_pipeline.vl3 import preprocess as pre
@@ -69,6 +75,24 @@ def host_config(cfg: LoaderConfig) -> pre.VL3HostConfig:
     return pre.VL3HostConfig(fps=cfg.fps, max_frames=cfg.max_frames, divide_crop_budget=False)
 
 
+_PACK_BUDGET = ("L", "N", "V", "R")  # additive over a row's samples; C bounds each region
+
+
+def packed_batches(parent: grain.IterDataset, cfg: LoaderConfig, model_cfg: VL3Config) -> grain.IterDataset:
+    """VRVL3 packed batches over the transform's unpadded examples (`data_pipeline.packing`)."""
+    sizes = padded_sizes(cfg)
+    Q = model_cfg.region_token_num
+
+    def build_row(examples):
+        row = vl3_batch.pack_examples(examples, Q=Q)
+        return vl3_batch.pad_example(row, **sizes, Q=Q, pad_token_id=model_cfg.pad_token_id, with_labels=True)
+
+    return packing_lib.PackedBatches(
+        parent, batch_size=cfg.batch_size, window=cfg.pack_window, budget={k: sizes[k] for k in _PACK_BUDGET},
+        key="L", build_row=build_row, finish=stack_examples, caps=VL3_CAPS, seed=cfg.seed,
+        drop_remainder=cfg.drop_remainder)
+
+
 class VL3SampleTransform:
     """(file index, sample index, raw entry) -> one padded example (+ `_len`, its text length) or a
     skip marker `{"_skip": cap}`. Picklable (the tokenizer must be), so it runs in Grain workers."""
@@ -93,6 +117,8 @@ class VL3SampleTransform:
                 log = loader_lib.log.warning if n <= loader_lib.SKIP_LOG_LIMIT else loader_lib.log.debug
                 log("skipping sample %s: %s needs %d > cap %d", ex.sample_id, cap, need[key], self.sizes[key])
                 return {"_skip": cap}
+        if self.cfg.pack:  # unpadded: the packer concatenates samples into rows
+            return {packing_lib.PACK_KEY: {k: need[k] for k in _PACK_BUDGET}, "_item": ex}
         out = vl3_batch.pad_example(ex, **self.sizes, Q=self.model_cfg.region_token_num,
                                     pad_token_id=self.model_cfg.pad_token_id, with_labels=True)
         out["_len"] = need["L"]
@@ -205,8 +231,11 @@ def make_dataset(sources: str | Sequence[str], cfg: LoaderConfig, tokenizer, mod
     ds = comps[0] if len(comps) == 1 else grain.MapDataset.mix(comps, weights)
     ds = ds.map(VL3SampleTransform(cfg, model_cfg, tokenizer, roots))
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size)
-    it = _GroupedBatches(ds.to_iter_dataset(read), cfg.batch_size, cfg.length_group_window, cfg.seed,
-                         cfg.drop_remainder)
+    if cfg.pack:
+        it = packed_batches(ds.to_iter_dataset(read), cfg, model_cfg)
+    else:
+        it = _GroupedBatches(ds.to_iter_dataset(read), cfg.batch_size, cfg.length_group_window, cfg.seed,
+                             cfg.drop_remainder)
     if cfg.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                          per_worker_buffer_size=cfg.worker_buffer_size))

@@ -31,6 +31,10 @@ Attention masks (boolean, True = may attend):
     One rule serves prefill (T = prompt length), chunked prefill and decode (T = 1).
   A padding query (segment 0) would see nothing; it is given one harmless key (itself, or slot 0 with
   a cache) so that every attention kernel returns finite values. Its output is meaningless.
+
+Without a cache, `TextConfig.attention_impl` other than 'dense' never builds the [B, 1, T, T] mask:
+the layers get the segment ids and a blockwise / cuDNN / splash kernel applies the same rule
+(`vrefer_jax.models.attention`). With a cache the dense cache mask is used whatever the setting.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from vrefer_jax.config import TextConfig
+from vrefer_jax.models import attention as attention_lib
 from vrefer_jax.models import layers
 from vrefer_jax.models.layers import Dtype, dense
 from vrefer_jax.sharding import constrain
@@ -141,7 +146,9 @@ class Qwen2Attention(nn.Module):
 
     x [B, T, E] -> [B, T, E]. With `kv` = (k_cache, v_cache) [B, S, K, H] the new keys/values are
     scattered into the cache at `slots` [B, T] (out-of-range slots are dropped) and the queries
-    attend over the whole cache; the updated (k_cache, v_cache) is returned.
+    attend over the whole cache; the updated (k_cache, v_cache) is returned. `mask` is the boolean
+    [B, 1, T, S] mask (dense attention, and always with a cache) or, for the segment kernels of
+    `cfg.attention_impl`, the segment ids [B, T].
     """
 
     cfg: TextConfig
@@ -167,7 +174,11 @@ class Qwen2Attention(nn.Module):
             v = v_cache.at[rows, slots].set(v.astype(v_cache.dtype), mode="drop")
             kv = (k, v)
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+        if mask.ndim == 2:  # segment ids: no materialised mask (module docstring)
+            out = attention_lib.segment_attention(q, k, v, mask, impl=c.attention_impl, block=c.attention_block,
+                                                  max_segments=c.attention_max_segments)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
         out = constrain(out, _Q_ACT)
         out = dense(c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False,
                     name="o_proj", **kw)(out)
@@ -266,7 +277,9 @@ class Qwen2Model(nn.Module):
         positions = positions.astype(jnp.int32)
         cos, sin = rotary_tables(positions, c.head_dim, c.rope_theta, self.dtype)
         if cache is None:
-            mask, slots, kv, valid = segment_mask(segment_ids), None, None, None
+            # the segment kernels take the ids themselves: no [B, 1, T, T] mask at long lengths
+            mask = segment_mask(segment_ids) if c.attention_impl == "dense" else segment_ids.astype(jnp.int32)
+            slots, kv, valid = None, None, None
         else:
             slots = write_slots(positions, segment_ids, cache.max_len)
             rows = jnp.arange(x.shape[0])[:, None]

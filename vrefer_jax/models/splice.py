@@ -9,7 +9,10 @@ Here the expansion happens on the device with static shapes: every input positio
 (1 for text, `Nv` for the placeholder, `counts[k]` for the k-th region, 0 for padding); a cumulative
 sum gives each input position its output span, and every output slot finds its source position with
 a binary search. Output slots past the expanded length are padding (segment 0). Packed rows (several
-segment ids in one row) keep their segments and restart positions per segment.
+segment ids in one row, `vrefer_jax.batch` "Packed rows") keep their segments and restart positions
+per segment; the p-th placeholder of a row takes video slot p, so each video expands inside its own
+segment. (The loss never lets a segment's last token predict the next segment's first label:
+`training.loss.cross_entropy_sum(segment_ids=...)`.)
 
 Host-side checks that make the on-device gather safe live in `vrefer_jax.batch.check_batch`.
 """
@@ -25,12 +28,13 @@ _TEXT, _VISUAL, _REGION = 0, 1, 2
 
 
 def _splice_row(text_emb, ids, labels, segments, video, objects, counts, region_id: int, out_len: int):
-    """One row. text_emb [L,E], ids/labels/segments [L], video [Nv,E], objects [K,R,E], counts [K]."""
+    """One row. text_emb [L,E], ids/labels/segments [L], video [P,Nv,E], objects [K,R,E], counts [K]."""
     L = ids.shape[0]
-    nv, r = video.shape[0], objects.shape[1]
+    nv, r = video.shape[1], objects.shape[1]
     is_visual = (ids == IMAGE_TOKEN_INDEX) | (ids == VIDEO_TOKEN_INDEX)
     is_region = ids == region_id
     kind = jnp.where(is_visual, _VISUAL, jnp.where(is_region, _REGION, _TEXT))
+    vid_idx = jnp.clip(jnp.cumsum(is_visual) - 1, 0, video.shape[0] - 1)  # the p-th placeholder -> slot p
     obj_idx = jnp.clip(jnp.cumsum(is_region) - 1, 0, objects.shape[0] - 1)
     size = jnp.where(kind == _VISUAL, nv, jnp.where(kind == _REGION, counts[obj_idx], 1))
     size = jnp.where(segments > 0, size, 0)
@@ -44,18 +48,18 @@ def _splice_row(text_emb, ids, labels, segments, video, objects, counts, region_
     src_kind = kind[src]
 
     emb_text = text_emb[src]
-    emb_video = video[jnp.clip(offset, 0, nv - 1)]
+    emb_video = video[vid_idx[src], jnp.clip(offset, 0, nv - 1)]
     emb_obj = objects[obj_idx[src], jnp.clip(offset, 0, r - 1)]
     emb = jnp.where((src_kind == _VISUAL)[:, None], emb_video.astype(emb_text.dtype), emb_text)
     emb = jnp.where((src_kind == _REGION)[:, None], emb_obj.astype(emb_text.dtype), emb)
     emb = jnp.where(filled[:, None], emb, 0)  # padding rows are zeros, as the official right-padding
 
-    out_labels = jnp.where(filled & (src_kind == _TEXT), labels[src], IGNORE_INDEX)
-    out_segments = jnp.where(filled, segments[src], 0)
     # Positions restart at each segment: the first input index of the source token's segment.
     idx = jnp.arange(L)
     seg_start = jax.lax.cummax(jnp.where(jnp.concatenate([jnp.ones(1, bool), segments[1:] != segments[:-1]]), idx, 0))
     positions = jnp.where(filled, slot - starts[seg_start[src]], 0)
+    out_labels = jnp.where(filled & (src_kind == _TEXT), labels[src], IGNORE_INDEX)
+    out_segments = jnp.where(filled, segments[src], 0)
     return emb, out_labels, out_segments, positions.astype(jnp.int32), ends[-1]
 
 
@@ -77,7 +81,8 @@ def splice(
       text_emb: [B, L, E] embeddings of `input_ids` (placeholder rows are ignored).
       input_ids, labels: [B, L] int32; placeholders -200/-201 and `region_token_id`.
       segment_ids: [B, L] int32, 0 = padding (padding only at the end of a row).
-      video_tokens: [B, Nv, E] connector output.
+      video_tokens: [B, Nv, E] connector output, or [B, P, Nv, E] for P video slots per row
+        (packed rows: the p-th placeholder of a row takes slot p).
       object_tokens: [B, K, R, E] object-encoder output; object_counts [B, K] int32 (<= R).
       out_len: static output length.
 
@@ -86,5 +91,7 @@ def splice(
       segment_ids [B, out_len] (0 = padding), positions [B, out_len], lengths [B] (expanded length
       before clipping to out_len; > out_len means tokens were cut, which `check_batch` prevents).
     """
+    if video_tokens.ndim == 3:
+        video_tokens = video_tokens[:, None]
     fn = jax.vmap(lambda *a: _splice_row(*a, region_id=region_token_id, out_len=out_len))
     return fn(text_emb, input_ids, labels, segment_ids, video_tokens, object_tokens, object_counts)

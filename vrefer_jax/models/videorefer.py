@@ -46,10 +46,13 @@ class VideoRefer(nn.Module):
         """One SigLIP pass over sampled and annotated frames.
 
         frames [B, T, S, S, 3], region_frames [B, F, S, S, 3] ->
-        (features [B, T, P, C_vis], region features [B, F, P, C_vis]).
+        (features [B, T, P, C_vis], region features [B, F, P, C_vis]). Packed frames
+        [B, Pv, T, S, S, 3] go in with their Pv video slots folded into T (features [B, Pv*T, P, C]).
         The tower is frozen in every official stage: no gradient flows into it (unless
         `cfg.train_vision_tower`).
         """
+        if frames.ndim == 6:  # packed: slots one after another along T
+            frames = frames.reshape((frames.shape[0], -1) + frames.shape[3:])
         B, T = frames.shape[:2]
         F = region_frames.shape[1]
         x = jnp.concatenate([frames, region_frames], axis=1).reshape((B * (T + F),) + frames.shape[2:])
@@ -60,9 +63,15 @@ class VideoRefer(nn.Module):
         feats = feats.reshape((B, T + F) + feats.shape[1:])
         return feats[:, :T], feats[:, T:]
 
-    def encode_video(self, frame_feats: jax.Array) -> jax.Array:
-        """[B, T, P, C_vis] -> video tokens [B, Nv, E]."""
-        return constrain(self.mm_projector(frame_feats), ("activation_batch", "activation_length", "activation_embed"))
+    def encode_video(self, frame_feats: jax.Array, slots: int = 1) -> jax.Array:
+        """[B, slots*T, P, C_vis] -> video tokens [B, Nv, E] (slots 1) or [B, slots, Nv, E]: the
+        connector runs on each slot's T frames on its own."""
+        if slots == 1:
+            return constrain(self.mm_projector(frame_feats), ("activation_batch", "activation_length", "activation_embed"))
+        B = frame_feats.shape[0]
+        x = frame_feats.reshape((B * slots, -1) + frame_feats.shape[2:])
+        x = constrain(self.mm_projector(x), ("activation_batch", "activation_length", "activation_embed"))
+        return x.reshape((B, slots) + x.shape[1:])
 
     def encode_objects(self, region_feats, object_frames, object_masks, object_valid):
         """-> object tokens [B, K, R, E] and per-object token counts [B, K] (<= R, data-dependent)."""
@@ -77,7 +86,7 @@ class VideoRefer(nn.Module):
         """Run both encoders and splice. Returns a dict with inputs_embeds [B, out_len, E], labels,
         segment_ids, positions [B, out_len], lengths [B] and object_counts [B, K]."""
         feats, region_feats = self.encode_visual(batch["frames"], batch["region_frames"])
-        video = self.encode_video(feats)
+        video = self.encode_video(feats, batch_lib.video_slots(batch["frames"].shape))
         obj_tokens, counts = self.encode_objects(
             region_feats, batch["object_frames"], batch["object_masks"], batch["object_valid"])
         ids = batch["input_ids"]

@@ -14,10 +14,18 @@ from vrefer_jax.config import IGNORE_INDEX
 from vrefer_jax.sharding import constrain
 
 
-def shift_labels(labels: jax.Array) -> jax.Array:
-    """[B, L] labels aligned with inputs -> targets: position t predicts label t+1 (last: ignored)."""
+def shift_labels(labels: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """[B, L] labels aligned with inputs -> targets: position t predicts label t+1 (last: ignored).
+
+    With segment_ids [B, L] (packed rows), a target in another segment than its position is
+    ignored: a sample's last token never predicts the next sample's first label, so a packed row's
+    loss is the sum of its samples' losses."""
     pad = jnp.full(labels.shape[:1] + (1,), IGNORE_INDEX, labels.dtype)
-    return jnp.concatenate([labels[:, 1:], pad], axis=1)
+    targets = jnp.concatenate([labels[:, 1:], pad], axis=1)
+    if segment_ids is not None:
+        nxt = jnp.concatenate([segment_ids[:, 1:], jnp.zeros_like(segment_ids[:, :1])], axis=1)
+        targets = jnp.where(nxt == segment_ids, targets, IGNORE_INDEX)
+    return targets
 
 
 def _chunk_loss(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, compute_dtype) -> tuple[jax.Array, jax.Array]:
@@ -32,15 +40,16 @@ def _chunk_loss(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, comput
 
 
 def cross_entropy_sum(hidden: jax.Array, kernel: jax.Array, labels: jax.Array, *, chunk_size: int = 0,
-                      compute_dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token CE of the LM head over `hidden` [B, L, E] with input-aligned `labels` [B, L].
+                      compute_dtype=jnp.float32, segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token CE of the LM head over `hidden` [B, L, E] with input-aligned `labels` [B, L]
+    (`segment_ids` [B, L]: no target across a segment boundary, see `shift_labels`).
 
     chunk_size > 0 splits the sequence into chunks whose logits are recomputed in the backward pass
     (`jax.checkpoint`), so peak memory holds one chunk of fp32 logits instead of L x V per row.
     The logits are the LM head's: matmul in `compute_dtype`, upcast to fp32 (as `qwen2.LMHead`).
     Returns (sum over supervised tokens, their count), both scalars.
     """
-    targets = shift_labels(labels)
+    targets = shift_labels(labels, segment_ids)
     L = hidden.shape[1]
     if chunk_size <= 0 or chunk_size >= L:
         return _chunk_loss(hidden, kernel, targets, compute_dtype)

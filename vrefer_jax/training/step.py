@@ -54,7 +54,8 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
                     trainable: tuple[str, ...], mesh, rules, shardings: TrainState, batch_spec: dict[str, Any]):
     """The compiled-on-first-call step with explicit in/out shardings and the state donated.
 
-    batch_spec: {key: ndim} of the batch arrays (all sharded over DATA_AXES on dim 0).
+    batch_spec: {key: ndim} of the batch arrays (kept for callers; every batch leaf is sharded over
+    DATA_AXES on dim 0 whatever its rank, so packed and unpacked batches share the step).
     """
     family = families.for_config(cfg)
     model = family.module(cfg)
@@ -66,7 +67,8 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
         params = {**frozen_params, **train_params}
         hidden, inputs = model.apply({"params": params}, mb, out_len=step_cfg.out_len, return_hidden=True)
         total, count = cross_entropy_sum(hidden, family.output_embedding(params), inputs["labels"],
-                                         chunk_size=step_cfg.logits_chunk, compute_dtype=cfg.compute_dtype)
+                                         chunk_size=step_cfg.logits_chunk, compute_dtype=cfg.compute_dtype,
+                                         segment_ids=inputs["segment_ids"])
         tokens = (inputs["segment_ids"] != 0).sum()
         return total, (count, tokens)
 
@@ -123,12 +125,14 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
                        supervised_tokens=count, tokens=tokens, finite=finite, nonfinite=new_state.nonfinite)
         return new_state, metrics
 
-    batch_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_spec.items() if k in BATCH_KEYS}
+    # One sharding for every batch leaf (a pytree prefix): dim 0 over DATA_AXES, the rest replicated,
+    # whatever the field's rank (packed frames [B, P, T, S, S, 3] included).
+    batch_sh = batch_sharding(mesh, 1)
     jitted = jax.jit(step, in_shardings=(shardings, batch_sh),
                      out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
 
     def run(state, batch):
-        batch = {k: v for k, v in batch.items() if k in batch_sh}
+        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(state, batch)
 
@@ -152,15 +156,16 @@ def make_eval_step(cfg, step_cfg: StepConfig, mesh, rules, param_shardings, batc
         batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
         hidden, inputs = model.apply({"params": params}, batch, out_len=step_cfg.out_len, return_hidden=True)
         total, count = cross_entropy_sum(hidden, family.output_embedding(params), inputs["labels"],
-                                         chunk_size=step_cfg.logits_chunk, compute_dtype=cfg.compute_dtype)
+                                         chunk_size=step_cfg.logits_chunk, compute_dtype=cfg.compute_dtype,
+                                         segment_ids=inputs["segment_ids"])
         return dict(loss_sum=total, count=count)
 
-    batch_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_spec.items() if k in BATCH_KEYS}
+    batch_sh = batch_sharding(mesh, 1)  # a prefix for every batch leaf, as in the train step
     jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_sh),
                      out_shardings=NamedSharding(mesh, PartitionSpec()))
 
     def run(params, batch):
-        batch = {k: v for k, v in batch.items() if k in batch_sh}
+        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(params, batch)
 

@@ -1,0 +1,161 @@
+"""Sequence packing for both families' loaders: several samples per row of static size.
+
+`first_fit_decreasing` assigns samples to rows under several additive budgets at once (text ids,
+expanded length, video slots, region frames, objects for VideoRefer-7B; rows, patches, visual
+tokens, regions for VRVL3); `PackedBatches` runs it over a bounded window of the sample stream:
+
+  * pull `window` kept samples (skip markers are counted by cap, as the unpacked batcher does);
+  * first-fit decreasing on the sort key (the expanded length / the text length), ties in arrival
+    order, so the longest samples open rows and short ones fill the gaps;
+  * while the row count is not a multiple of the batch size B, pull one more sample and first-fit
+    it (it fills a gap or opens a row), so no row of a batch is empty padding (until the stream
+    ends: then the last batch is smaller, or dropped with `drop_remainder`);
+  * the rows are shuffled with a generator seeded by (seed, window index), cut into batches of B
+    and built by the family's row builder (`batch.pack_examples` / `vl3_batch.pack_examples`).
+
+Deterministic (a pure function of the sample stream and the seed) and resumable exactly: the state
+is the parent's state at the current window's start, the window's index and the number of its
+batches already emitted; `set_state` rebuilds that window and continues after them.
+A row's samples keep their arrival order (segment ids 1, 2, ... in that order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+PACK_KEY = "_pack"  # a kept sample from the transform: {PACK_KEY: sizes dict, "_item": payload}
+SKIP_KEY = "_skip"
+
+
+def first_fit_decreasing(sizes: Sequence[Mapping[str, int]], budget: Mapping[str, int], key: str,
+                         rows: list[list[int]] | None = None, used: list[dict[str, int]] | None = None,
+                         order: Sequence[int] | None = None) -> tuple[list[list[int]], list[dict[str, int]]]:
+    """Pack items (indices into `sizes`) into rows under every budget in `budget` (sum per row <= it).
+
+    Items go in decreasing `key` order (stable: ties by index), or in `order` if given, each into the
+    first row it fits, else a new row. `rows`/`used` continue an earlier packing. An item over a
+    budget on its own raises ValueError (the caps refuse or skip those before packing).
+    Returns (rows as lists of item indices in placement order, per-row usage)."""
+    rows = [] if rows is None else rows
+    used = [] if used is None else used
+    if order is None:
+        order = sorted(range(len(sizes)), key=lambda i: -sizes[i][key])
+    for i in order:
+        s = sizes[i]
+        over = [k for k in budget if s.get(k, 0) > budget[k]]
+        if over:
+            raise ValueError(f"item {i} needs {[(k, s[k]) for k in over]} over the row budget {dict(budget)}")
+        for r, u in enumerate(used):
+            if all(u[k] + s.get(k, 0) <= budget[k] for k in budget):
+                rows[r].append(i)
+                for k in budget:
+                    u[k] += s.get(k, 0)
+                break
+        else:
+            rows.append([i])
+            used.append({k: s.get(k, 0) for k in budget})
+    return rows, used
+
+
+class PackedBatches(grain.IterDataset):
+    """Packed batches over a stream of `{PACK_KEY: sizes, "_item": payload}` / `{SKIP_KEY: cap}`
+    elements (module docstring). `build_row(payloads)` makes one padded row (+ `sample_id`);
+    `finish(rows, counts)` stacks them into a batch carrying the skip counts `num_skipped` by
+    `caps` (on a window's first batch)."""
+
+    def __init__(self, parent: grain.IterDataset, *, batch_size: int, window: int, budget: Mapping[str, int],
+                 key: str, build_row: Callable[[list[Any]], dict], finish: Callable[[list[dict], np.ndarray], dict],
+                 caps: Sequence[str], seed: int, drop_remainder: bool):
+        super().__init__(parent)
+        if batch_size < 1 or window < 1:
+            raise ValueError(f"packing needs batch_size >= 1 and pack_window >= 1, got {batch_size}, {window}")
+        self._kw = dict(batch_size=batch_size, window=window, budget=dict(budget), key=key, build_row=build_row,
+                        finish=finish, caps=tuple(caps), seed=seed, drop_remainder=drop_remainder)
+
+    def __iter__(self):
+        return _PackedBatchesIterator(self._parent.__iter__(), **self._kw)
+
+
+class _PackedBatchesIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, *, batch_size, window, budget, key, build_row, finish, caps,
+                 seed, drop_remainder):
+        super().__init__(parent)
+        self._B, self._W, self._budget, self._key = batch_size, window, budget, key
+        self._build_row, self._finish, self._caps = build_row, finish, caps
+        self._seed, self._drop = seed, drop_remainder
+        self._window = 0  # index of the next window to fill
+        self._start: Any = None  # parent state at the current window's start
+        self._batches: list[list[list[Any]]] = []  # the window's batches, as rows of payloads (built lazily)
+        self._counts = np.zeros((len(caps),), np.int64)
+        self._k = 0  # batches of the current window emitted
+
+    def _pull(self, counts: np.ndarray):
+        """The next kept element, or None at the end of the stream (skips counted on the way)."""
+        while True:
+            try:
+                x = next(self._parent)
+            except StopIteration:
+                return None
+            if SKIP_KEY in x:
+                counts[self._caps.index(x[SKIP_KEY])] += 1
+            else:
+                return x
+
+    def _fill(self) -> None:
+        self._start = self._parent.get_state()
+        counts = np.zeros((len(self._caps),), np.int64)
+        items: list[Any] = []
+        sizes: list[Mapping[str, int]] = []
+        while len(items) < self._W:
+            x = self._pull(counts)
+            if x is None:
+                break
+            items.append(x["_item"])
+            sizes.append(x[PACK_KEY])
+        rows, used = first_fit_decreasing(sizes, self._budget, self._key)
+        while rows and len(rows) % self._B:  # top up: no empty rows in a batch while samples remain
+            x = self._pull(counts)
+            if x is None:
+                break
+            items.append(x["_item"])
+            sizes.append(x[PACK_KEY])
+            rows, used = first_fit_decreasing(sizes, self._budget, self._key, rows, used, order=[len(items) - 1])
+        w, self._window = self._window, self._window + 1
+        rows = [sorted(r) for r in rows]  # a row's samples in arrival order
+        if len(rows) > 1:
+            order = np.random.default_rng(np.random.SeedSequence([self._seed, w])).permutation(len(rows))
+            rows = [rows[i] for i in order]
+        batches = [[[items[i] for i in r] for r in rows[j:j + self._B]] for j in range(0, len(rows), self._B)]
+        if batches and len(batches[-1]) < self._B and self._drop:
+            batches.pop()
+        self._batches, self._counts, self._k = batches, counts, 0
+
+    def __next__(self):
+        if self._k >= len(self._batches):
+            self._fill()
+            if not self._batches:
+                if self._counts.any():  # skips after the last kept sample: a counts-only batch
+                    counts, self._counts = self._counts, np.zeros_like(self._counts)
+                    return {"num_skipped": counts}
+                raise StopIteration
+        rows = [self._build_row(r) for r in self._batches[self._k]]
+        counts = self._counts if self._k == 0 else np.zeros_like(self._counts)
+        self._k += 1
+        return self._finish(rows, counts)
+
+    def get_state(self):
+        if self._k >= len(self._batches):  # between windows: the next one starts here
+            return {"parent": self._parent.get_state(), "window": self._window, "emitted": 0}
+        return {"parent": self._start, "window": self._window - 1, "emitted": self._k}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._window, self._batches, self._k = int(state["window"]), [], 0
+        self._counts = np.zeros((len(self._caps),), np.int64)
+        if state["emitted"]:
+            self._fill()
+            self._k = int(state["emitted"])
