@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vrefer_jax.models import fast_ops
+
 Dtype = Any
 
 # PyTorch's nn.Linear default init is kaiming-uniform; for fresh (non-imported) weights we use a
@@ -73,20 +75,32 @@ def dense(
                         param_dtype=param_dtype, kernel_init=kernel_init, name=name)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with Flax `nn.LayerNorm`'s parameters (`scale`, `bias` [D]
+    named `axis_name`) and numerics (fp32 statistics, E[(x-mean)^2] as PyTorch), output in `dtype`;
+    its backward is the closed form of `fast_ops.layer_norm`. x [..., D] -> [..., D]."""
+
+    epsilon: float = 1e-6
+    axis_name: str = "norm"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+                           (d,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axis_name,)),
+                          (d,), self.param_dtype)
+        return fast_ops.layer_norm(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
+
+
 def layer_norm(
     eps: float, axis_name: str = "norm", *, dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32, name: str | None = None,
-) -> nn.LayerNorm:
+) -> LayerNorm:
     """LayerNorm over the last axis (statistics in fp32), scale/bias named `axis_name`."""
-    return nn.LayerNorm(
-        epsilon=eps,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        use_fast_variance=False,  # E[(x-mean)^2], as PyTorch computes it
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)),
-        name=name,
-    )
+    return LayerNorm(epsilon=eps, axis_name=axis_name, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class RMSNorm(nn.Module):
