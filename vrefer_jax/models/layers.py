@@ -5,6 +5,7 @@ Parameters are created in `param_dtype` (fp32 master weights) and cast to `dtype
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,8 +50,17 @@ class DenseGeneral(nn.Module):
                              f"{len(axis) + len(features)}-D kernel")
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                             tuple(x.shape[a] for a in axis) + features, self.param_dtype)
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                ((axis, tuple(range(len(axis)))), ((), ())))
+        n_in = len(axis)
+        if axis == tuple(range(x.ndim - n_in, x.ndim)):
+            # Trailing contraction (every use here): one 2-D GEMM with a hand-written backward,
+            # whose weight gradient XLA does not turn into a transposed copy (fast_ops).
+            k_in = math.prod(kernel.shape[:n_in])
+            y = fast_ops.matmul_last(x.reshape(x.shape[:x.ndim - n_in] + (k_in,)).astype(self.dtype),
+                                     kernel.reshape(k_in, -1).astype(self.dtype))
+            y = y.reshape(x.shape[:x.ndim - n_in] + features)
+        else:
+            y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                    ((axis, tuple(range(n_in))), ((), ())))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                    self.axes[len(axis):]),

@@ -104,21 +104,25 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
             (grads, total, count, tokens), _ = jax.lax.scan(body, init, micro_batches(batch))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         loss = total / denom
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
-
-        full_grads = {**jax.tree.map(jnp.zeros_like, frozen_p), **grads}
-        updates, new_opt = tx.update(full_grads, state.opt_state, state.params)
-        new_train = optax.apply_updates(train_p, {k: updates[k] for k in train_p})
-        # Frozen groups are carried over untouched (bit-identical), not `p + 0`.
-        new_params = {**frozen_p, **new_train}
+        # The 1/count scaling is folded into the update (one pass over the gradients fewer).
+        grad_norm = optax.global_norm(grads) / denom
 
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+        def update(params, opt_state):
+            full_grads = {**jax.tree.map(jnp.zeros_like, frozen_p), **jax.tree.map(lambda g: g / denom, grads)}
+            updates, new_opt = tx.update(full_grads, opt_state, params)
+            new_train = optax.apply_updates({k: params[k] for k in train_p}, {k: updates[k] for k in train_p})
+            # Frozen groups are carried over untouched (bit-identical), not `p + 0`.
+            return {**{k: params[k] for k in frozen_p}, **new_train}, new_opt
+
+        # The non-finite guard is a branch, not a select over every parameter and moment after the
+        # update: a skipped step runs no update at all, a finite one pays nothing extra.
+        new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params, state.opt_state)
         new_state = state.replace(
             step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state),
+            params=new_params,
+            opt_state=new_opt,
             nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
         )
         metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
