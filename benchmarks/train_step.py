@@ -1,6 +1,6 @@
 """Time the full sharded train step (forward, backward, clipping, AdamW) and report tokens/s and MFU.
 
-    python benchmarks/train_step.py                           # tiny and small, fp32, one CPU device
+    python benchmarks/train_step.py     # small and small_224, fp32 and bf16, + connector/decoder parts
     python benchmarks/train_step.py --gin_file my_1b.gin --dtype bfloat16 --remat full \\
         --batch 8 --text_len 512 --devices 1                  # e.g. a ~1B config on a lent GPU
 
@@ -15,11 +15,19 @@ Figures:
   MFU          GFLOP/step / step time / (measured matmul peak x devices)
 The peak is measured on this machine with a large matmul in the benchmark's dtype
 (`forward.matmul_peak`), not taken from a data sheet.
+
+Parts (`--parts`, default on; fp32, batch 1, the config's shapes), each against the PyTorch
+module it reimplements where torch/timm/transformers are installed, JAX and PyTorch rounds
+interleaved in one process (the machine may be shared: compare within a run, read the load):
+  connector  STC connector forward+backward (timm RegStage reference of tests/test_connector.py)
+  decoder    Qwen2 decoder + LM head + CE over the step's sequence length, forward+backward
+             (transformers.Qwen2ForCausalLM with the same config)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import statistics
 import sys
@@ -103,26 +111,137 @@ def run(cfg, name: str, *, batch: int, text_len: int, accum: int, devices: int, 
                 loss=float(m["loss"]))
 
 
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """Median seconds of each zero-argument callable, rounds interleaved (one warm-up each)."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def connector_parts(cfg, rounds: int) -> dict:
+    """{'jax': s, 'torch': s or absent}: STC connector fwd+bwd on [1, T, P, C_vis], loss sum(y^2)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vrefer_jax.models.connector import Connector
+
+    c_vis, c, t, g = cfg.vision.hidden_size, cfg.text.hidden_size, cfg.num_frames, cfg.vision.grid
+    x_np = np.random.default_rng(0).standard_normal((1, t, g * g, c_vis)).astype(np.float32)
+    model = Connector(cfg.connector, c_vis, c)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x_np))["params"]
+    grad = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.square(model.apply({"params": p}, x))),
+                                      argnums=(0, 1)))
+    x = jnp.asarray(x_np)
+    fns = {"jax": lambda: jax.block_until_ready(grad(params, x))}
+    try:
+        import torch
+
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        precision = jax.config.jax_default_matmul_precision
+        import conftest  # the torchvision stand-in timm needs at import (sets test precision: restored)
+
+        jax.config.update("jax_default_matmul_precision", precision)
+        conftest._stub_torchvision()
+        from test_connector import TorchSTC
+
+        cc = cfg.connector
+        ref = TorchSTC(cc.projector_type, c_vis, c, cc.depth, cc.mlp_depth, tuple(cc.downsample))
+        xt = torch.from_numpy(x_np).requires_grad_(True)
+
+        def torch_step():
+            ref.zero_grad(set_to_none=True)
+            ref(xt).square().sum().backward()
+
+        fns["torch"] = torch_step
+    except BaseException as e:  # torch / timm missing (pytest's importorskip raises Skipped)  # noqa: BLE001
+        print(f"(connector: no PyTorch reference: {type(e).__name__}: {e})")
+    return _interleaved(fns, rounds)
+
+
+def decoder_parts(cfg, seq: int, rounds: int) -> dict:
+    """{'jax': s, 'torch': s or absent}: Qwen2 decoder + LM head + mean CE over `seq` tokens, fwd+bwd
+    w.r.t. every decoder parameter (the train step's loss path: `cross_entropy_sum`)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vrefer_jax.models.qwen2 import Qwen2ForCausalLM
+    from vrefer_jax.training.loss import cross_entropy_sum
+
+    t = cfg.text
+    ids_np = np.random.default_rng(0).integers(1, t.vocab_size, size=(1, seq)).astype(np.int64)
+    model = Qwen2ForCausalLM(t)
+    ids = jnp.asarray(ids_np, jnp.int32)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), ids))["params"]
+
+    def loss(p):
+        emb = model.apply({"params": p}, ids, method=lambda m, i: m.model.embed(i))
+        pos = jnp.arange(seq, dtype=jnp.int32)[None]
+        hidden, _ = model.apply({"params": p}, emb, pos, jnp.ones_like(ids), None, method=lambda m, *a: m.model(*a))
+        total, count = cross_entropy_sum(hidden, p["lm_head"]["kernel"], ids)
+        return total / count
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    fns = {"jax": lambda: jax.block_until_ready(grad(params))}
+    try:
+        import torch
+        import transformers
+
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+            num_key_value_heads=t.num_key_value_heads, rope_theta=t.rope_theta, attn_implementation="sdpa",
+            tie_word_embeddings=False)).train()
+        it = torch.from_numpy(ids_np)
+
+        def torch_step():
+            hf.zero_grad(set_to_none=True)
+            hf(input_ids=it, labels=it).loss.backward()
+
+        fns["torch"] = torch_step
+    except Exception as e:  # noqa: BLE001
+        print(f"(decoder: no PyTorch reference: {type(e).__name__}: {e})")
+    return _interleaved(fns, rounds)
+
+
+def print_parts(cfg, name: str, seq: int, rounds: int) -> None:
+    for part, res in (("connector", connector_parts(cfg, rounds)), ("decoder", decoder_parts(cfg, seq, rounds))):
+        line = f"{name:10} {part:9} fwd+bwd fp32: JAX {1e3 * res['jax']:8.1f} ms"
+        if "torch" in res:
+            line += f" | PyTorch {1e3 * res['torch']:8.1f} ms | {res['torch'] / res['jax']:.2f}x"
+        print(line + f"   (load {os.getloadavg()[0]:.1f})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=["tiny", "small"], help="names in configs/models")
+    ap.add_argument("--configs", nargs="+", default=["small", "small_224"], help="names in configs/models")
     ap.add_argument("--gin_file", "--config", dest="gin_file", default=None,
                     help="a model gin file instead of --configs (e.g. a ~1B config on a GPU)")
     ap.add_argument("--gin_bindings", nargs="*", default=[])
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", "--dtype", nargs="+", default=["float32", "bfloat16"],
+                    choices=["float32", "bfloat16"], help="compute dtypes (fp32 master weights)")
     ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
-    ap.add_argument("--batch", type=int, default=2, help="global batch")
+    ap.add_argument("--batch", type=int, default=1, help="global batch")
     ap.add_argument("--text_len", type=int, default=64, help="text tokens before the splice")
     ap.add_argument("--accum_steps", type=int, default=1)
     ap.add_argument("--devices", type=int, default=1, help="devices on the fsdp axis (default 1)")
     ap.add_argument("--stage", default="stage3", help=f"one of {available_stages()} or a stage gin file")
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--parts", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the connector and the decoder alone (vs PyTorch where installed)")
     args = ap.parse_args()
 
-    peak = matmul_peak(args.dtype, n=4096 if jax.default_backend() != "cpu" else 2048)
-    print(f"device: {jax.devices()[0].device_kind} x{args.devices} (of {jax.device_count()})  "
-          f"measured matmul peak ({args.dtype}): {peak / 1e9:.1f} GFLOP/s per device")
-    peak *= args.devices
+    peaks = {d: matmul_peak(d, n=4096 if jax.default_backend() != "cpu" else 2048) for d in args.dtypes}
+    print(f"device: {jax.devices()[0].device_kind} x{args.devices} (of {jax.device_count()})  measured matmul peak "
+          + ", ".join(f"{d}: {p / 1e9:.1f}" for d, p in peaks.items()) + f" GFLOP/s per device  "
+          f"(load {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs)")
     runs = [(pathlib.Path(args.gin_file).stem, args.gin_file)] if args.gin_file else \
         [(n, str(CONFIGS / f"{n}.gin")) for n in args.configs]
     header = (f"{'config':10} {'dtype':8} {'params':>13} {'B':>3} {'seq':>5} {'acc':>3} | {'compile s':>9} "
@@ -130,12 +249,18 @@ def main():
     print(header)
     print("-" * len(header))
     for name, path in runs:
-        cfg = model_config_from_gin([path], args.gin_bindings).replace(dtype=args.dtype, remat_policy=args.remat)
-        r = run(cfg, name, batch=args.batch, text_len=args.text_len, accum=args.accum_steps, devices=args.devices,
-                stage=args.stage, peak=peak, iters=args.iters)
-        print(f"{r['config']:10} {r['dtype']:8} {r['params']:>13,} {r['batch']:>3} {r['seq']:>5} {r['accum']:>3} | "
-              f"{r['compile_s']:>9.1f} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} | {r['gflop']:>10.2f} "
-              f"{r['tflops']:>8.3f} {r['mfu']:>6.1%}")
+        for dtype in args.dtypes:
+            cfg = model_config_from_gin([path], args.gin_bindings).replace(dtype=dtype, remat_policy=args.remat)
+            r = run(cfg, name, batch=args.batch, text_len=args.text_len, accum=args.accum_steps,
+                    devices=args.devices, stage=args.stage, peak=peaks[dtype] * args.devices, iters=args.iters)
+            print(f"{r['config']:10} {r['dtype']:8} {r['params']:>13,} {r['batch']:>3} {r['seq']:>5} {r['accum']:>3} | "
+                  f"{r['compile_s']:>9.1f} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} | {r['gflop']:>10.2f} "
+                  f"{r['tflops']:>8.3f} {r['mfu']:>6.1%}   (load {os.getloadavg()[0]:.1f})")
+    if args.parts:
+        for name, path in runs:
+            cfg = model_config_from_gin([path], args.gin_bindings).replace(dtype="float32")
+            seq = args.text_len + batch_lib.model_video_tokens(cfg) + 2 * cfg.object_encoder.region_token_num
+            print_parts(cfg, name, seq, rounds=args.iters)
 
 
 if __name__ == "__main__":
