@@ -112,12 +112,16 @@ def run(cfg, name: str, *, batch: int, text_len: int, accum: int, devices: int, 
 
 
 def _interleaved(fns: dict, rounds: int) -> dict:
-    """Median seconds of each zero-argument callable, rounds interleaved (one warm-up each)."""
+    """Median seconds of each zero-argument callable, rounds interleaved. Three warm-up calls each
+    (PyTorch's first CPU backward passes run ~10x slower) and a short pause before every timed call,
+    so that one runtime's idle-spinning worker threads do not steal the cores from the other."""
     for f in fns.values():
-        f()
+        for _ in range(3):
+            f()
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
+            time.sleep(0.2)
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
