@@ -31,6 +31,10 @@ setup(
         "pillow>=10,<14",
         "tensorboardX>=2.6,<3",
         "pysubs2>=1.6,<2",  # VideoMME .srt subtitles, as the official script reads them
+        # TFDS datasets of the records (data_pipeline/tfds_data.py): written as ArrayRecord and read
+        # through tfds.data_source without TensorFlow (tensorflow-datasets does not require it).
+        "tensorflow-datasets>=4.9.8,<5",
+        "array-record>=0.8,<0.9",
     ],
     extras_require={
         # Region benchmark scorers (vrefer-eval region / score): pycocoevalcap's caption metrics
@@ -53,6 +57,7 @@ setup(
             "huggingface_hub>=0.24",
             "pycocoevalcap>=1.2,<2",  # the region benchmark scorers' tests (= the eval extra)
             "inflect>=7,<8",
+            "peft>=0.17,<1",  # loads our LoRA adapter export onto transformers' Qwen2 (tests/test_lora_export.py)
         ],
     },
     entry_points={"console_scripts": [
