@@ -82,8 +82,8 @@ def cmd_tfds(args) -> int:
         decode_threads=args.decode_threads, allow_absolute_media=args.allow_absolute_media, output_format="array_record")
     name = args.name or {"train": "videorefer_train", "bench-q": "videorefer_bench_q",
                          "bench-d": "videorefer_bench_d"}[args.format]
-    if tfds_data.BUILDERS[name][0] != args.format:
-        raise inputs.InputError(f"--name {name} reads --format {tfds_data.BUILDERS[name][0]}, not {args.format}")
+    if (fmt := tfds_data.BUILDERS[name].FORMAT) != args.format:
+        raise inputs.InputError(f"--name {name} reads --format {fmt}, not {args.format}")
     reports = tfds_data.prepare(name, args.data_dir, {args.split: args.json}, media_root=args.media_root, config=cfg,
                                 bench_mode=args.bench_mode)
     print(json.dumps({s: {k: r[k] for k in ("written", "num_skipped", "skipped")} for s, r in reports.items()}, indent=1))

@@ -42,10 +42,11 @@ def official_tiny(tmp_path_factory):
     from vrefer_jax.checkpoints import cli as convert_cli
 
     assert convert_cli.main(["export", src, official, "--dtype", "float32"]) == 0
-    return str(d), data, official
+    ids = (f"ModelConfig.region_token_id = {cfg.region_token_id}", f"ModelConfig.pad_token_id = {cfg.pad_token_id}")
+    return str(d), data, official, ids
 
 
-def _guide(tmp, data, official, *, evaluate: bool):
+def _guide(tmp, data, official, ids, *, evaluate: bool):
     from data_pipeline import cli as data_cli
     from vrefer_jax.checkpoints import cli as convert_cli, peft_export, store
     from vrefer_jax.training import cli as train_cli
@@ -68,6 +69,7 @@ def _guide(tmp, data, official, *, evaluate: bool):
         f"--gin_bindings=DataConfig.train = ('tfds:{j('tfds')}/videorefer_train:train',)",
         f"--gin_bindings=DataConfig.tokenizer = '{j('base', 'hf')}'",
         f"--gin_bindings=TrainConfig.init_from = '{j('base')}'",
+        *(f"--gin_bindings={b}" for b in ids),  # the tiny tokenizer's ids (videorefer_7b.gin has the official ones)
         f"--workdir={j('run')}"])
     assert rc == 0
     final = j("run", "final")
@@ -101,11 +103,11 @@ def _guide(tmp, data, official, *, evaluate: bool):
 
 def test_guide_commands_short(official_tiny):
     """CI variant: every command but the evaluation (whose generation compile is the slow part)."""
-    tmp, data, official = official_tiny
-    _guide(os.path.join(tmp, "short"), data, official, evaluate=False)
+    tmp, data, official, ids = official_tiny
+    _guide(os.path.join(tmp, "short"), data, official, ids, evaluate=False)
 
 
 @pytest.mark.slow
 def test_guide_commands_all(official_tiny):
-    tmp, data, official = official_tiny
-    _guide(os.path.join(tmp, "all"), data, official, evaluate=True)
+    tmp, data, official, ids = official_tiny
+    _guide(os.path.join(tmp, "all"), data, official, ids, evaluate=True)

@@ -46,16 +46,20 @@ def _hf_qwen2(text, lm_params):
     return hf
 
 
-@pytest.mark.parametrize("family", ["videorefer", "videorefer_videollama3"])
-def test_peft_loads_the_adapter_with_our_logits(family, tmp_path):
+FAMILIES = ["videorefer", pytest.param("videorefer_videollama3", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_loads_the_adapter_with_our_logits(family, tmp_path, monkeypatch):
     """Decoder of the family's tiny model (text only, fp32): ours with adapters == peft's
     `PeftModel` over `transformers.Qwen2ForCausalLM` holding the same base weights; also the merge
     (`merge_and_unload`) equals `merge_params`."""
     cfg = with_lora(base_cfg(family), rank=3, alpha=7.0, targets=("q_proj", "k_proj", "v_proj", "o_proj",
                                                                    "gate_proj", "up_proj", "down_proj"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network: the base is given as a model, not a name
     params = random_b(families.for_config(cfg).init_params(cfg, jax.random.PRNGKey(2)), scale=0.1)
     out = str(tmp_path / "adapter")
-    names = peft_export.save_adapter(cfg, params, out, base_model="tiny")
+    names = peft_export.save_adapter(cfg, params, out)
     conf = json.load(open(os.path.join(out, peft_export.CONFIG_NAME)))
     assert conf["r"] == 3 and conf["lora_alpha"] == 7.0 and conf["peft_type"] == "LORA"
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in names
@@ -77,8 +81,6 @@ def test_peft_loads_the_adapter_with_our_logits(family, tmp_path):
     ours = np.asarray(qwen2.Qwen2ForCausalLM(cfg.text).apply({"params": lm}, input_ids=jnp.asarray(ids))[0])
     with torch.no_grad():
         theirs = pm(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
-        plain = hf.get_base_model()(input_ids=torch.from_numpy(ids.astype(np.int64))) if hasattr(hf, "get_base_model") else None
-    del plain
     err = np.abs(ours - theirs).max()
     print(f"{family}: max |logit diff| ours vs peft {err:.2e} (logits up to {np.abs(ours).max():.1f})")
     assert err < 2e-5 * max(1.0, np.abs(ours).max())
@@ -95,7 +97,7 @@ def test_peft_loads_the_adapter_with_our_logits(family, tmp_path):
         np.testing.assert_allclose(v, theirs_merged[k], atol=1e-6, err_msg=k)
 
 
-@pytest.mark.parametrize("family", ["videorefer", "videorefer_videollama3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_merged_export_reads_back_as_the_adapted_model(family, tmp_path):
     """`vrefer-convert export` of a LoRA folder writes the merged official layout; importing it back
     gives the adapted model's logits on a multimodal batch. `export-adapter` writes the PEFT pair."""
