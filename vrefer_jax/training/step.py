@@ -8,6 +8,11 @@ data axes). It is split into `accum_steps` micro-batches of B / accum_steps rows
 another (`lax.scan`); the loss is the sum of next-token CE over every supervised token of the
 global batch divided by their count (the official per-token mean), so results do not depend on the
 split or on the number of devices.
+
+Gradients are taken only with respect to the leaves that train (`optimizer.leaf_trainable`: whole
+groups, or with LoRA only the adapters of the LLM), so a LoRA step holds no gradient for the frozen
+base; with `LoraConfig.dropout` the model gets a "dropout" rng per step and micro-batch. LoRA is
+per token, so packed rows (segment ids) need nothing of their own.
 """
 
 from __future__ import annotations
