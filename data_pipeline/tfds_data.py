@@ -155,7 +155,11 @@ def prepare(name: str, data_dir: str, splits: Mapping[str, str], *, media_root: 
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     for split, report in builder.reports.items():
         write_json(os.path.join(builder.data_dir, f"{split}.report.json"), report, sort_keys=True)
-    return {s: json.load(open(os.path.join(builder.data_dir, f"{s}.report.json"))) for s in splits}
+    reports = {}
+    for split in splits:  # also when the dataset was prepared before (its reports are on disk)
+        with open(os.path.join(builder.data_dir, f"{split}.report.json")) as f:
+            reports[split] = json.load(f)
+    return reports
 
 
 # ----------------------------------------------------------------------------- reading

@@ -116,11 +116,3 @@ def merge_params(params: Mapping, scaling: float, dtype=None) -> dict:
         return out
 
     return merge(params)
-
-
-def store_base(kernel, want_dtype, n_in: int, lead: int = 0):
-    """A full-precision base kernel [(L,) *in, *out] in the storage a LoRA model wants:
-    int8 -> (q, scale) per output channel (per layer when stacked); else (kernel cast, None)."""
-    if np.dtype(want_dtype) == np.int8:
-        return quantize_int8(kernel, n_in, lead)
-    return kernel.astype(want_dtype), None
