@@ -10,7 +10,6 @@ unchanged), base kernels quantised to int8 or cast, everything else carried over
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import traverse_util
 
 from vrefer_jax import families
@@ -50,11 +49,3 @@ def attach(cfg, params, param_shardings, seed: int = 0):
 
     # Unused parts of the fresh init (its base weights) are dead code: only the adapters are drawn.
     return jax.jit(build, out_shardings=param_shardings)(jax.random.PRNGKey(seed), have)
-
-
-def trainable_count(params, trainable) -> int:
-    """Parameters the optimizer updates (`optimizer.trainable_mask`)."""
-    from vrefer_jax.training.optimizer import trainable_mask
-
-    mask = trainable_mask(params, trainable)
-    return int(sum(int(jnp.size(x)) for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m))
