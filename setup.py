@@ -35,6 +35,13 @@ setup(
         "fastapi>=0.115,<1",
         "uvicorn>=0.30,<1",
         "gradio>=5,<7",
+        # TFDS datasets of the records (data_pipeline/tfds_data.py): written as ArrayRecord and read
+        # through tfds.data_source without TensorFlow (tensorflow-datasets does not require it).
+        "tensorflow-datasets>=4.9.8,<5",
+        "array-record>=0.8,<0.9",
+        # tensorflow-datasets 4.9.10 imports it when a builder is defined (DatasetBuilder.code_path)
+        # but pip's resolver does not bring it in on Python 3.11 (checked with --dry-run --ignore-installed)
+        "importlib-resources>=6",
     ],
     extras_require={
         # Region benchmark scorers (vrefer-eval region / score): pycocoevalcap's caption metrics
@@ -61,11 +68,7 @@ setup(
             # the demo's browser test drives Debian's chromium (.ci/install_browser); playwright's
             # own browser downloads are never used
             "playwright>=1.45,<2",
-        ],
-        "test": [
-            "pytest>=8,<10",
-            "httpx>=0.27",
-            "playwright>=1.45,<2",
+            "peft>=0.17,<1",  # loads our LoRA adapter export onto transformers' Qwen2 (tests/test_lora_export.py)
         ],
     },
     entry_points={"console_scripts": [

@@ -3,6 +3,8 @@
     vrefer-data convert  --json data.json --media-root DIR --out DIR --num-shards N
                          [--shard-range a:b] [--workers W] [--num-frames 16] [--image-size 384]
                          [--format train|bench-q|bench-d] [--bench-mode single|multi] ...
+    vrefer-data tfds     --json data.json --media-root DIR --data-dir DIR [--name videorefer_train]
+                         [--split train] [--num-frames 16] [--image-size 384] [--format ...]
     vrefer-data validate --json data.json [--format ...]      schema checks only (no media), counts by reason
     vrefer-data inspect  --records DIR [--index i ...]          record count and a summary of records
 
@@ -68,6 +70,25 @@ def cmd_convert(args) -> int:
         source=os.path.basename(args.json), prefix=prefix, progress=not args.no_progress)
     summary = {k: report[k] for k in ("written", "num_skipped", "skipped", "shards_done", "shards_missing", "run")}
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_tfds(args) -> int:
+    from data_pipeline import tfds_data
+
+    cfg = convert.ConvertConfig(
+        num_frames=args.num_frames, image_size=args.image_size, aspect=args.aspect,
+        image_format=args.image_format, jpeg_quality=args.jpeg_quality, allow_text_only=args.allow_text_only,
+        decode_threads=args.decode_threads, allow_absolute_media=args.allow_absolute_media, output_format="array_record")
+    name = args.name or {"train": "videorefer_train", "bench-q": "videorefer_bench_q",
+                         "bench-d": "videorefer_bench_d"}[args.format]
+    if (fmt := tfds_data.BUILDERS[name].FORMAT) != args.format:
+        raise inputs.InputError(f"--name {name} reads --format {fmt}, not {args.format}")
+    reports = tfds_data.prepare(name, args.data_dir, {args.split: args.json}, media_root=args.media_root, config=cfg,
+                                bench_mode=args.bench_mode)
+    print(json.dumps({s: {k: r[k] for k in ("written", "num_skipped", "skipped")} for s, r in reports.items()}, indent=1))
+    print(f"loader source: {tfds_data.PREFIX}{os.path.join(os.path.abspath(args.data_dir), name)}:{args.split}",
+          file=sys.stderr)
     return 0
 
 
@@ -142,6 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=1, help="FFmpeg threads per video decode")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser(
+        "tfds", help="JSON + media -> a TFDS dataset (ArrayRecord, no TensorFlow)",
+        description="Prepares a TFDS dataset of the converter's records (data_pipeline/tfds_data.py) under "
+                    "--data-dir: the same checks, skips and report (<data-dir>/<name>/<version>/<split>.report.json) "
+                    "as convert. Train on it with DataConfig.train = ('tfds:<data-dir>/<name>:<split>',).")
+    _add_source_args(p)
+    p.add_argument("--media-root", required=True, help="folder the samples' video/image paths are relative to")
+    p.add_argument("--data-dir", required=True, help="TFDS data_dir")
+    p.add_argument("--name", default=None, choices=["videorefer_train", "videorefer_bench_q", "videorefer_bench_d",
+                                                    "videorefer_synthetic"],
+                   help="dataset name (default: the --format's)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--num-frames", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=384)
+    p.add_argument("--aspect", default="square", choices=["square", "pad"])
+    p.add_argument("--image-format", default="png", choices=["png", "raw", "jpeg"])
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--decode-threads", type=int, default=1)
+    p.set_defaults(fn=cmd_tfds)
 
     p = sub.add_parser("validate", help="schema checks only (no media access)",
                        description="Schema checks only (no media access). Exits 1 when any sample is invalid "

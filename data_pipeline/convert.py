@@ -243,21 +243,33 @@ def _init_worker(parse: ParseFn, media_root: str, cfg: ConvertConfig, source: st
     _WORKER.update(parse=parse, media_root=media_root, cfg=cfg, source=source)
 
 
-def _process(task: tuple[int, Any]) -> tuple[str, Any]:
-    """(index, raw entry) -> ("ok", serialized record) | ("skip", skip dict). Never raises."""
-    index, raw = task
+def process_sample(parse: ParseFn, media_root: str, cfg: ConvertConfig, source: str, index: int,
+                   raw: Any) -> tuple[str, Any]:
+    """(index, raw entry) -> ("ok", `Record`) | ("skip", skip dict: index, id, reason, field,
+    message). Never raises: what the converter and the TFDS builders (`tfds_data`) both run."""
     sid = f"#{index}"
     try:
-        sample = _WORKER["parse"](raw, index)
+        sample = parse(raw, index)
         sid = sample.sample_id
-        rec = build_record(sample, _WORKER["media_root"], _WORKER["cfg"], _WORKER["source"])
-        return "ok", rec.to_bytes()
+        return "ok", build_record(sample, media_root, cfg, source)
     except schema.SampleError as e:
         return "skip", dict(index=index, **e.to_dict())
     except Exception as e:  # noqa: BLE001 - one odd file must not stop a 700K-sample run; it is reported
         where = traceback.extract_tb(e.__traceback__)[-1]
         msg = f"{type(e).__name__}: {e} (at {os.path.basename(where.filename)}:{where.lineno})"
         return "skip", dict(index=index, id=sid, reason="unexpected_error", field="<sample>", message=msg)
+
+
+def skip_counts(skips: Sequence[Mapping]) -> dict[str, int]:
+    """Skips counted by reason (sorted), as every report lists them."""
+    return dict(sorted(Counter(s["reason"] for s in skips).items()))
+
+
+def _process(task: tuple[int, Any]) -> tuple[str, Any]:
+    """(index, raw entry) -> ("ok", serialized record) | ("skip", skip dict). Never raises."""
+    index, raw = task
+    kind, out = process_sample(_WORKER["parse"], _WORKER["media_root"], _WORKER["cfg"], _WORKER["source"], index, raw)
+    return kind, out.to_bytes() if kind == "ok" else out
 
 
 def _process_chunk(chunk: list[tuple[int, Any]]) -> list[tuple[str, Any]]:
@@ -314,7 +326,7 @@ class _ShardWriter:
         self.writer.close()
         report = {
             "shard": self.shard, "num_shards": self.num_shards, "samples": list(self.bounds),
-            "written": len(self.writer), "skipped": dict(sorted(Counter(s["reason"] for s in self.skips).items())),
+            "written": len(self.writer), "skipped": skip_counts(self.skips),
             "skips": self.skips,
         }
         if "index" in self.files:

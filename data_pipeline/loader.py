@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -373,6 +374,22 @@ def _component(reader, cfg: LoaderConfig, seed: int, shard: tuple[int, int]) -> 
     return ds[idx::count]
 
 
+TFDS_PREFIX = "tfds:"
+
+
+def open_source(source: Any):
+    """A loader source -> a random-access reader of `Record`s: a 'tfds:<data_dir>/<name>:<split>'
+    spec -> `tfds_data.TfdsRecords` (TFDS imported only then); a path / glob / folder of TFRecord or
+    ArrayRecord shards -> `records.RecordReader`; a reader is returned as it is."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    if str(source).startswith(TFDS_PREFIX):
+        from data_pipeline.tfds_data import TfdsRecords
+
+        return TfdsRecords(str(source))
+    return records_lib.RecordReader(source)
+
+
 def make_dataset(
     sources: records_lib.RecordReader | str | Sequence[Any],
     cfg: LoaderConfig,
@@ -381,15 +398,16 @@ def make_dataset(
 ) -> grain.IterDataset:
     """The batched `grain.IterDataset` (see the module docstring).
 
-    sources: one RecordReader (or a path/glob/dir), or a list of them for a mixture with `weights`
+    sources: one RecordReader (or a path/glob/dir of TFRecord / ArrayRecord shards, or a TFDS split
+    `tfds:<data_dir>/<name>:<split>`, `tfds_data`), or a list of them for a mixture with `weights`
     (each component is shuffled with seed + its position and repeated per `cfg.num_epochs`; a
     mixture of finite components ends with its shortest one, so mixtures usually use num_epochs=None).
     Batches carry `num_skipped` [len(CAPS)]; a finite stream may end with counts-only batches
     `{"num_skipped": ...}` (one per worker at most), which `make_loader`'s iterator absorbs.
     """
-    if isinstance(sources, (records_lib.RecordReader, str)):
+    if not isinstance(sources, (list, tuple)):
         sources = [sources]
-    readers = [s if isinstance(s, records_lib.RecordReader) else records_lib.RecordReader(s) for s in sources]
+    readers = [open_source(s) for s in sources]
     if weights is not None and len(weights) != len(readers):
         raise ValueError(f"{len(weights)} weights for {len(readers)} record sets")
     shard = _shard(cfg)

@@ -127,6 +127,15 @@ def parse_example(data: bytes) -> dict[str, list]:
 
 # ----------------------------------------------------------------------------- record
 
+# Every stored feature and its kind (each a list): the one layout of TFRecord, ArrayRecord and TFDS.
+FEATURE_KINDS: dict[str, str] = {
+    "id": "bytes", "source": "bytes", "index": "int", "modality": "bytes", "media": "bytes",
+    "conversations": "bytes", "extra": "bytes", "orig_size": "int", "num_source_frames": "int",
+    "stored_size": "int", "aspect": "bytes", "image_format": "bytes", "frame_indices": "int", "frames": "bytes",
+    "region_frame_indices": "int", "region_frames": "bytes", "object_num_masks": "int", "mask_frames": "int",
+    "mask_region_index": "int", "mask_size": "int", "mask_rle": "bytes", "mask_null": "int",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ObjectMasks:
@@ -165,16 +174,19 @@ class Record:
     region_frames: tuple[bytes, ...]
     objects: tuple[ObjectMasks, ...]
 
-    def to_bytes(self) -> bytes:
+    def to_features(self) -> dict[str, list]:
+        """The stored features (`FEATURE_KINDS`), every one a list of bytes or of ints: one
+        `tf.train.Feature` each in a TFRecord / ArrayRecord shard, one raw TFDS feature each
+        (`data_pipeline.tfds_data`)."""
         objs = self.objects
-        return make_example({
-            "id": self.sample_id.encode(), "source": self.source.encode(), "index": self.index,
-            "modality": self.modality.encode(), "media": self.media.encode(),
-            "conversations": json.dumps(list(self.conversations), ensure_ascii=False).encode(),
-            "extra": json.dumps(self.extra, ensure_ascii=False, sort_keys=True).encode(),
-            "orig_size": list(self.orig_size), "num_source_frames": self.num_source_frames,
-            "stored_size": self.stored_size, "aspect": self.aspect.encode(),
-            "image_format": self.image_format.encode(),
+        return {
+            "id": [self.sample_id.encode()], "source": [self.source.encode()], "index": [self.index],
+            "modality": [self.modality.encode()], "media": [self.media.encode()],
+            "conversations": [json.dumps(list(self.conversations), ensure_ascii=False).encode()],
+            "extra": [json.dumps(self.extra, ensure_ascii=False, sort_keys=True).encode()],
+            "orig_size": list(self.orig_size), "num_source_frames": [self.num_source_frames],
+            "stored_size": [self.stored_size], "aspect": [self.aspect.encode()],
+            "image_format": [self.image_format.encode()],
             "frame_indices": list(self.frame_indices), "frames": list(self.frames),
             "region_frame_indices": list(self.region_frame_indices), "region_frames": list(self.region_frames),
             "object_num_masks": [len(o.frames) for o in objs],
@@ -183,35 +195,47 @@ class Record:
             "mask_size": [v for o in objs for hw in o.sizes for v in hw],
             "mask_rle": [r for o in objs for r in o.rles],
             "mask_null": [int(n) for o in objs for n in o.null],
-        })
+        }
+
+    def to_bytes(self) -> bytes:
+        return make_example(self.to_features())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Record:
-        f = parse_example(data)
+        return cls.from_features(parse_example(data))
 
+    @classmethod
+    def from_features(cls, f: dict) -> Record:
+        """The inverse of `to_features` (lists, or numpy arrays for the int features; a feature
+        stored empty may be missing)."""
         def s(name):
-            return f[name][0].decode() if f.get(name) else ""
+            return bytes(f[name][0]).decode() if len(f.get(name, ())) else ""
+
+        def ints(name, default=()):
+            return tuple(int(v) for v in f.get(name, default))
 
         def i(name):
-            return int(f[name][0]) if f.get(name) else 0
+            v = ints(name)
+            return v[0] if v else 0
 
         objects, start = [], 0
-        sizes = f.get("mask_size", [])
-        for n in f.get("object_num_masks", []):
+        sizes, mframes, mreg, mnull = ints("mask_size"), ints("mask_frames"), ints("mask_region_index"), ints("mask_null")
+        rles = [bytes(r) for r in f.get("mask_rle", [])]
+        for n in ints("object_num_masks"):
             sl = slice(start, start + n)
             objects.append(ObjectMasks(
-                frames=tuple(f["mask_frames"][sl]), region_index=tuple(f["mask_region_index"][sl]),
+                frames=mframes[sl], region_index=mreg[sl],
                 sizes=tuple((sizes[2 * j], sizes[2 * j + 1]) for j in range(start, start + n)),
-                rles=tuple(f["mask_rle"][sl]), null=tuple(bool(v) for v in f["mask_null"][sl])))
+                rles=tuple(rles[sl]), null=tuple(bool(v) for v in mnull[sl])))
             start += n
         return cls(
             sample_id=s("id"), source=s("source"), index=i("index"), modality=s("modality"), media=s("media"),
             conversations=tuple(json.loads(s("conversations") or "[]")), extra=json.loads(s("extra") or "{}"),
-            orig_size=tuple(f.get("orig_size", [0, 0])), num_source_frames=i("num_source_frames"),
+            orig_size=ints("orig_size", (0, 0)), num_source_frames=i("num_source_frames"),
             stored_size=i("stored_size"), aspect=s("aspect"), image_format=s("image_format"),
-            frame_indices=tuple(f.get("frame_indices", [])), frames=tuple(f.get("frames", [])),
-            region_frame_indices=tuple(f.get("region_frame_indices", [])),
-            region_frames=tuple(f.get("region_frames", [])), objects=tuple(objects))
+            frame_indices=ints("frame_indices"), frames=tuple(bytes(b) for b in f.get("frames", [])),
+            region_frame_indices=ints("region_frame_indices"),
+            region_frames=tuple(bytes(b) for b in f.get("region_frames", [])), objects=tuple(objects))
 
     def decode_frames(self) -> np.ndarray:
         """Sampled frames [T, S, S, 3] uint8 (for original-resolution storage all must share a size)."""

@@ -384,3 +384,30 @@ def test_vl3_loader_packs_and_resumes(vl3):
         it2 = mk(lcfg)
         it2.set_state(json.loads(json.dumps(it.get_state())))
         assert head + [[str(s) for s in b["sample_ids"]] for b in it2] == ref
+
+
+def test_videorefer_packed_row_equals_samples_alone_with_lora(vr):
+    """LoRA adapters (non-zero B) act per token: a packed row still equals its samples alone."""
+    import flax
+
+    from vrefer_jax.config import LoraConfig
+
+    cfg0, _, exs = vr
+    cfg = cfg0.replace(text=dataclasses.replace(cfg0.text, lora=LoraConfig(rank=4, alpha=8.0)))
+    init = jax.jit(lambda r: VideoRefer(cfg).init(r, videorefer.dummy_batch(cfg), out_len=16))
+    params = flax.linen.meta.unbox(init(jax.random.key(0))["params"])
+    keys = iter(jax.random.split(jax.random.key(3), 64))
+    n_b = [0]
+
+    def nonzero_b(path, x):
+        if jax.tree_util.keystr(path).endswith("['lora_b']"):
+            n_b[0] += 1
+            return 0.1 * jax.random.normal(next(keys), x.shape, x.dtype)
+        return x
+
+    params = jax.tree_util.tree_map_with_path(nonzero_b, params)
+    assert n_b[0] > 0  # the adapters exist and now change the model
+    packed, out_len, _ = _packed(cfg, exs)
+    alone, n_alone = _alone(cfg, exs)
+    run = _loss_and_grad(VideoRefer(cfg), lambda p: p["lm_head"]["kernel"])
+    _assert_packed_equals_alone(run, params, packed, out_len, alone, n_alone, len(exs))

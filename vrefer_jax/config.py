@@ -102,6 +102,57 @@ class ObjectEncoderConfig:
 
 ATTENTION_IMPLS = ("dense", "xla_blockwise", "cudnn", "splash")
 
+# The decoder's projections (the official checkpoint's module names) that LoRA can adapt.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_BASE_DTYPES = ("param", "bfloat16", "int8")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the decoder's projections (PEFT's LoRA): for a targeted projection
+    y = x W + b + (alpha / rank) * dropout(x) A B, A [in, rank] (init as PEFT: kaiming-uniform),
+    B [rank, out] (zeros, so a fresh adapter changes nothing).
+
+    rank:       0 = no adapters (the default: the model is the plain decoder)
+    alpha:      PEFT's `lora_alpha`; the update is scaled by alpha / rank
+    dropout:    PEFT's `lora_dropout` on the adapter's input; active only when the apply is given a
+                "dropout" rng (the train step), never in evaluation or generation
+    targets:    projection names (`LORA_TARGETS`, the official module names)
+    base_dtype: how the frozen base kernels of the targeted projections are stored: "param" (the
+                model's `param_dtype`), "bfloat16", or "int8" (symmetric, one fp32 scale per output
+                channel: QLoRA-style; `models/lora.py`). Other parameters keep `param_dtype`.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    base_dtype: str = "param"
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"LoraConfig.rank must be >= 0, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+        if unknown := sorted(set(self.targets) - set(LORA_TARGETS)):
+            raise ValueError(f"LoraConfig.targets {unknown} are not decoder projections {LORA_TARGETS}")
+        if self.base_dtype not in LORA_BASE_DTYPES:
+            raise ValueError(f"LoraConfig.base_dtype must be one of {LORA_BASE_DTYPES}, got {self.base_dtype!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0 and bool(self.targets)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def applies_to(self, name: str | None) -> bool:
+        """Whether the projection called `name` carries an adapter."""
+        return self.enabled and name in self.targets
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +178,9 @@ class TextConfig:
     attention_impl: str = "dense"
     attention_block: int = 512  # query / key block of 'xla_blockwise' and 'splash'
     attention_max_segments: int = 16  # segments per row 'cudnn' can describe (its packed layout)
+
+    # Adapters on the projections (`TextConfig.lora = @LoraConfig()` in gin); rank 0 = none.
+    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:

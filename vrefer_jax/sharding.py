@@ -63,6 +63,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA adapters: A [in.., r], B [r, out..] shard like their base kernel
     # vision tower and connector: lightly sharded (frozen tower, small compared to the LLM)
     ("vit_embed", None),
     ("vit_mlp", "tensor"),

@@ -4,6 +4,11 @@
     vrefer-convert from-parts OUT --qwen2 DIR --siglip DIR [--projector FILE] [--region-encoder FILE]
     vrefer-convert export SRC OUT [--dtype DTYPE] [--max-shard-size 5GB] [--tokenizer DIR]
                                   [--mm-vision-tower NAME | --vision-encoder PATH]
+    vrefer-convert export-adapter SRC OUT [--base-model NAME]
+
+`export` of a LoRA run's folder (a `final/` whose model config has `TextConfig.lora`) folds the
+adapters into the kernels first: the official layout, merged. `export-adapter` writes the adapter
+alone in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`, `peft_export`).
 
 (`python -m vrefer_jax.checkpoints.cli ...` without the console script.)
 
@@ -70,6 +75,16 @@ def cmd_export(a) -> None:
                              overwrite=a.overwrite, **kw)
 
 
+def cmd_export_adapter(a) -> None:
+    from vrefer_jax.checkpoints.peft_export import save_adapter
+    from vrefer_jax.checkpoints.store import load_imported
+
+    cfg, params = load_imported(a.src)
+    names = save_adapter(cfg, params, a.out, base_model=a.base_model)
+    print(f"export-adapter: {len(names)} tensors (rank {cfg.text.lora.rank}, alpha {cfg.text.lora.alpha})",
+          file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vrefer-convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VRVL3: config.json's vision_encoder (default: the relative sub-folder vision_encoder)")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(fn=cmd_export)
+
+    ad = sub.add_parser("export-adapter", help="a LoRA run's folder -> the adapter alone in PEFT format",
+                        description="Writes OUT/adapter_config.json and OUT/adapter_model.safetensors with the "
+                                    "official checkpoint's module names; peft.PeftModel.from_pretrained loads it "
+                                    "onto the transformers model of the same base. Parts trained in full beside "
+                                    "the adapters are not in it (use `export` for the merged model).")
+    ad.add_argument("src", help="imported folder holding LoRA adapters (a LoRA run's final/)")
+    ad.add_argument("out")
+    ad.add_argument("--base-model", default=None, help="adapter_config.json's base_model_name_or_path")
+    ad.set_defaults(fn=cmd_export_adapter)
     return p
 
 

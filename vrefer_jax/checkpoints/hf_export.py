@@ -360,7 +360,9 @@ def export_from_store(src: str, out: str, *, dtype: str = "float16", max_shard_s
         raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: not for VideoRefer-7B checkpoints "
                          "(use --mm-vision-tower)")
 
-    cfg, params = load_imported(src)
+    from vrefer_jax.checkpoints.peft_export import merged
+
+    cfg, params = merged(*load_imported(src))  # a LoRA run's folder: adapters folded into the kernels
     base, tok, gen = hf_sources(src)
     vision = os.path.join(src, HF, STORED_VISION)
     return export_videorefer(params, cfg, out, tokenizer_folder=tokenizer or tok, dtype=dtype,

@@ -240,7 +240,9 @@ def export_from_store(src: str, out: str, *, dtype: str = "bfloat16", max_shard_
     from vrefer_jax.checkpoints.store import hf_sources, load_imported
 
     _no_options(options, "use --vision-encoder")
-    cfg, params = load_imported(src)
+    from vrefer_jax.checkpoints.peft_export import merged
+
+    cfg, params = merged(*load_imported(src))  # a LoRA run's folder: adapters folded into the kernels
     base, tok, gen = hf_sources(src)
     return export_vl3(params, cfg, out, tokenizer_folder=tokenizer or tok, dtype=dtype,
                       max_shard_size=max_shard_size, base_config=base, overwrite=overwrite, generation_config=gen,

@@ -30,6 +30,12 @@ class DenseGeneral(nn.Module):
 
     x [..., *in] -> [..., *features]; kernel names `axes` = in names + feature names; the bias
     carries the feature names.
+
+    `lora` (a `config.LoraConfig`): when it targets this module's name, the module also holds a
+    low-rank adapter, `lora_a [*in, r]` (in names + "lora_rank") and `lora_b [r, *features]`
+    ("lora_rank" + feature names), and adds (alpha / r) * dropout(x) A B; the base kernel is then
+    stored in `lora.base_dtype` ("int8": int8 `kernel` + fp32 `kernel_scale [*features]`, see
+    `models/lora.py`). Adapter dropout runs only when the apply is given a "dropout" rng.
     """
 
     features: int | Sequence[int]
@@ -39,6 +45,7 @@ class DenseGeneral(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = default_kernel_init
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -48,25 +55,72 @@ class DenseGeneral(nn.Module):
         if len(self.axes) != len(axis) + len(features):
             raise ValueError(f"{self.name}: {len(self.axes)} logical names for a "
                              f"{len(axis) + len(features)}-D kernel")
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                            tuple(x.shape[a] for a in axis) + features, self.param_dtype)
-        n_in = len(axis)
-        if axis == tuple(range(x.ndim - n_in, x.ndim)):
-            # Trailing contraction (every use here): one 2-D GEMM with a hand-written backward,
-            # whose weight gradient XLA does not turn into a transposed copy (fast_ops).
-            k_in = math.prod(kernel.shape[:n_in])
-            y = fast_ops.matmul_last(x.reshape(x.shape[:x.ndim - n_in] + (k_in,)).astype(self.dtype),
-                                     kernel.reshape(k_in, -1).astype(self.dtype))
-            y = y.reshape(x.shape[:x.ndim - n_in] + features)
+        in_shape = tuple(x.shape[a] for a in axis)
+        adapted = self.lora is not None and self.lora.applies_to(self.name)
+        dims = ((axis, tuple(range(len(axis)))), ((), ()))
+        if adapted and self.lora.base_dtype == "int8":
+            y = self._int8_base(x, in_shape, features, dims)
         else:
-            y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                    ((axis, tuple(range(n_in))), ((), ())))
+            store = jnp.bfloat16 if adapted and self.lora.base_dtype == "bfloat16" else self.param_dtype
+            kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                                in_shape + features, store)
+            n_in = len(axis)
+            if axis == tuple(range(x.ndim - n_in, x.ndim)):
+                # Trailing contraction (every use here): one 2-D GEMM with a hand-written backward,
+                # whose weight gradient XLA does not turn into a transposed copy (fast_ops).
+                k_in = math.prod(in_shape)
+                y = fast_ops.matmul_last(x.reshape(x.shape[:x.ndim - n_in] + (k_in,)).astype(self.dtype),
+                                         kernel.reshape(k_in, -1).astype(self.dtype))
+                y = y.reshape(x.shape[:x.ndim - n_in] + features)
+            else:
+                y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                    self.axes[len(axis):]),
                               features, self.param_dtype)
             y = y + bias.astype(self.dtype)
+        if adapted:
+            y = y + self._adapter(x, in_shape, features, axis)
         return y
+
+    def _int8_base(self, x, in_shape, features, dims):
+        """x @ (q * scale): the int8 kernel is cast to the compute dtype (exact: |q| <= 127) and
+        the per-output-channel scale applied to the product."""
+        from vrefer_jax.models.lora import quantize_int8
+
+        n_in = len(in_shape)
+        init = {}
+
+        def draw(key):  # one float draw, quantised: kernel and scale must come from the same weights
+            if "q" not in init:
+                init["q"], init["s"] = quantize_int8(self.kernel_init(key, in_shape + features, jnp.float32), n_in)
+            return init
+
+        q = self.param("kernel", nn.with_logical_partitioning(lambda k, *_: draw(k)["q"], self.axes),
+                       in_shape + features, jnp.int8)
+        scale = self.param("kernel_scale", nn.with_logical_partitioning(lambda k, *_: draw(k)["s"],
+                                                                        self.axes[n_in:]),
+                           features, jnp.float32)
+        y = jax.lax.dot_general(x.astype(self.dtype), q.astype(self.dtype), dims)
+        return y * scale.astype(self.dtype)
+
+    def _adapter(self, x, in_shape, features, axis):
+        """(alpha / r) * dropout(x) A B: x [..., *in] -> [..., *features] in the compute dtype."""
+        c, n_in = self.lora, len(in_shape)
+        a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                                  in_axis=tuple(range(n_in)), out_axis=-1)  # PEFT: kaiming a=sqrt(5)
+        a = self.param("lora_a", nn.with_logical_partitioning(a_init, self.axes[:n_in] + ("lora_rank",)),
+                       in_shape + (c.rank,), self.param_dtype)
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                              ("lora_rank",) + self.axes[n_in:]),
+                       (c.rank,) + features, self.param_dtype)
+        h = x.astype(self.dtype)
+        if c.dropout > 0 and self.has_rng("dropout"):
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - c.dropout, h.shape)
+            h = jnp.where(keep, h / (1.0 - c.dropout), 0).astype(self.dtype)
+        low = jax.lax.dot_general(h, a.astype(self.dtype), ((axis, tuple(range(n_in))), ((), ())))
+        out = jax.lax.dot_general(low, b.astype(self.dtype), (((low.ndim - 1,), (0,)), ((), ())))
+        return out * jnp.asarray(c.scaling, self.dtype)
 
 
 def dense(
@@ -79,10 +133,12 @@ def dense(
     axis: int | Sequence[int] = -1,
     name: str | None = None,
     kernel_init=default_kernel_init,
+    lora=None,
 ) -> DenseGeneral:
-    """A `DenseGeneral` whose kernel carries logical names `axes` (input dims then output dims)."""
+    """A `DenseGeneral` whose kernel carries logical names `axes` (input dims then output dims);
+    `lora`: a `LoraConfig` (adapter when it targets `name`)."""
     return DenseGeneral(features=features, axes=tuple(axes), axis=axis, use_bias=use_bias, dtype=dtype,
-                        param_dtype=param_dtype, kernel_init=kernel_init, name=name)
+                        param_dtype=param_dtype, kernel_init=kernel_init, lora=lora, name=name)
 
 
 class LayerNorm(nn.Module):

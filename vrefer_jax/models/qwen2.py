@@ -159,7 +159,7 @@ class Qwen2Attention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, cos, sin, slots, kv):
         c = self.cfg
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_init(c))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_init(c), lora=c.lora)
         H = c.head_dim
         q = dense((c.num_attention_heads, H), ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
         k = dense((c.num_key_value_heads, H), ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
@@ -194,7 +194,8 @@ class Qwen2MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False, kernel_init=_init(self.cfg))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False, kernel_init=_init(self.cfg),
+                  lora=self.cfg.lora)
         m = self.cfg.intermediate_size
         gate = dense(m, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(m, ("embed", "mlp"), name="up_proj", **kw)(x)
@@ -242,7 +243,7 @@ class Qwen2Model(nn.Module):
         self.layers = nn.scan(
             body,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},  # dropout: LoRA's, per layer
             # carry x; mask, cos, sin, slots shared by all layers; the cache's (k, v) scanned.
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             out_axes=0,

@@ -6,6 +6,7 @@ analytic breakdown.
     python -m vrefer_jax.training.aot --model configs/models/videorefer_7b.gin --target v5p-64 \\
         --global_batch 128 --seq_len 2048 --stage stage3 [--micro_batch 1] [--mesh 1,32,1]
     python -m vrefer_jax.training.aot ... --target 8xH100 --depth 4,4    # reduced depth, scaled
+    python -m vrefer_jax.training.aot ... --target 1xH100 --stage lora     # LoRA (stage qlora: int8 base)
     python -m vrefer_jax.training.aot --model configs/models/vl3_7b.gin --target v5p-64 \\
         --global_batch 256 --seq_len 16384 --stage vl3_finetune --frames 180 --depth 2,2 \\
         --gin_bindings VL3Config.mm_max_length=8192 [VL3Config.vision_attention_chunk=180]
@@ -46,7 +47,7 @@ from typing import Any
 
 from vrefer_jax.aot_targets import (GIB, Target, compiled_memory, ensure_host_devices, nbytes, parse_target,
                                     shard_bytes, target_devices)
-from vrefer_jax.training.stages import available_stages, stage_trainable
+from vrefer_jax.training.stages import available_stages, stage_lora, stage_trainable
 
 # The stage a family's AOT check uses when none is given (configs/stages/<name>.gin).
 DEFAULT_STAGE = {"videorefer": "stage3", "videorefer_videollama3": "vl3_finetune"}
@@ -144,15 +145,20 @@ def analytic_memory(cfg, abstract_state, trainable, batch, n_batch_shards: int, 
     import jax
     import numpy as np
 
+    from vrefer_jax.training.optimizer import trainable_mask
+
     p = abstract_state.params
     n_total = _count(p)
-    n_train = sum(_count(p[g]) for g in p if g in trainable)
+    leaves, mask = jax.tree.leaves(p), jax.tree.leaves(trainable_mask(p, trainable))
+    train_leaves = [x for x, m in zip(leaves, mask) if m]  # whole groups, or a LoRA part's adapters
+    n_train = sum(int(np.prod(x.shape, dtype=np.int64)) for x in train_leaves)
     w = np.dtype(cfg.param_dtype).itemsize
     c = np.dtype(cfg.dtype).itemsize
     per_dev = lambda tree: sum(shard_bytes(x) for x in jax.tree.leaves(tree))  # noqa: E731
-    train_tree = {g: p[g] for g in p if g in trainable}
     moments = [x for x in jax.tree.leaves(abstract_state.opt_state) if x.ndim > 0]
     scalars = [x for x in jax.tree.leaves(abstract_state.opt_state) if x.ndim == 0]
+    # what the compute-dtype casts of the stored parameters take (int8 LoRA bases are cast too)
+    copies = sum(shard_bytes(x) // x.dtype.itemsize * c for x in leaves if x.dtype.itemsize != c)
     t = cfg.text
     tok = micro_batch * seq_len
     # Full remat: the decoder scan keeps each layer's input [mb, L, E] in the compute dtype; the
@@ -174,16 +180,16 @@ def analytic_memory(cfg, abstract_state, trainable, batch, n_batch_shards: int, 
     gathered = layer_params * (c + 4) + t.vocab_size * t.hidden_size * (c + 4 + 4)
     out = dict(
         params_total=n_total, params_trainable=n_train,
-        master_params_global=n_total * w, master_params=per_dev(p),
+        master_params_global=sum(nbytes(x) for x in leaves), master_params=per_dev(p),
         adam_moments_global=2 * n_train * w, adam_moments=sum(shard_bytes(x) for x in moments),
         opt_scalars=sum(shard_bytes(x) for x in scalars),
-        grad_accumulator=per_dev(train_tree),
-        compute_copies=per_dev(p) * c // w if c < w else 0,
+        grad_accumulator=sum(shard_bytes(x) for x in train_leaves),
+        compute_copies=copies,
         batch=sum(nbytes(x) for x in batch.values()) // n_batch_shards,
         activations_estimate=int(saved + layer + attn + chunk + vision + conn), connector_activations=int(conn),
         decoder_attention=int(attn), vision_activations=int(vision), vision_note=vision_note,
         fsdp_working_set=int(gathered),
-        ideal_master_params=n_total * w / num_devices,
+        ideal_master_params=sum(nbytes(x) for x in leaves) / num_devices,
     )
     out["total_estimate"] = sum(out[k] for k in ("master_params", "adam_moments", "opt_scalars", "grad_accumulator",
                                                  "compute_copies", "batch", "activations_estimate",
@@ -287,6 +293,8 @@ def check(cfg, target: Target, *, global_batch: int, seq_len: int, stage: str | 
     family = families.for_config(cfg).name
     stage = stage or DEFAULT_STAGE[family]
     trainable = stage_trainable(stage)
+    if (lora_cfg := stage_lora(stage)) is not None:  # a LoRA stage: the model gets its adapters
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, lora=lora_cfg))
     trained, frozen = trainable_groups(cfg, trainable)
     workload = workload or default_workload(cfg, seq_len)
     devices, how = target_devices(target, try_tpu)
@@ -306,7 +314,10 @@ def check(cfg, target: Target, *, global_batch: int, seq_len: int, stage: str | 
     _, _, sizes = batch_and_sizes(full_cfg, 1, seq_len, workload)
     log(f"{family} rows: {sizes}")
 
+    lora = cfg.text.lora
     report: dict[str, Any] = dict(target=target.name, how=how, mesh=(d, f, t), accum_steps=accum,
+                                  lora=(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}, base kernels stored "
+                                        f"{lora.base_dtype}; LLM base and LM head frozen" if lora.enabled else None),
                                   micro_batch=micro_batch, stage=stage, hbm_gib=target.hbm_gib, family=family,
                                   trained_groups=trained, frozen_groups=frozen, sizes=sizes)
     if depth is None:
@@ -360,7 +371,8 @@ def format_report(r: dict[str, Any]) -> str:
              f"compiled on: {r['how']}",
              f"family {r.get('family', '?')}: trains {r.get('trained_groups')}, frozen {r.get('frozen_groups')}",
              f"rows: {_sizes_line(r['sizes'])}" if r.get("sizes") else "",
-             f"parameters: {a['params_total']:,} total, {a['params_trainable']:,} trainable",
+             f"parameters: {a['params_total']:,} total, {a['params_trainable']:,} trainable"
+             + (f" ({r['lora']})" if r.get("lora") else ""),
              "analytic, per device:",
              f"  fp32 master params    {g(a['master_params'])}   (global {g(a['master_params_global'])};"
              f" ideal 1/N split {g(a['ideal_master_params'])})",

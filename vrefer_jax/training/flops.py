@@ -2,7 +2,8 @@
 
   decoder   forward 2 N_dec + 4 n_layers E ctx per token (ctx: mean causal context, tokens / 2 per
             row); backward: activation gradients always (x1 forward: gradients reach the object
-            encoder through the frozen LLM in stage 2), weight gradients only when trainable (x1)
+            encoder through the frozen LLM in stage 2), weight gradients only when trainable (x1;
+            not with LoRA, whose base is frozen: the adapters' own FLOPs are left out, ~r / E of a layer's)
   vision    forward only (frozen): 2 N_vit per patch over T + F frames
   connector 2 N_conn per frame-patch forward, x3 when trainable
 """
@@ -27,7 +28,7 @@ class FlopModel:
 
     def step_flops(self, batch_size: int, tokens: int, region_frames: int) -> float:
         c = self.cfg
-        llm_train = "llm" in self.trainable or "lm_head" in self.trainable
+        llm_train = ("llm" in self.trainable or "lm_head" in self.trainable) and not c.text.lora.enabled
         ctx = tokens / max(batch_size, 1) / 2
         fwd_tok = 2 * self.n_dec + 4 * c.text.num_hidden_layers * c.text.hidden_size * ctx
         dec = tokens * fwd_tok * (3 if llm_train else 2)

@@ -13,6 +13,11 @@ Parts -> top-level parameter names (`PART_NAMES`; each family's names are a subs
   llm: llm, lm_head   mm_projector: mm_projector   region_encoder: region_encoder
   vision_encoder: vision_tower (VideoRefer-7B) / vision_encoder (VRVL3)
 
+LoRA (`TextConfig.lora`): when the tree holds adapters (`lora_a` / `lora_b` leaves), an adapter
+trains when its group does, and the base weights of every part that holds adapters are frozen
+(for the LLM: `llm` and `lm_head`; `leaf_trainable`). Other parts train as configured (e.g. the
+projector and region encoder in full beside the LLM's adapters, as the official LoRA scripts do).
+
 Freezing goes through `optax.multi_transform`: the frozen group gets `optax.set_to_zero()`, which
 keeps no state, so frozen parameters cost no optimizer memory and stay bit-identical.
 Weight decay skips biases and norm scales (leaves named `bias` / `scale`), as the official AdamW
@@ -30,6 +35,7 @@ import jax
 import optax
 
 from vrefer_jax import families
+from vrefer_jax.models.lora import ADAPTER_LEAVES
 
 # Every top-level parameter name of every registered family, in registry order.
 GROUPS = tuple(dict.fromkeys(n for f in families.REGISTRY.values() for names in f.param_groups.values()
@@ -133,6 +139,37 @@ def _group_of(path) -> str:
     return group
 
 
+def _key(p) -> str:
+    return str(getattr(p, "key", p))
+
+
+def adapter_parts(params) -> frozenset[str]:
+    """Parts (`PART_NAMES` keys) whose groups hold LoRA adapters in `params` (boxed or not)."""
+    part_of = {n: part for part, names in PART_NAMES.items() for n in names}
+    found = set()
+    jax.tree_util.tree_map_with_path(
+        lambda path, _: found.add(part_of[_group_of(path)]) if _key(path[-1]) in ADAPTER_LEAVES else None,
+        params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return frozenset(found)
+
+
+def leaf_trainable(path, trainable: Sequence[str], lora_parts: frozenset[str] = frozenset()) -> bool:
+    """Whether the leaf at `path` (tree path or tuple of names) trains: its group is in `trainable`,
+    and, in a part that holds adapters (`lora_parts`), it is an adapter leaf (the base is frozen)."""
+    group, leaf = _key(path[0]), _key(path[-1])
+    if group not in trainable:
+        return False
+    if leaf in ADAPTER_LEAVES:
+        return True
+    return not any(group in PART_NAMES[part] for part in lora_parts)
+
+
+def trainable_mask(params, trainable: Sequence[str]):
+    """Same-structure tree of bools: which leaves train (`leaf_trainable`; boxed trees too)."""
+    lora = adapter_parts(params)
+    return _tree_map_boxed(lambda path, _: leaf_trainable(path, trainable, lora), params)
+
+
 def decays(path) -> bool:
     """Whether a parameter (by its tree path) gets weight decay: not a bias or a norm scale."""
     return str(getattr(path[-1], "key", path[-1])) not in NO_DECAY_LEAVES
@@ -147,7 +184,10 @@ def param_labels(trainable: Sequence[str]):
     """params -> same-structure tree of 'train' / 'freeze' (works on boxed `nn.Partitioned` trees)."""
 
     def labels(params):
-        return _tree_map_boxed(lambda path, _: "train" if _group_of(path) in trainable else "freeze", params)
+        lora = adapter_parts(params)
+        return _tree_map_boxed(lambda path, _: "train" if (_group_of(path) in trainable
+                                                           and leaf_trainable(path, trainable, lora)) else "freeze",
+                               params)
 
     return labels
 
@@ -156,10 +196,14 @@ def part_labels(part_lrs: Mapping[str, float]):
     """params -> tree of '<part>/decay', '<part>/no_decay' or 'freeze' (a part at rate 0 is frozen)."""
     part_of = {n: p for p, names in PART_NAMES.items() for n in names}
 
+    trainable = tuple(n for part, lr in part_lrs.items() if lr for n in PART_NAMES[part])
+
     def labels(params):
+        lora = adapter_parts(params)
+
         def label(path, _):
             part = part_of[_group_of(path)]
-            if not part_lrs[part]:
+            if not part_lrs[part] or not leaf_trainable(path, trainable, lora):
                 return "freeze"
             return f"{part}/{'decay' if decays(path) else 'no_decay'}"
 

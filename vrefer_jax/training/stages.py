@@ -67,3 +67,19 @@ def stage_trainable(stage: str) -> tuple[str, ...]:
     if "trainable" in bound:
         bound["trainable"] = tuple(bound["trainable"])
     return tuple(OptimizerConfig(**bound).trainable)
+
+
+def stage_lora(stage: str):
+    """The `LoraConfig` a stage binds (`TextConfig.lora = @LoraConfig()` and `LoraConfig.*`), or
+    None when it trains without adapters."""
+    import dataclasses
+
+    from vrefer_jax.config import LoraConfig
+
+    bound = stage_bindings(stage)
+    if ("TextConfig", "lora") not in bound:
+        return None
+    kw = {f.name: f.default for f in dataclasses.fields(LoraConfig)}
+    kw.update({arg: v for (sel, arg), v in bound.items() if sel == "LoraConfig"})
+    kw["targets"] = tuple(kw["targets"])
+    return LoraConfig(**kw)

@@ -8,6 +8,11 @@ data axes). It is split into `accum_steps` micro-batches of B / accum_steps rows
 another (`lax.scan`); the loss is the sum of next-token CE over every supervised token of the
 global batch divided by their count (the official per-token mean), so results do not depend on the
 split or on the number of devices.
+
+Gradients are taken only with respect to the leaves that train (`optimizer.leaf_trainable`: whole
+groups, or with LoRA only the adapters of the LLM), so a LoRA step holds no gradient for the frozen
+base; with `LoraConfig.dropout` the model gets a "dropout" rng per step and micro-batch. LoRA is
+per token, so packed rows (segment ids) need nothing of their own.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import gin
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vrefer_jax import families
 from vrefer_jax.training.loss import cross_entropy_sum
+from vrefer_jax.training.optimizer import adapter_parts, leaf_trainable
 from vrefer_jax.training.train_state import TrainState
 
 DATA_AXES = ("data", "fsdp")  # mesh axes the batch dimension is split over (= activation_batch)
@@ -44,10 +51,18 @@ def batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXES, *([None] * (ndim - 1))))
 
 
-def _split_trainable(params, trainable):
-    train = {k: v for k, v in params.items() if k in trainable}
-    frozen = {k: v for k, v in params.items() if k not in trainable}
-    return train, frozen
+def _split_trainable(params, trainable, lora_parts):
+    """params -> (trained, frozen) flat dicts {path tuple: leaf}, split per leaf
+    (`optimizer.leaf_trainable`: whole groups, or only the adapters of a LoRA part)."""
+    flat = traverse_util.flatten_dict(params)
+    train = {p: v for p, v in flat.items() if leaf_trainable(p, trainable, lora_parts)}
+    return train, {p: v for p, v in flat.items() if p not in train}
+
+
+def _lora_dropout(cfg) -> bool:
+    """Whether the model has LoRA adapters with dropout (the step then passes a "dropout" rng)."""
+    lora = getattr(getattr(cfg, "text", None), "lora", None)
+    return bool(lora is not None and lora.enabled and lora.dropout > 0)
 
 
 def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation, schedule,
@@ -61,11 +76,15 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
     model = family.module(cfg)
     BATCH_KEYS = family.batch_keys
     A = step_cfg.accum_steps
-    grad_shardings = {k: v for k, v in shardings.params.items() if k in trainable}
+    lora_parts = adapter_parts(shardings.params)
+    grad_shardings = _split_trainable(shardings.params, trainable, lora_parts)[0]
+    dropout = _lora_dropout(cfg)
 
-    def loss_sum(train_params, frozen_params, mb):
-        params = {**frozen_params, **train_params}
-        hidden, inputs = model.apply({"params": params}, mb, out_len=step_cfg.out_len, return_hidden=True)
+    def loss_sum(train_params, frozen_params, mb, rng):
+        params = traverse_util.unflatten_dict({**frozen_params, **train_params})
+        rngs = {"dropout": rng} if dropout else {}
+        hidden, inputs = model.apply({"params": params}, mb, out_len=step_cfg.out_len, return_hidden=True,
+                                     rngs=rngs)
         total, count = cross_entropy_sum(hidden, family.output_embedding(params), inputs["labels"],
                                          chunk_size=step_cfg.logits_chunk, compute_dtype=cfg.compute_dtype,
                                          segment_ids=inputs["segment_ids"])
@@ -87,21 +106,24 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
 
     def step(state: TrainState, batch):
         batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
-        train_p, frozen_p = _split_trainable(state.params, trainable)
+        train_p, frozen_p = _split_trainable(state.params, trainable, lora_parts)
         zeros = jax.tree.map(jnp.zeros_like, train_p)
+        # LoRA dropout: a fresh key per step and micro-batch (the state's key is never advanced).
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-        def body(carry, mb):
+        def body(carry, mb_and_index):
+            mb, a = mb_and_index
             g_acc, s_acc, c_acc, t_acc = carry
-            (s, (c, t)), g = grad_fn(train_p, frozen_p, mb)
+            (s, (c, t)), g = grad_fn(train_p, frozen_p, mb, jax.random.fold_in(step_key, a))
             g_acc = jax.tree.map(jnp.add, g_acc, g)
             g_acc = jax.lax.with_sharding_constraint(g_acc, grad_shardings)
             return (g_acc, s_acc + s, c_acc + c, t_acc + t), None
 
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
         if A == 1:
-            (grads, total, count, tokens), _ = body(init, batch)
+            (grads, total, count, tokens), _ = body(init, (batch, 0))
         else:
-            (grads, total, count, tokens), _ = jax.lax.scan(body, init, micro_batches(batch))
+            (grads, total, count, tokens), _ = jax.lax.scan(body, init, (micro_batches(batch), jnp.arange(A)))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         loss = total / denom
         # The 1/count scaling is folded into the update (one pass over the gradients fewer).
@@ -110,11 +132,14 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(params, opt_state):
-            full_grads = {**jax.tree.map(jnp.zeros_like, frozen_p), **jax.tree.map(lambda g: g / denom, grads)}
+            flat = traverse_util.flatten_dict(params)
+            full_grads = traverse_util.unflatten_dict(
+                {**jax.tree.map(jnp.zeros_like, frozen_p), **jax.tree.map(lambda g: g / denom, grads)})
             updates, new_opt = tx.update(full_grads, opt_state, params)
-            new_train = optax.apply_updates({k: params[k] for k in train_p}, {k: updates[k] for k in train_p})
-            # Frozen groups are carried over untouched (bit-identical), not `p + 0`.
-            return {**{k: params[k] for k in frozen_p}, **new_train}, new_opt
+            flat_updates = traverse_util.flatten_dict(updates)
+            new_train = optax.apply_updates({k: flat[k] for k in train_p}, {k: flat_updates[k] for k in train_p})
+            # Frozen leaves are carried over untouched (bit-identical), not `p + 0`.
+            return traverse_util.unflatten_dict({**{k: flat[k] for k in frozen_p}, **new_train}), new_opt
 
         # The non-finite guard is a branch, not a select over every parameter and moment after the
         # update: a skipped step runs no update at all, a finite one pays nothing extra.

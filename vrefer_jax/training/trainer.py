@@ -32,7 +32,7 @@ import numpy as np
 from vrefer_jax import families
 from vrefer_jax.config import IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX, ModelConfig
 from vrefer_jax.sharding import MeshConfig, logical_axis_rules, make_mesh
-from vrefer_jax.training import flops as flops_lib
+from vrefer_jax.training import adapters, flops as flops_lib
 from vrefer_jax.training import optimizer as opt_lib
 from vrefer_jax.training import train_state
 from vrefer_jax.training.checkpointing import Checkpointer, _barrier
@@ -310,6 +310,10 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
         params = None
         if tc.init_from:
             init_cfg, params = load_init_params(tc.init_from, mesh, rules)
+            try:  # a LoRA run from a plain checkpoint: fresh adapters (B = 0), base stored as configured
+                params = adapters.attach(cfg, params, shardings.params, tc.seed)
+            except ValueError as e:
+                raise ConfigError(f"{tc.init_from}: {e}") from None
             if _count(params) != _count(family.abstract_params(cfg)):
                 raise ConfigError(f"{tc.init_from}: parameter shapes do not match the configured model")
             if (init_cfg.region_token_id, init_cfg.pad_token_id) != (cfg.region_token_id, cfg.pad_token_id):
