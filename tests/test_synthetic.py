@@ -348,3 +348,36 @@ def test_question_kinds_select_what_is_asked():
                 sp = sorted(v.tracks[k].speed for k in q["objects"])
                 assert sp[1] / sp[0] >= 2.0
     assert kinds == {"shape", "speed"} and types == {"Basic Questions", "Reasoning Questions"}
+
+
+def test_named_questions_and_scene_tint():
+    """`named_questions` repeats a question naming its objects by colour (no region, no mask),
+    with the same answer; `scene_tint` casts red rightwards and blue downwards over the background;
+    both off keeps the default videos and turns."""
+    base = dataclasses.replace(CFG, turns_per_sample=1)
+    named = dataclasses.replace(base, named_questions=1.0)
+    video = render.make_video(7, "train", 0, named)
+    plain = samples.train_samples(render.make_video(7, "train", 0, base), "v", np.random.default_rng(2), base)
+    both = samples.train_samples(video, "v", np.random.default_rng(2), named)
+    by_name = [s for s in both if not s["annotation"]]
+    assert by_name and len(both) == len(plain) + len(by_name)
+    colours = {t.colour for t in video.tracks}
+    for s in by_name:
+        q, a = s["conversations"][0]["value"], s["conversations"][1]["value"]
+        assert "<region>" not in q and "What colour" not in q
+        names = re.findall(r"the (\w+) object", q)
+        assert names and set(names) <= colours
+        # the same question by mask is in the set, with the same answer
+        twin = [p for p in both if p["annotation"] and p["conversations"][1]["value"] == a
+                and re.sub(r"<object\d>\[?<region>\]?", "X", p["conversations"][0]["value"]) == re.sub(r"the \w+ object", "X", q)]
+        assert twin
+    with pytest.raises(ValueError, match="named_questions"):
+        scene.SynthConfig(named_questions=1.5)
+    flat = render.make_video(7, "train", 0, base).frames[0].astype(int)
+    tinted = render.make_video(7, "train", 0, dataclasses.replace(base, scene_tint=40.0)).frames[0].astype(int)
+    bg = ~render.make_video(7, "train", 0, base).masks[:, 0].any(0)
+    d = tinted - flat
+    assert np.all(d[..., 1][bg] == 0)  # green untouched
+    left, right = d[:, :8, 0][bg[:, :8]], d[:, -8:, 0][bg[:, -8:]]
+    top, bottom = d[:8, :, 2][bg[:8]], d[-8:, :, 2][bg[-8:]]
+    assert left.mean() < -25 and right.mean() > 25 and top.mean() < -25 and bottom.mean() > 25

@@ -55,10 +55,12 @@ class SyntheticJob:
     travel: tuple[float, float] | None = None
     min_speed_ratio: float | None = None
     captions_per_video: int | None = None
+    named_questions: float | None = None  # see data_pipeline.synthetic.scene.SynthConfig.named_questions
     vocab_size: int = 512
     convert_shards: int = 4
     eval_mode: str = "single"
     frame_noise: float = 0.0  # see data_pipeline.synthetic.scene.SynthConfig.frame_noise
+    scene_tint: float = 0.0  # see data_pipeline.synthetic.scene.SynthConfig.scene_tint
     eval_batch_size: int = 16
     bench_d_items: int = 40
     description_tokens: int = 48
@@ -238,14 +240,14 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
     if not (resume and _done(os.path.join(data_dir, "summary.json"))):
         print("[1/5] generating synthetic videos, questions and tokenizer ...", flush=True)
         optional = {k: tuple(v) if isinstance(v, (list, tuple)) else v
-                    for k in ("question_kinds", "travel", "min_speed_ratio", "captions_per_video")
+                    for k in ("question_kinds", "travel", "min_speed_ratio", "captions_per_video", "named_questions")
                     if (v := getattr(job, k)) is not None}
         summary = dataset.generate(
             data_dir, seed=job.seed, train_videos=job.train_videos, eval_videos=job.eval_videos,
             cfg=scene.SynthConfig(num_frames=job.video_frames, size=job.video_size, mask_frames=job.mask_frames,
                                       eval_mask_frames=job.eval_mask_frames, turns_per_sample=job.turns_per_sample,
                                       fixed_options=job.fixed_options, prompt_protocol=family.bench_protocol,
-                                      frame_noise=job.frame_noise, **optional),
+                                      frame_noise=job.frame_noise, scene_tint=job.scene_tint, **optional),
             vocab_size=job.vocab_size)
         print(f"      {summary['train_samples']} training samples, {summary['bench_q']} Bench-Q, "
               f"{summary['bench_d']} Bench-D items", flush=True)

@@ -66,6 +66,12 @@ def render(tracks: Sequence[Track], rng: np.random.Generator, cfg: SynthConfig) 
     """Frames [T, S, S, 3] uint8 and visible masks [N, T, S, S] bool (later objects on top)."""
     S, T = cfg.size, cfg.num_frames
     bg = _background(rng, S)
+    if cfg.scene_tint > 0:
+        ramp = (np.arange(S) + 0.5) / S * 2 - 1  # -1 .. 1 across the frame
+        bg = bg.astype(np.float32)
+        bg[..., 0] += cfg.scene_tint * ramp[None, :]
+        bg[..., 2] += cfg.scene_tint * ramp[:, None]
+        bg = np.clip(np.rint(bg), 0, 255).astype(np.uint8)
     frames = np.repeat(bg[None], T, axis=0)
     if cfg.frame_noise > 0:  # drawn only when asked: the default videos stay byte-identical
         noisy = frames.astype(np.float32) + rng.normal(0, cfg.frame_noise, frames.shape[:3])[..., None]

@@ -51,6 +51,10 @@ def _turns(video: Video, rng: np.random.Generator, cfg: SynthConfig) -> list[dic
         out.append({"type": q["type"], "prompt": bench_q_prompt(q["Question"], q["options"], cfg.prompt_protocol),
                     "reply": q["Answer"],
                     "objects": q["objects"], "frames": frames})
+        if cfg.named_questions > 0 and q["kind"] != "colour" and rng.random() < cfg.named_questions:
+            out.append({"type": q["type"], "prompt": bench_q_prompt(named(q["Question"], video, q["objects"]),
+                                                                    q["options"], cfg.prompt_protocol),
+                        "reply": q["Answer"], "objects": [], "frames": []})
     kinds = ("short", "detailed")
     if cfg.captions_per_video < 2:
         kinds = (kinds[int(rng.integers(2))],)[: cfg.captions_per_video]
@@ -65,6 +69,16 @@ def _turns(video: Video, rng: np.random.Generator, cfg: SynthConfig) -> list[dic
             prompt, cap = (VL3_BENCH_D_PROMPT if vl3 else BENCH_D_PROMPT), detailed_caption(video, k, cfg.size)
         out.append({"type": f"{kind} caption", "prompt": prompt, "reply": cap, "objects": [k], "frames": frames})
     return out
+
+
+def named(question: str, video: Video, objects: Sequence[int]) -> str:
+    """`question` with its i-th `<objecti><region>` replaced by "the <colour> object" (colours are
+    unique within a video, so the name is unambiguous)."""
+    for i, k in enumerate(objects):
+        question = question.replace(f"<object{i}><region>", f"the {video.tracks[k].colour} object")
+    if "<region>" in question:
+        raise ValueError(f"unnamed region left in {question!r}")
+    return question
 
 
 def train_samples(video: Video, rel: str, rng: np.random.Generator, cfg: SynthConfig) -> list[dict]:

@@ -60,6 +60,12 @@ class SynthConfig:
     # Caption turns per training video: 2 = a short and a detailed one, 1 = one of the two at random
     # (a caption has several times a question's supervised tokens), 0 = none.
     captions_per_video: int = 2
+    # Training only: the probability that a question (other than colour) is asked a second time
+    # naming its objects by colour ("the red object") instead of by mask, as general video QA is
+    # mixed into the official training. It teaches finding an object among the video tokens from a
+    # description, the step a VRVL3 model needs before it can do it from a region's appearance
+    # (its region tokens come from a zoomed crop and carry no position). 0 = none.
+    named_questions: float = 0.0
     # Prompt wording of the training turns (`bench_formats.PROTOCOLS`): the evaluated family's
     # Bench-Q / Bench-D scripts ("vl3": `<region>` without the `[...]` VRVL3's expansion adds).
     prompt_protocol: str = "videorefer"
@@ -69,6 +75,10 @@ class SynthConfig:
     # their place in the frame is lost to a model whose (random, frozen) encoder has no absolute
     # position (2D RoPE is relative); real footage is never pixel-static outside letterboxes.
     frame_noise: float = 0.0
+    # Grey levels of a fixed colour cast across the frame (red grows to the right, blue downwards,
+    # up to +-scene_tint at the edges), as the light and layout of real scenes: without it the
+    # background's tokens say nothing about where in the frame they are; 0 = plain grey.
+    scene_tint: float = 0.0
 
     def __post_init__(self):
         if not 2 <= self.num_frames <= 32:
@@ -90,6 +100,8 @@ class SynthConfig:
             raise ValueError(f"question_kinds must be a non-empty subset of {tuple(KIND_TYPES)}, got {self.question_kinds}")
         if not 0.0 < self.travel[0] <= self.travel[1] <= 1.0:
             raise ValueError(f"travel must satisfy 0 < lo <= hi <= 1, got {self.travel}")
+        if not 0.0 <= self.named_questions <= 1.0:
+            raise ValueError(f"named_questions must be in [0, 1], got {self.named_questions}")
         if self.captions_per_video not in (0, 1, 2):
             raise ValueError(f"captions_per_video must be 0, 1 or 2, got {self.captions_per_video}")
         if self.prompt_protocol not in ("videorefer", "vl3"):
