@@ -101,13 +101,7 @@ def _guide(tmp, data, official, ids, *, evaluate: bool):
                for p, v in traverse_util.flatten_dict(tuned).items() if p[-1] == "lora_b")
 
 
-def test_guide_commands_short(official_tiny):
-    """CI variant: every command but the evaluation (whose generation compile is the slow part)."""
+def test_guide_commands(official_tiny):
+    """Every command of the README's guide, the evaluation included (CI runs it)."""
     tmp, data, official, ids = official_tiny
-    _guide(os.path.join(tmp, "short"), data, official, ids, evaluate=False)
-
-
-@pytest.mark.slow
-def test_guide_commands_all(official_tiny):
-    tmp, data, official, ids = official_tiny
-    _guide(os.path.join(tmp, "all"), data, official, ids, evaluate=True)
+    _guide(os.path.join(tmp, "guide"), data, official, ids, evaluate=True)
