@@ -61,6 +61,39 @@ def first_fit_decreasing(sizes: Sequence[Mapping[str, int]], budget: Mapping[str
     return rows, used
 
 
+class WindowedIterator(grain.DatasetIterator):
+    """A batch iterator that fills a window of batches at a time from its parent (`_fill`, which
+    records the parent state at the window's start in `_start` and sets `_batches`, `_k = 0`) and
+    emits them one by one. Its checkpoint is (parent state at the window's start, window index,
+    batches emitted): restoring refills that window, deterministically, and skips what was emitted."""
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self._window = 0  # index of the next window to fill
+        self._start: Any = None  # parent state at the current window's start
+        self._batches: list = []
+        self._k = 0  # batches of the current window emitted
+
+    def _fill(self) -> None:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        """Per-window state a subclass keeps besides `_batches` (cleared on restore)."""
+
+    def get_state(self):
+        if self._k >= len(self._batches):  # between windows: the next one starts here
+            return {"parent": self._parent.get_state(), "window": self._window, "emitted": 0}
+        return {"parent": self._start, "window": self._window - 1, "emitted": self._k}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._window, self._batches, self._k = int(state["window"]), [], 0
+        self._reset()
+        if state["emitted"]:
+            self._fill()
+            self._k = int(state["emitted"])
+
+
 class PackedBatches(grain.IterDataset):
     """Packed batches over a stream of `{PACK_KEY: sizes, "_item": payload}` / `{SKIP_KEY: cap}`
     elements (module docstring). `build_row(payloads)` makes one padded row (+ `sample_id`);
@@ -80,18 +113,15 @@ class PackedBatches(grain.IterDataset):
         return _PackedBatchesIterator(self._parent.__iter__(), **self._kw)
 
 
-class _PackedBatchesIterator(grain.DatasetIterator):
+class _PackedBatchesIterator(WindowedIterator):
     def __init__(self, parent: grain.DatasetIterator, *, batch_size, window, budget, key, build_row, finish, caps,
                  seed, drop_remainder):
         super().__init__(parent)
         self._B, self._W, self._budget, self._key = batch_size, window, budget, key
         self._build_row, self._finish, self._caps = build_row, finish, caps
         self._seed, self._drop = seed, drop_remainder
-        self._window = 0  # index of the next window to fill
-        self._start: Any = None  # parent state at the current window's start
         self._batches: list[list[list[Any]]] = []  # the window's batches, as rows of payloads (built lazily)
         self._counts = np.zeros((len(caps),), np.int64)
-        self._k = 0  # batches of the current window emitted
 
     def _pull(self, counts: np.ndarray):
         """The next kept element, or None at the end of the stream (skips counted on the way)."""
@@ -147,15 +177,5 @@ class _PackedBatchesIterator(grain.DatasetIterator):
         self._k += 1
         return self._finish(rows, counts)
 
-    def get_state(self):
-        if self._k >= len(self._batches):  # between windows: the next one starts here
-            return {"parent": self._parent.get_state(), "window": self._window, "emitted": 0}
-        return {"parent": self._start, "window": self._window - 1, "emitted": self._k}
-
-    def set_state(self, state):
-        self._parent.set_state(state["parent"])
-        self._window, self._batches, self._k = int(state["window"]), [], 0
+    def _reset(self) -> None:
         self._counts = np.zeros((len(self._caps),), np.int64)
-        if state["emitted"]:
-            self._fill()
-            self._k = int(state["emitted"])

@@ -142,14 +142,10 @@ class _GroupedBatches(grain.IterDataset):
         return _GroupedBatchesIterator(self._parent.__iter__(), *self._args)
 
 
-class _GroupedBatchesIterator(grain.DatasetIterator):
+class _GroupedBatchesIterator(packing_lib.WindowedIterator):
     def __init__(self, parent: grain.DatasetIterator, batch_size: int, window: int, seed: int, drop_remainder: bool):
         super().__init__(parent)
         self._B, self._W, self._seed, self._drop = batch_size, window, seed, drop_remainder
-        self._window = 0  # index of the next window to fill
-        self._start: Any = None  # parent state at the current window's start
-        self._batches: list[dict] = []
-        self._k = 0  # batches of the current window emitted
 
     def _fill(self) -> None:
         self._start = self._parent.get_state()
@@ -188,18 +184,6 @@ class _GroupedBatchesIterator(grain.DatasetIterator):
         b = self._batches[self._k]
         self._k += 1
         return b
-
-    def get_state(self):
-        if self._k >= len(self._batches):  # between windows: the next one starts here
-            return {"parent": self._parent.get_state(), "window": self._window, "emitted": 0}
-        return {"parent": self._start, "window": self._window - 1, "emitted": self._k}
-
-    def set_state(self, state):
-        self._parent.set_state(state["parent"])
-        self._window, self._batches, self._k = int(state["window"]), [], 0
-        if state["emitted"]:
-            self._fill()
-            self._k = int(state["emitted"])
 
 
 # ----------------------------------------------------------------------------- pipeline
