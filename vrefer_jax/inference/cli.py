@@ -182,22 +182,31 @@ def main(argv: list[str] | None = None, predictor=None) -> int:
             out.close()
 
 
+def predictor_from_args(a):
+    """(Predictor, None) from the loading flags `vrefer-infer` and `vrefer-serve` share (--checkpoint,
+    --tokenizer, --vision-tower, --use-stored-vision-tower, --dtype, --mesh), or (None, a one-line
+    error naming the flag)."""
+    from vrefer_jax.inference.predictor import Predictor
+    from vrefer_jax.sharding import MeshConfig, make_mesh
+
+    try:
+        mesh = make_mesh(MeshConfig.parse(a.mesh)) if a.mesh else None
+    except ValueError as e:
+        return None, f"--mesh: {_one_line(e)}"
+    try:
+        return Predictor.load(a.checkpoint, a.tokenizer, vision_tower=a.vision_tower,
+                              use_stored_vision_tower=a.use_stored_vision_tower, dtype=a.dtype, mesh=mesh), None
+    except Exception as e:  # noqa: BLE001 - any load failure is one line, not a traceback
+        return None, f"cannot load --checkpoint {a.checkpoint}: {_one_line(e)}"
+
+
 def _run(a, predictor, reqs, where, root, ok, bad, out) -> int:
     from data_pipeline import schema
 
     if predictor is None:
-        from vrefer_jax.inference.predictor import Predictor
-        from vrefer_jax.sharding import MeshConfig, make_mesh
-
-        try:
-            mesh = make_mesh(MeshConfig.parse(a.mesh)) if a.mesh else None
-        except ValueError as e:
-            return _fail(f"--mesh: {_one_line(e)}")
-        try:
-            predictor = Predictor.load(a.checkpoint, a.tokenizer, vision_tower=a.vision_tower,
-                                       use_stored_vision_tower=a.use_stored_vision_tower, dtype=a.dtype, mesh=mesh)
-        except Exception as e:  # noqa: BLE001 - any load failure is one line, not a traceback
-            return _fail(f"cannot load --checkpoint {a.checkpoint}: {_one_line(e)}")
+        predictor, error = predictor_from_args(a)
+        if error:
+            return _fail(error)
     # the family's official frame sampling (VideoRefer-7B: 8 frames; VRVL3: fps 1), then the flags
     try:
         predictor.configure(**predictor.family.host_options(

@@ -87,18 +87,11 @@ def main(argv: list[str] | None = None, predictor=None, run: bool = True):
     except Exception as e:  # noqa: BLE001 - a bad gin file / binding / value: one line
         return _fail(f"configuration: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if predictor is None:
-        from vrefer_jax.inference.predictor import Predictor
-        from vrefer_jax.sharding import MeshConfig, make_mesh
+        from vrefer_jax.inference.cli import predictor_from_args
 
-        try:
-            mesh = make_mesh(MeshConfig.parse(a.mesh)) if a.mesh else None
-        except ValueError as e:
-            return _fail(f"--mesh: {e}")
-        try:
-            predictor = Predictor.load(a.checkpoint, a.tokenizer, vision_tower=a.vision_tower,
-                                       use_stored_vision_tower=a.use_stored_vision_tower, dtype=a.dtype, mesh=mesh)
-        except Exception as e:  # noqa: BLE001 - one line, not a traceback
-            return _fail(f"cannot load --checkpoint {a.checkpoint}: {type(e).__name__}: {e}")
+        predictor, error = predictor_from_args(a)
+        if error:
+            return _fail(error)
     try:
         predictor.configure(**predictor.family.host_options(
             "infer", num_frames=a.num_frames, aspect=a.aspect, fps=a.fps, max_frames=a.max_frames))
