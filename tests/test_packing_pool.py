@@ -170,6 +170,7 @@ def test_loader_pooled_resumes_exactly_and_shuffles_groups(records, tok):
         _pool_loader_cfg(tok, pack_pool_rows=3)
 
 
+@pytest.mark.slow  # three train-step compiles
 def test_pooled_train_step_one_device_micro_batches_and_8_devices(five):
     """8 rows in 4 pools of 2 rows: one device, one device with 2 micro-batches (whole groups move)
     and a (2, 2, 2) mesh (pools split over data x fsdp with their rows) give the same step."""
