@@ -22,7 +22,10 @@ Pipeline per record set (one set, or several for a stage mixture):
   become row budgets: `seq_len` text ids, `max_expanded_len` expanded tokens, `pack_videos` video
   slots (P of packed frames [B, P, T, S, S, 3]), `max_region_frames` and `max_objects` per row
   (`max_object_frames` still per object). A sample over a cap on its own is still refused or
-  skipped by the overflow policy.
+  skipped by the overflow policy. With `pack_pool_rows` > 0 the videos go into per-group pools
+  instead of per-row slots (`vrefer_jax.batch.pack_batch`: frames [G, V, T, S, S, 3] + video_index
+  [B, P]; V = `pack_pool_videos` per group of `pack_pool_rows` rows, a group budget of the packer),
+  so the tower runs on the videos present rather than on P slots per row.
 * `LoaderIterator.get_state()/set_state()` resume exactly; it is a `grain.DatasetIterator`, so
   `grain.checkpoint.CheckpointSave/CheckpointRestore` store it in an Orbax checkpoint.
 """
@@ -124,9 +127,15 @@ class LoaderConfig:
     # Packing (module docstring): several samples per row, each its own segment. pack_window:
     # samples per first-fit-decreasing window (the window holds their decoded frames in memory).
     # pack_videos: video slots per row (VideoRefer-7B; P of packed frames), a row budget.
+    # pack_pool_rows > 0 (VideoRefer-7B): videos in pools shared by groups of that many rows (the
+    # rows one device holds, or a divisor of them: a pool never spans devices), pack_pool_videos
+    # (V) entries each, instead of P slots per row; pack_videos then caps a row's videos (P of
+    # video_index). 0 = per-row slots.
     pack: bool = False
     pack_window: int = 64
     pack_videos: int = 4
+    pack_pool_rows: int = 0
+    pack_pool_videos: int = 0
 
     def policy(self, cap: str) -> str:
         p = self.overflow if isinstance(self.overflow, str) else self.overflow.get(cap, "error")
@@ -147,6 +156,12 @@ class LoaderConfig:
         if self.pack and (self.pack_window < 1 or self.pack_videos < 1):
             raise ValueError(f"packing needs pack_window >= 1 and pack_videos >= 1, got {self.pack_window}, "
                              f"{self.pack_videos}")
+        if self.pack and self.pack_pool_rows:
+            if self.pack_pool_rows < 0 or self.batch_size % self.pack_pool_rows:
+                raise ValueError(f"pack_pool_rows {self.pack_pool_rows} must divide batch_size {self.batch_size}")
+            if self.pack_pool_videos < self.pack_pool_rows:
+                raise ValueError(f"pack_pool_videos {self.pack_pool_videos} must be at least pack_pool_rows "
+                                 f"{self.pack_pool_rows} (one video per row)")
         if self.max_expanded_len is not None and None in (self.num_video_tokens, self.region_tokens_per_object):
             raise ValueError("max_expanded_len needs num_video_tokens and region_tokens_per_object "
                              "(LoaderConfig.for_model fills them from the model config)")
@@ -443,10 +458,24 @@ def packed_batches(parent: grain.IterDataset, cfg: LoaderConfig) -> grain.IterDa
                                        object_frames=cfg.max_object_frames, mask_size=cfg.grid,
                                        pad_token_id=cfg.pad_token_id)
 
-    return packing_lib.PackedBatches(
-        parent, batch_size=cfg.batch_size, window=cfg.pack_window, budget=budget,
-        key="expanded" if "expanded" in budget else "L", build_row=build_row, finish=stack_examples, caps=CAPS,
-        seed=cfg.seed, drop_remainder=cfg.drop_remainder)
+    key = "expanded" if "expanded" in budget else "L"
+    common = dict(batch_size=cfg.batch_size, window=cfg.pack_window, budget=budget, key=key, caps=CAPS,
+                  seed=cfg.seed, drop_remainder=cfg.drop_remainder)
+    if not cfg.pack_pool_rows:
+        return packing_lib.PackedBatches(parent, build_row=build_row, finish=stack_examples, **common)
+
+    def build_batch(rows, counts):
+        out = batch_lib.pack_batch(rows, pool_rows=cfg.pack_pool_rows, pool_videos=cfg.pack_pool_videos,
+                                   seq_len=cfg.seq_len, videos=cfg.pack_videos,
+                                   region_frames=cfg.max_region_frames, objects=cfg.max_objects,
+                                   object_frames=cfg.max_object_frames, mask_size=cfg.grid,
+                                   pad_token_id=cfg.pad_token_id)
+        out["num_skipped"] = counts
+        return out
+
+    return packing_lib.PackedBatches(parent, build_row=None, finish=None, build_batch=build_batch,
+                                     group_rows=cfg.pack_pool_rows, group_budget=dict(videos=cfg.pack_pool_videos),
+                                     **common)
 
 
 class LoaderIterator(grain.DatasetIterator):

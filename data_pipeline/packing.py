@@ -13,6 +13,13 @@ tokens, regions for VRVL3); `PackedBatches` runs it over a bounded window of the
   * the rows are shuffled with a generator seeded by (seed, window index), cut into batches of B
     and built by the family's row builder (`batch.pack_examples` / `vl3_batch.pack_examples`).
 
+Pooled batches (VideoRefer-7B, `group_rows` > 1 with a `group_budget`, `batch.pack_batch`): rows
+also fill in groups of `group_rows` consecutive rows that share a video pool of V entries; the
+first fit checks the group's budget too (keeping one video in reserve per row the group has not
+opened, so no group has an empty row), the shuffle moves whole groups, and a batch is B / group_rows
+groups. A sample never loses its video: when a group's pool is full, it goes to a row of a later
+group (or opens one).
+
 Deterministic (a pure function of the sample stream and the seed) and resumable exactly: the state
 is the parent's state at the current window's start, the window's index and the number of its
 batches already emitted; `set_state` rebuilds that window and continues after them.
@@ -33,31 +40,54 @@ SKIP_KEY = "_skip"
 
 def first_fit_decreasing(sizes: Sequence[Mapping[str, int]], budget: Mapping[str, int], key: str,
                          rows: list[list[int]] | None = None, used: list[dict[str, int]] | None = None,
-                         order: Sequence[int] | None = None) -> tuple[list[list[int]], list[dict[str, int]]]:
+                         order: Sequence[int] | None = None, group_rows: int = 1,
+                         group_budget: Mapping[str, int] | None = None) -> tuple[list[list[int]], list[dict[str, int]]]:
     """Pack items (indices into `sizes`) into rows under every budget in `budget` (sum per row <= it).
 
     Items go in decreasing `key` order (stable: ties by index), or in `order` if given, each into the
     first row it fits, else a new row. `rows`/`used` continue an earlier packing. An item over a
     budget on its own raises ValueError (the caps refuse or skip those before packing).
+
+    group_budget: budgets of each group of `group_rows` consecutive rows (row r is in group
+    r // group_rows; the video pool of a pooled batch). Each item needs at most 1 of a group-budget
+    key, and the group keeps 1 in reserve for every row it has not opened yet, so a new row can
+    always take its first item: groups fill without holes (every group but the last has exactly
+    `group_rows` rows, none of them empty). A group budget below `group_rows` raises ValueError.
     Returns (rows as lists of item indices in placement order, per-row usage)."""
     rows = [] if rows is None else rows
     used = [] if used is None else used
+    gb = dict(group_budget or {})
+    if any(v < group_rows for v in gb.values()):
+        raise ValueError(f"group budget {gb} below one per row of a group of {group_rows} rows")
     if order is None:
         order = sorted(range(len(sizes)), key=lambda i: -sizes[i][key])
+
+    def group_use(g: int) -> tuple[dict[str, int], int]:
+        members = used[g * group_rows:(g + 1) * group_rows]
+        return {k: sum(u.get(k, 0) for u in members) for k in gb}, len(members)
+
     for i in order:
         s = sizes[i]
         over = [k for k in budget if s.get(k, 0) > budget[k]]
         if over:
             raise ValueError(f"item {i} needs {[(k, s[k]) for k in over]} over the row budget {dict(budget)}")
+        if any(s.get(k, 0) > 1 for k in gb):
+            raise ValueError(f"item {i} needs {[(k, s[k]) for k in gb if s.get(k, 0) > 1]}: at most 1 of a "
+                             f"group-budget key ({sorted(gb)})")
         for r, u in enumerate(used):
-            if all(u[k] + s.get(k, 0) <= budget[k] for k in budget):
-                rows[r].append(i)
-                for k in budget:
-                    u[k] += s.get(k, 0)
-                break
+            if not all(u[k] + s.get(k, 0) <= budget[k] for k in budget):
+                continue
+            if gb:
+                g_used, n_rows = group_use(r // group_rows)
+                if not all(g_used[k] + s.get(k, 0) + (group_rows - n_rows) <= gb[k] for k in gb):
+                    continue
+            rows[r].append(i)
+            for k in u:
+                u[k] += s.get(k, 0)
+            break
         else:
             rows.append([i])
-            used.append({k: s.get(k, 0) for k in budget})
+            used.append({k: s.get(k, 0) for k in set(budget) | set(gb)})
     return rows, used
 
 
@@ -98,16 +128,24 @@ class PackedBatches(grain.IterDataset):
     """Packed batches over a stream of `{PACK_KEY: sizes, "_item": payload}` / `{SKIP_KEY: cap}`
     elements (module docstring). `build_row(payloads)` makes one padded row (+ `sample_id`);
     `finish(rows, counts)` stacks them into a batch carrying the skip counts `num_skipped` by
-    `caps` (on a window's first batch)."""
+    `caps` (on a window's first batch). Pooled: `build_batch(rows of payloads, counts)` makes the
+    whole batch instead (rows in groups of `group_rows` under `group_budget`)."""
 
     def __init__(self, parent: grain.IterDataset, *, batch_size: int, window: int, budget: Mapping[str, int],
-                 key: str, build_row: Callable[[list[Any]], dict], finish: Callable[[list[dict], np.ndarray], dict],
-                 caps: Sequence[str], seed: int, drop_remainder: bool):
+                 key: str, build_row: Callable[[list[Any]], dict] | None,
+                 finish: Callable[[list[dict], np.ndarray], dict] | None, caps: Sequence[str], seed: int,
+                 drop_remainder: bool, group_rows: int = 1, group_budget: Mapping[str, int] | None = None,
+                 build_batch: Callable[[list[list[Any]], np.ndarray], dict] | None = None):
         super().__init__(parent)
         if batch_size < 1 or window < 1:
             raise ValueError(f"packing needs batch_size >= 1 and pack_window >= 1, got {batch_size}, {window}")
+        if group_rows < 1 or batch_size % group_rows:
+            raise ValueError(f"pool groups of {group_rows} rows must divide the batch of {batch_size} rows")
+        if (build_batch is None) == (build_row is None or finish is None):
+            raise ValueError("give either build_row and finish, or build_batch")
         self._kw = dict(batch_size=batch_size, window=window, budget=dict(budget), key=key, build_row=build_row,
-                        finish=finish, caps=tuple(caps), seed=seed, drop_remainder=drop_remainder)
+                        finish=finish, caps=tuple(caps), seed=seed, drop_remainder=drop_remainder,
+                        group_rows=group_rows, group_budget=dict(group_budget or {}), build_batch=build_batch)
 
     def __iter__(self):
         return _PackedBatchesIterator(self._parent.__iter__(), **self._kw)
@@ -115,10 +153,11 @@ class PackedBatches(grain.IterDataset):
 
 class _PackedBatchesIterator(WindowedIterator):
     def __init__(self, parent: grain.DatasetIterator, *, batch_size, window, budget, key, build_row, finish, caps,
-                 seed, drop_remainder):
+                 seed, drop_remainder, group_rows, group_budget, build_batch):
         super().__init__(parent)
         self._B, self._W, self._budget, self._key = batch_size, window, budget, key
         self._build_row, self._finish, self._caps = build_row, finish, caps
+        self._R, self._group_budget, self._build_batch = group_rows, group_budget, build_batch
         self._seed, self._drop = seed, drop_remainder
         self._batches: list[list[list[Any]]] = []  # the window's batches, as rows of payloads (built lazily)
         self._counts = np.zeros((len(caps),), np.int64)
@@ -146,19 +185,23 @@ class _PackedBatchesIterator(WindowedIterator):
                 break
             items.append(x["_item"])
             sizes.append(x[PACK_KEY])
-        rows, used = first_fit_decreasing(sizes, self._budget, self._key)
+        groups = dict(group_rows=self._R, group_budget=self._group_budget)
+        rows, used = first_fit_decreasing(sizes, self._budget, self._key, **groups)
         while rows and len(rows) % self._B:  # top up: no empty rows in a batch while samples remain
             x = self._pull(counts)
             if x is None:
                 break
             items.append(x["_item"])
             sizes.append(x[PACK_KEY])
-            rows, used = first_fit_decreasing(sizes, self._budget, self._key, rows, used, order=[len(items) - 1])
+            rows, used = first_fit_decreasing(sizes, self._budget, self._key, rows, used, order=[len(items) - 1],
+                                              **groups)
         w, self._window = self._window, self._window + 1
         rows = [sorted(r) for r in rows]  # a row's samples in arrival order
-        if len(rows) > 1:
-            order = np.random.default_rng(np.random.SeedSequence([self._seed, w])).permutation(len(rows))
-            rows = [rows[i] for i in order]
+        R = self._R
+        n_full = len(rows) // R  # whole groups move together; a last partial group stays last
+        if n_full > 1:
+            order = np.random.default_rng(np.random.SeedSequence([self._seed, w])).permutation(n_full)
+            rows = [row for g in order for row in rows[g * R:(g + 1) * R]] + rows[n_full * R:]
         batches = [[[items[i] for i in r] for r in rows[j:j + self._B]] for j in range(0, len(rows), self._B)]
         if batches and len(batches[-1]) < self._B and self._drop:
             batches.pop()
@@ -172,10 +215,12 @@ class _PackedBatchesIterator(WindowedIterator):
                     counts, self._counts = self._counts, np.zeros_like(self._counts)
                     return {"num_skipped": counts}
                 raise StopIteration
-        rows = [self._build_row(r) for r in self._batches[self._k]]
         counts = self._counts if self._k == 0 else np.zeros_like(self._counts)
+        rows = self._batches[self._k]
         self._k += 1
-        return self._finish(rows, counts)
+        if self._build_batch is not None:
+            return self._build_batch(rows, counts)
+        return self._finish([self._build_row(r) for r in rows], counts)
 
     def _reset(self) -> None:
         self._counts = np.zeros((len(self._caps),), np.int64)

@@ -33,6 +33,19 @@ the end). The decoder never attends across segments and positions restart at 0 i
   * L, F, K (and the expanded length) are per-row budgets; M (frames per object) stays a per-object
     cap. Static shapes throughout: a packed batch only differs from an unpacked one by P.
 
+Pooled packed batches (`pack_batch`; the loader's `LoaderConfig.pack_pool_rows`): the videos of a
+batch sit in per-group pools instead of per-row slots, so the tower and the connector run on the
+videos present, not on P slots per row (most of them empty when rows hold 1-3 samples).
+  frames       [G, V, T, S, S, 3] float  G pool groups, V videos each; group g serves the B/G
+                                         consecutive rows g*B/G ... (g+1)*B/G - 1 (B % G == 0)
+  video_index  [B, P] int32              the pool entry (in the row's own group) of the row's p-th
+                                         `<video>`/`<image>`; -1 = none (valid entries first)
+  G is a multiple of the data-parallel shard count, so a group's pool and its rows land on the
+  same device (the batch axis of every field is split over the same mesh axes); V is a static
+  budget (about B/G x the mean videos per row, in gin), unused entries are zeros. The slot layout
+  above is the pool with G = B, V = P and video_index[b] = 0, 1, ...; an unpacked batch is G = B,
+  V = P = 1.
+
 * `Example`: one sample before padding; `pad_example` pads it to given sizes and `stack` makes the
   batch (the loader pads to its caps, the predictor to its buckets, `empty_batch` builds init /
   benchmark batches from `field_shapes`).
@@ -66,8 +79,13 @@ FIELDS: dict[str, tuple[tuple[str, ...], Any, Any]] = {
     "object_masks": (("B", "K", "M", "G", "G"), np.bool_, False),
     "object_valid": (("B", "K"), np.bool_, False),
 }
+# A pooled packed batch adds `video_index` and puts frames in G pools of V (`POOL_FRAMES`).
+VIDEO_INDEX = "video_index"
+VIDEO_INDEX_FIELD = (("B", "P"), np.int32, -1)
 BATCH_KEYS = tuple(FIELDS)
+OPTIONAL_KEYS = (VIDEO_INDEX,)  # fields only some batches hold (pooled packed batches)
 PACKED_FRAMES = ("B", "P", "T", "S", "S", 3)
+POOL_FRAMES = ("G", "V", "T", "S", "S", 3)
 
 
 def video_slots(frames_shape: Sequence[int]) -> int:
@@ -222,6 +240,22 @@ def pack_examples(examples: Sequence[Example], *, seq_len: int, videos: int, reg
     seq_len, videos (P), region_frames and objects are budgets of the whole row; object_frames (M)
     bounds each object. A budget too small raises ValueError naming the row's samples (the packer
     checks the budgets before this: nothing is ever truncated)."""
+    row, clips = _pack_row(examples, seq_len=seq_len, videos=videos, region_frames=region_frames, objects=objects,
+                           object_frames=object_frames, mask_size=mask_size, pad_token_id=pad_token_id)
+    T, S = examples[0].frames.shape[0], examples[0].frames.shape[1]
+    frames = np.zeros((videos, T, S, S, 3), np.float32)
+    for p, clip in enumerate(clips):
+        frames[p] = clip
+    row["frames"] = frames
+    out = {k: row[k] for k in FIELDS if k in row}
+    out["sample_id"] = row["sample_id"]
+    return out
+
+
+def _pack_row(examples: Sequence[Example], *, seq_len: int, videos: int, region_frames: int, objects: int,
+              object_frames: int, mask_size: int, pad_token_id: int) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """A packed row without `frames` + its videos in row order ([T, S, S, 3] each, one per sample
+    with a `<video>`/`<image>`). Budget checks as `pack_examples`."""
     if not examples:
         raise ValueError("pack_examples needs at least one example")
     name = PACK_SEPARATOR.join(ex.sample_id for ex in examples)
@@ -239,9 +273,10 @@ def pack_examples(examples: Sequence[Example], *, seq_len: int, videos: int, reg
     if any((ex.labels is not None) != with_labels for ex in examples):
         raise ValueError(f"packed row {name}: some samples have labels and some do not")
     T, S = examples[0].frames.shape[0], examples[0].frames.shape[1]
-    out = _empty(dict(L=seq_len, T=T, S=S, F=region_frames, K=objects, M=object_frames, G=mask_size, P=videos),
-                 pad_token_id, skip=() if with_labels else ("labels",))
-    pos = slot = f0 = k0 = 0
+    out = _empty(dict(L=seq_len, T=T, S=S, F=region_frames, K=objects, M=object_frames, G=mask_size), pad_token_id,
+                 skip=("frames",) if with_labels else ("frames", "labels"))
+    clips = []
+    pos = f0 = k0 = 0
     for seg, ex in enumerate(examples, start=1):
         if ex.frames.shape[:2] != (T, S):
             raise ValueError(f"packed row {name}: sample {ex.sample_id} has frames {ex.frames.shape[:2]}, "
@@ -253,8 +288,7 @@ def pack_examples(examples: Sequence[Example], *, seq_len: int, videos: int, reg
         out["segment_ids"][pos:pos + n] = seg
         pos += n
         if num_placeholders(ex.input_ids):
-            out["frames"][slot] = ex.frames
-            slot += 1
+            clips.append(ex.frames)
         nf = int(ex.region_frames.shape[0])
         out["region_frames"][f0:f0 + nf] = ex.region_frames
         for fr, m in zip(ex.object_frames, ex.object_masks):
@@ -263,9 +297,65 @@ def pack_examples(examples: Sequence[Example], *, seq_len: int, videos: int, reg
             out["object_valid"][k0] = True
             k0 += 1
         f0 += nf
-    out = {k: out[k] for k in FIELDS if k in out}
     out["sample_id"] = name
+    return out, clips
+
+
+def pack_batch(rows: Sequence[Sequence[Example]], *, pool_rows: int, pool_videos: int, seq_len: int, videos: int,
+               region_frames: int, objects: int, object_frames: int, mask_size: int,
+               pad_token_id: int) -> dict[str, Any]:
+    """Rows of `Example`s -> a pooled packed batch (module docstring, "Pooled packed batches"):
+    frames [G, V, T, S, S, 3] with V = `pool_videos` and G = ceil(len(rows) / pool_rows) groups of
+    `pool_rows` consecutive rows, `video_index` [B, P] with P = `videos` (the per-row cap), the other
+    fields as `pack_examples` stacked, `sample_ids` [B]. When len(rows) is not a multiple of
+    `pool_rows` (a stream's last batch), empty rows (segment 0, sample id "") complete the last
+    group. A group whose rows hold more than V videos raises ValueError naming its samples (the
+    packer keeps every group within V: nothing is dropped here)."""
+    if not rows or pool_rows < 1 or pool_videos < 1:
+        raise ValueError(f"pack_batch needs rows, pool_rows >= 1 and pool_videos >= 1; got {len(rows)} rows, "
+                         f"{pool_rows}, {pool_videos}")
+    kw = dict(seq_len=seq_len, videos=videos, region_frames=region_frames, objects=objects,
+              object_frames=object_frames, mask_size=mask_size, pad_token_id=pad_token_id)
+    built = [_pack_row(r, **kw) for r in rows]
+    T, S = rows[0][0].frames.shape[0], rows[0][0].frames.shape[1]
+    G = -(-len(rows) // pool_rows)
+    frames = np.zeros((G, pool_videos, T, S, S, 3), np.float32)
+    index = np.full((G * pool_rows, videos), -1, np.int32)
+    out_rows = []
+    for g in range(G):
+        members = built[g * pool_rows:(g + 1) * pool_rows]
+        n_videos = sum(len(clips) for _, clips in members)
+        if n_videos > pool_videos:
+            names = ", ".join(row["sample_id"] for row, _ in members)
+            raise ValueError(f"video pool of rows {names}: {n_videos} videos but the pool holds {pool_videos}")
+        v = 0
+        for i, (row, clips) in enumerate(members):
+            for p, clip in enumerate(clips):
+                frames[g, v] = clip
+                index[g * pool_rows + i, p] = v
+                v += 1
+            out_rows.append(row)
+    with_labels = "labels" in out_rows[0]
+    while len(out_rows) < G * pool_rows:  # complete the last group with all-padding rows
+        empty = _empty(dict(L=seq_len, T=T, S=S, F=region_frames, K=objects, M=object_frames, G=mask_size),
+                       pad_token_id, skip=("frames",) if with_labels else ("frames", "labels"))
+        out_rows.append({**empty, "sample_id": ""})
+    out = {k: frames if k == "frames" else np.stack([r[k] for r in out_rows]) for k in FIELDS
+           if k == "frames" or k in out_rows[0]}
+    out[VIDEO_INDEX] = index
+    out["sample_ids"] = np.array([r["sample_id"] for r in out_rows])
     return out
+
+
+def pool_groups(batch: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(G, rows per group) of a pooled packed batch, None for an unpacked or slot batch."""
+    if VIDEO_INDEX not in batch:
+        return None
+    G, B = int(np.shape(batch["frames"])[0]), int(np.shape(batch[VIDEO_INDEX])[0])
+    if len(np.shape(batch["frames"])) != 6 or B % G:
+        raise ValueError(f"a pooled batch needs frames [G, V, T, S, S, 3] with B % G == 0; got frames "
+                         f"{tuple(np.shape(batch['frames']))} for {B} rows")
+    return G, B // G
 
 
 def stack(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -323,6 +413,8 @@ def check_batch(
     num_region_frames: int,
     sample_ids: Sequence[str] | None = None,
     num_videos: int = 1,
+    video_index: np.ndarray | None = None,
+    pool: tuple[int, int] | None = None,
 ) -> None:
     """Validate a batch before it reaches the device; raise `BatchError` naming the sample.
 
@@ -334,6 +426,9 @@ def check_batch(
     inside the region frames; and the worst-case expanded length of the row (`expanded_length`,
     additive over its segments) fits `out_len`. Messages name the row's sample ids (a packed row's
     `sample_id` joins its samples' ids) and, in a packed row, the segment.
+    A pooled batch (`video_index` [B, P], `pool` = (V videos per group, rows per group)): each row
+    has one valid entry per placeholder (valid entries first), each inside [0, V), and no pool
+    entry serves two placeholders of its group.
     """
     input_ids, segment_ids = np.asarray(input_ids), np.asarray(segment_ids)
     object_frames, object_valid = np.asarray(object_frames), np.asarray(object_valid)
@@ -365,6 +460,8 @@ def check_batch(
         if n_visual > num_videos:
             raise BatchError(f"sample {name}: {n_visual} <video>/<image> placeholders but {num_videos} video "
                              "slot(s) per row")
+        if video_index is not None:
+            _check_pool_row(name, np.asarray(video_index[b]), n_visual, pool[0])
         if len(regions) != n_obj:
             raise BatchError(f"sample {name}: {len(regions)} <region> tokens in the text but {n_obj} objects with masks")
         counts = []
@@ -381,16 +478,39 @@ def check_batch(
                                 region_token_num=region_token_num)
         if worst > out_len:
             raise BatchError(f"sample {name}: expanded length up to {worst} exceeds the static length {out_len}")
+    if video_index is not None:
+        V, rows = pool
+        index = np.asarray(video_index)
+        for g in range(index.shape[0] // rows):
+            used = index[g * rows:(g + 1) * rows]
+            used = used[used >= 0]
+            if len(np.unique(used)) != len(used):
+                names = [sample_ids[b] if sample_ids is not None else f"#{b}" for b in range(g * rows, (g + 1) * rows)]
+                raise BatchError(f"video pool {g} (rows {', '.join(names)}): an entry serves two placeholders "
+                                 f"(video_index {index[g * rows:(g + 1) * rows].tolist()})")
+
+
+def _check_pool_row(name: str, index: np.ndarray, n_visual: int, V: int) -> None:
+    n = int((index >= 0).sum())
+    if n != n_visual or not (index[:n] >= 0).all():
+        raise BatchError(f"sample {name}: {n_visual} <video>/<image> placeholders but video_index "
+                         f"{index.tolist()} (one valid entry per placeholder, valid entries first)")
+    if (index[:n] >= V).any():
+        raise BatchError(f"sample {name}: video_index {index.tolist()} outside the pool of {V} videos")
 
 
 def validate(cfg: ModelConfig, batch: Mapping[str, Any], out_len: int, sample_ids: Sequence[str] | None = None) -> None:
-    """`check_batch` of a contract batch (unpacked or packed) against a `ModelConfig` (raises
+    """`check_batch` of a contract batch (unpacked, packed in slots or pooled) against a `ModelConfig` (raises
     `BatchError` naming the sample)."""
     frames_shape = np.shape(batch["frames"])
+    groups = pool_groups(batch)
+    index = batch.get(VIDEO_INDEX)
     check_batch(
         batch["input_ids"], batch["segment_ids"], batch["object_frames"], batch["object_valid"],
         region_token_id=cfg.region_token_id,
         num_video_tokens=model_video_tokens(cfg, frames_shape[-4]),
         region_token_num=cfg.object_encoder.region_token_num,
         out_len=out_len, num_region_frames=batch["region_frames"].shape[1], sample_ids=sample_ids,
-        num_videos=video_slots(frames_shape))
+        num_videos=video_slots(frames_shape) if index is None else int(np.shape(index)[1]),
+        video_index=None if index is None else np.asarray(index),
+        pool=None if groups is None else (int(frames_shape[1]), groups[1]))

@@ -38,6 +38,8 @@ class Family:
     module:          cfg -> the Flax module (`embed_inputs(batch, out_len)`, `decode`, `logits`,
                      `embed_tokens`, `__call__(batch, out_len, return_hidden)`)
     batch_keys:      the batch contract's fields (`labels` among them); generation reads the rest
+    optional_batch_keys: fields only some training batches hold (VideoRefer-7B's pooled packed
+                     batches: `video_index`); the train / eval steps pass them through when present
     dummy_batch:     (cfg, batch_size=1, abstract=False) -> a batch for init / eval_shape
     validate:        (cfg, batch, out_len, sample_ids) -> None; raises `BatchError` naming the sample
     output_embedding: params -> [E, V] matrix of the LM head (the 2B VRVL3 ties it to the embedding)
@@ -80,6 +82,7 @@ class Family:
     ignore_patterns: Callable[[Any], list]
     host: Callable[..., Any]
     host_option_names: tuple[str, ...] = ()
+    optional_batch_keys: tuple[str, ...] = ()
     bench_protocol: str = "videorefer"
     benchmark_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     import_checkpoint: Callable[..., Any] | None = None

@@ -20,6 +20,7 @@ FAMILY = Family(
     config_class=ModelConfig,
     module=videorefer.VideoRefer,
     batch_keys=batch_lib.BATCH_KEYS,
+    optional_batch_keys=batch_lib.OPTIONAL_KEYS,
     dummy_batch=videorefer.dummy_batch,
     validate=batch_lib.validate,
     output_embedding=lambda params: params["lm_head"]["kernel"],

@@ -10,8 +10,9 @@ Here the expansion happens on the device with static shapes: every input positio
 sum gives each input position its output span, and every output slot finds its source position with
 a binary search. Output slots past the expanded length are padding (segment 0). Packed rows (several
 segment ids in one row, `vrefer_jax.batch` "Packed rows") keep their segments and restart positions
-per segment; the p-th placeholder of a row takes video slot p, so each video expands inside its own
-segment. (The loss never lets a segment's last token predict the next segment's first label:
+per segment; the p-th placeholder of a row takes video slot p (or, in a pooled batch, the entry
+`video_index[b, p]` of its group's pool: a static-shape gather), so each video expands inside its
+own segment. (The loss never lets a segment's last token predict the next segment's first label:
 `training.loss.cross_entropy_sum(segment_ids=...)`.)
 
 Host-side checks that make the on-device gather safe live in `vrefer_jax.batch.check_batch`.
@@ -27,14 +28,17 @@ from vrefer_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 _TEXT, _VISUAL, _REGION = 0, 1, 2
 
 
-def _splice_row(text_emb, ids, labels, segments, video, objects, counts, region_id: int, out_len: int):
-    """One row. text_emb [L,E], ids/labels/segments [L], video [P,Nv,E], objects [K,R,E], counts [K]."""
+def _splice_row(text_emb, ids, labels, segments, video_index, objects, counts, video, region_id: int,
+                out_len: int):
+    """One row. text_emb [L,E], ids/labels/segments [L], video_index [P] (the row's p-th placeholder
+    -> an entry of `video`), objects [K,R,E], counts [K]; video [V,Nv,E] the row's pool."""
     L = ids.shape[0]
     nv, r = video.shape[1], objects.shape[1]
     is_visual = (ids == IMAGE_TOKEN_INDEX) | (ids == VIDEO_TOKEN_INDEX)
     is_region = ids == region_id
     kind = jnp.where(is_visual, _VISUAL, jnp.where(is_region, _REGION, _TEXT))
-    vid_idx = jnp.clip(jnp.cumsum(is_visual) - 1, 0, video.shape[0] - 1)  # the p-th placeholder -> slot p
+    p = jnp.clip(jnp.cumsum(is_visual) - 1, 0, video_index.shape[0] - 1)  # the p-th placeholder
+    vid_idx = jnp.clip(video_index[p], 0, video.shape[0] - 1)  # -> its pool entry
     obj_idx = jnp.clip(jnp.cumsum(is_region) - 1, 0, objects.shape[0] - 1)
     size = jnp.where(kind == _VISUAL, nv, jnp.where(kind == _REGION, counts[obj_idx], 1))
     size = jnp.where(segments > 0, size, 0)
@@ -74,6 +78,7 @@ def splice(
     *,
     region_token_id: int,
     out_len: int,
+    video_index: jax.Array | None = None,
 ):
     """Expand placeholders into the LLM input.
 
@@ -82,9 +87,12 @@ def splice(
       input_ids, labels: [B, L] int32; placeholders -200/-201 and `region_token_id`.
       segment_ids: [B, L] int32, 0 = padding (padding only at the end of a row).
       video_tokens: [B, Nv, E] connector output, or [B, P, Nv, E] for P video slots per row
-        (packed rows: the p-th placeholder of a row takes slot p).
+        (packed rows: the p-th placeholder of a row takes slot p), or with `video_index` the pools
+        [G, V, Nv, E] of a pooled batch (rows g*B/G ... (g+1)*B/G - 1 read pool g).
       object_tokens: [B, K, R, E] object-encoder output; object_counts [B, K] int32 (<= R).
       out_len: static output length.
+      video_index: [B, P] int32 (pooled batches): the pool entry of each row's p-th placeholder
+        (-1 = none); None = slot p (video_tokens [B, P, Nv, E]) or the row's one video.
 
     Returns:
       inputs_embeds [B, out_len, E], labels [B, out_len] (-100 on inserted rows and padding),
@@ -93,5 +101,15 @@ def splice(
     """
     if video_tokens.ndim == 3:
         video_tokens = video_tokens[:, None]
-    fn = jax.vmap(lambda *a: _splice_row(*a, region_id=region_token_id, out_len=out_len))
-    return fn(text_emb, input_ids, labels, segment_ids, video_tokens, object_tokens, object_counts)
+    B = input_ids.shape[0]
+    if video_index is None:  # per-row slots: a pool of P per row, entry p for the p-th placeholder
+        video_index = jnp.broadcast_to(jnp.arange(video_tokens.shape[1], dtype=jnp.int32), (B, video_tokens.shape[1]))
+    G = video_tokens.shape[0]
+    if B % G:
+        raise ValueError(f"{B} rows cannot share {G} video pools evenly")
+    row = jax.vmap(lambda *a: _splice_row(*a, region_id=region_token_id, out_len=out_len),
+                   in_axes=(0,) * 7 + (None,))  # the rows of one group share its pool
+    rows = (text_emb, input_ids, labels, segment_ids, video_index, object_tokens, object_counts)
+    grouped = jax.tree.map(lambda x: x.reshape((G, B // G) + x.shape[1:]), rows)
+    out = jax.vmap(lambda r, v: row(*r, v))(grouped, video_tokens)
+    return jax.tree.map(lambda x: x.reshape((B,) + x.shape[2:]), out)

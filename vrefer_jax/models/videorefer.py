@@ -46,32 +46,41 @@ class VideoRefer(nn.Module):
         """One SigLIP pass over sampled and annotated frames.
 
         frames [B, T, S, S, 3], region_frames [B, F, S, S, 3] ->
-        (features [B, T, P, C_vis], region features [B, F, P, C_vis]). Packed frames
-        [B, Pv, T, S, S, 3] go in with their Pv video slots folded into T (features [B, Pv*T, P, C]).
+        (features [B, T, P, C_vis], region features [B, F, P, C_vis]). Packed frames, per-row
+        slots [B, Pv, T, S, S, 3] or pools [G, V, T, S, S, 3] (each serving B/G consecutive rows),
+        give features [G, V, T, P, C_vis]: each pool runs with its rows' region frames, so the
+        pass stays split along the batch axes like the rest.
         The tower is frozen in every official stage: no gradient flows into it (unless
         `cfg.train_vision_tower`).
         """
-        if frames.ndim == 6:  # packed: slots one after another along T
-            frames = frames.reshape((frames.shape[0], -1) + frames.shape[3:])
-        B, T = frames.shape[:2]
-        F = region_frames.shape[1]
-        x = jnp.concatenate([frames, region_frames], axis=1).reshape((B * (T + F),) + frames.shape[2:])
+        B, F = region_frames.shape[:2]
+        pooled = frames.ndim == 6
+        if not pooled:
+            frames = frames[:, None]
+        G, V, T = frames.shape[:3]
+        if B % G:
+            raise ValueError(f"{B} rows cannot share {G} video pools evenly (frames {frames.shape})")
+        x = jnp.concatenate([frames.reshape((G, V * T) + frames.shape[3:]),
+                             region_frames.reshape((G, (B // G) * F) + region_frames.shape[2:])], axis=1)
+        x = x.reshape((-1,) + x.shape[2:])
         x = constrain(x.astype(self.cfg.compute_dtype), ("activation_frames", None, None, None))
         feats = self.vision_tower(x)
         if not self.cfg.train_vision_tower:
             feats = jax.lax.stop_gradient(feats)
-        feats = feats.reshape((B, T + F) + feats.shape[1:])
-        return feats[:, :T], feats[:, T:]
+        feats = feats.reshape((G, V * T + (B // G) * F) + feats.shape[1:])
+        video = feats[:, : V * T].reshape((G, V, T) + feats.shape[2:])
+        region = feats[:, V * T:].reshape((B, F) + feats.shape[2:])
+        return (video if pooled else video[:, 0]), region
 
-    def encode_video(self, frame_feats: jax.Array, slots: int = 1) -> jax.Array:
-        """[B, slots*T, P, C_vis] -> video tokens [B, Nv, E] (slots 1) or [B, slots, Nv, E]: the
-        connector runs on each slot's T frames on its own."""
-        if slots == 1:
+    def encode_video(self, frame_feats: jax.Array) -> jax.Array:
+        """[B, T, P, C_vis] -> video tokens [B, Nv, E]; pools [G, V, T, P, C_vis] -> [G, V, Nv, E]
+        (the connector runs on each video's T frames on its own)."""
+        if frame_feats.ndim == 4:
             return constrain(self.mm_projector(frame_feats), ("activation_batch", "activation_length", "activation_embed"))
-        B = frame_feats.shape[0]
-        x = frame_feats.reshape((B * slots, -1) + frame_feats.shape[2:])
+        G, V = frame_feats.shape[:2]
+        x = frame_feats.reshape((G * V,) + frame_feats.shape[2:])
         x = constrain(self.mm_projector(x), ("activation_batch", "activation_length", "activation_embed"))
-        return x.reshape((B, slots) + x.shape[1:])
+        return x.reshape((G, V) + x.shape[1:])
 
     def encode_objects(self, region_feats, object_frames, object_masks, object_valid):
         """-> object tokens [B, K, R, E] and per-object token counts [B, K] (<= R, data-dependent)."""
@@ -86,7 +95,7 @@ class VideoRefer(nn.Module):
         """Run both encoders and splice. Returns a dict with inputs_embeds [B, out_len, E], labels,
         segment_ids, positions [B, out_len], lengths [B] and object_counts [B, K]."""
         feats, region_feats = self.encode_visual(batch["frames"], batch["region_frames"])
-        video = self.encode_video(feats, batch_lib.video_slots(batch["frames"].shape))
+        video = self.encode_video(feats)
         obj_tokens, counts = self.encode_objects(
             region_feats, batch["object_frames"], batch["object_masks"], batch["object_valid"])
         ids = batch["input_ids"]
@@ -96,7 +105,7 @@ class VideoRefer(nn.Module):
         text_emb = self.llm.embed(ids)
         emb, labels, segs, pos, lengths = splice(
             text_emb, ids, labels, batch["segment_ids"], video, obj_tokens, counts,
-            region_token_id=self.cfg.region_token_id, out_len=out_len)
+            region_token_id=self.cfg.region_token_id, out_len=out_len, video_index=batch.get(batch_lib.VIDEO_INDEX))
         emb = constrain(emb, ("activation_batch", "activation_length", "activation_embed"))
         return dict(inputs_embeds=emb, labels=labels, segment_ids=segs, positions=pos,
                     lengths=lengths, object_counts=counts)

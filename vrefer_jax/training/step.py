@@ -28,6 +28,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
+from vrefer_jax import batch as batch_lib
 from vrefer_jax import families
 from vrefer_jax.training.loss import cross_entropy_sum
 from vrefer_jax.training.optimizer import adapter_parts, leaf_trainable
@@ -74,7 +75,7 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
     """
     family = families.for_config(cfg)
     model = family.module(cfg)
-    BATCH_KEYS = family.batch_keys
+    BATCH_KEYS = family.batch_keys + family.optional_batch_keys
     A = step_cfg.accum_steps
     lora_parts = adapter_parts(shardings.params)
     grad_shardings = _split_trainable(shardings.params, trainable, lora_parts)[0]
@@ -94,15 +95,25 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
     def micro_batches(batch):
-        """[B, ...] -> [A, B/A, ...]; row i*A + a goes to micro-batch a, so each device keeps its rows."""
-        def split(x):
-            B = x.shape[0]
-            if B % A:
-                raise ValueError(f"global batch {B} not divisible by accum_steps {A}")
-            x = x.reshape((B // A, A) + x.shape[1:]).swapaxes(0, 1)
+        """[B, ...] -> [A, B/A, ...]; row i*A + a goes to micro-batch a, so each device keeps its rows.
+        A pooled packed batch (`batch.VIDEO_INDEX`: frames [G, V, ...]) moves whole pool groups:
+        group j*A + a and its B/G rows go to micro-batch a."""
+        rows_per_group = 1
+        if batch_lib.VIDEO_INDEX in batch:
+            G = batch["frames"].shape[0]
+            if G % A:
+                raise ValueError(f"{G} video pool groups not divisible by accum_steps {A}")
+            rows_per_group = batch["input_ids"].shape[0] // G
+
+        def split(key, x):
+            chunk = 1 if key == "frames" else rows_per_group  # pool groups / their rows move together
+            n = x.shape[0] // chunk
+            if n % A:
+                raise ValueError(f"global batch {x.shape[0]} ({key}) not divisible by accum_steps {A}")
+            x = x.reshape((n // A, A, chunk) + x.shape[1:]).swapaxes(0, 1).reshape((A, -1) + x.shape[1:])
             spec = PartitionSpec(None, DATA_AXES, *([None] * (x.ndim - 2)))
             return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-        return jax.tree.map(split, batch)
+        return {k: split(k, v) for k, v in batch.items()}
 
     def step(state: TrainState, batch):
         batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
@@ -179,7 +190,7 @@ def make_eval_step(cfg, step_cfg: StepConfig, mesh, rules, param_shardings, batc
     """Teacher-forced loss without gradients: (params, batch) -> dict(loss_sum, count)."""
     family = families.for_config(cfg)
     model = family.module(cfg)
-    BATCH_KEYS = family.batch_keys
+    BATCH_KEYS = family.batch_keys + family.optional_batch_keys
 
     def evaluate(params, batch):
         batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
