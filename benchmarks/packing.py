@@ -19,10 +19,10 @@ run on every video slot or pool entry, empty or not):
 
   padded      one sample per row (the loader without `pack`): B videos, 2 region frames per row
   slots P=4   first-fit-decreasing packing (`data_pipeline.packing.first_fit_decreasing` over
-              windows of `--window` samples, `vrefer_jax.batch.pack_examples`) with P video slots
+              windows of `--window` samples, `vrefer_jax.packed_batch.pack_examples`) with P video slots
               per row: B * P videos per step
   pool V=v    the same packing with a video pool of v entries per group of `--pool-rows` rows
-              (a group budget of the packer, `vrefer_jax.batch.pack_batch`): B / pool_rows * v
+              (a group budget of the packer, `vrefer_jax.packed_batch.pack_batch`): B / pool_rows * v
               videos per step
 
 Packed layouts hold `--row-region-frames` region frames per row (a row budget too). Figures:
@@ -55,6 +55,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from data_pipeline.packing import PACK_KEY, PackedBatches  # noqa: E402
 from vrefer_jax import batch as batch_lib  # noqa: E402
+from vrefer_jax import packed_batch  # noqa: E402
 from vrefer_jax.config import IGNORE_INDEX, VIDEO_TOKEN_INDEX, model_config_from_gin  # noqa: E402
 from vrefer_jax.models.videorefer import VideoRefer  # noqa: E402
 from vrefer_jax.sharding import MeshConfig, logical_axis_rules, make_mesh  # noqa: E402
@@ -123,7 +124,7 @@ def _packed(cfg, samples, out_len: int, window: int, B: int, budget: dict, **kw)
 
 def slot_batches(cfg, samples, out_len: int, P: int, F: int, window: int, B: int):
     budget = dict(L=out_len, expanded=out_len, videos=P, F=F, K=F)
-    row = functools.partial(batch_lib.pack_examples, seq_len=out_len, videos=P, region_frames=F, objects=F,
+    row = functools.partial(packed_batch.pack_examples, seq_len=out_len, videos=P, region_frames=F, objects=F,
                             object_frames=2, mask_size=cfg.vision.grid, pad_token_id=0)
     n_rows, batches = _packed(cfg, samples, out_len, window, B, budget, build_row=row,
                               finish=lambda rows, counts: batch_lib.stack(rows))
@@ -133,7 +134,7 @@ def slot_batches(cfg, samples, out_len: int, P: int, F: int, window: int, B: int
 def pool_batches(cfg, samples, out_len: int, P: int, F: int, window: int, B: int, pool_rows: int, V: int):
     """Rows in groups of `pool_rows` sharing V videos (a group budget of the packer)."""
     budget = dict(L=out_len, expanded=out_len, videos=P, F=F, K=F)
-    build = functools.partial(batch_lib.pack_batch, pool_rows=pool_rows, pool_videos=V, seq_len=out_len, videos=P,
+    build = functools.partial(packed_batch.pack_batch, pool_rows=pool_rows, pool_videos=V, seq_len=out_len, videos=P,
                               region_frames=F, objects=F, object_frames=2, mask_size=cfg.vision.grid, pad_token_id=0)
     n_rows, batches = _packed(cfg, samples, out_len, window, B, budget, build_row=None, finish=None,
                               build_batch=lambda rows, counts: build(rows), group_rows=pool_rows,

@@ -18,12 +18,12 @@ Pipeline per record set (one set, or several for a stage mixture):
   so `LoaderIterator.skipped` is complete once the stream ends.
 * Packing (`pack = True`, `data_pipeline.packing`): instead of one sample per row, the batcher
   packs several samples into each row (first-fit decreasing on the expanded length within windows
-  of `pack_window` samples, each sample its own segment; `vrefer_jax.batch.pack_examples`). The caps
+  of `pack_window` samples, each sample its own segment; `vrefer_jax.packed_batch.pack_examples`). The caps
   become row budgets: `seq_len` text ids, `max_expanded_len` expanded tokens, `pack_videos` video
   slots (P of packed frames [B, P, T, S, S, 3]), `max_region_frames` and `max_objects` per row
   (`max_object_frames` still per object). A sample over a cap on its own is still refused or
   skipped by the overflow policy. With `pack_pool_rows` > 0 the videos go into per-group pools
-  instead of per-row slots (`vrefer_jax.batch.pack_batch`: frames [G, V, T, S, S, 3] + video_index
+  instead of per-row slots (`vrefer_jax.packed_batch.pack_batch`: frames [G, V, T, S, S, 3] + video_index
   [B, P]; V = `pack_pool_videos` per group of `pack_pool_rows` rows, a group budget of the packer),
   so the tower runs on the videos present rather than on P slots per row.
 * `LoaderIterator.get_state()/set_state()` resume exactly; it is a `grain.DatasetIterator`, so
@@ -33,6 +33,7 @@ Pipeline per record set (one set, or several for a stage mixture):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -47,6 +48,7 @@ from data_pipeline import packing as packing_lib
 from data_pipeline import records as records_lib
 from data_pipeline import video as video_lib
 from vrefer_jax import batch as batch_lib
+from vrefer_jax import packed_batch
 from vrefer_jax.text.multimodal import build_training_example
 
 log = logging.getLogger(__name__)
@@ -449,27 +451,21 @@ def row_budget(cfg: LoaderConfig) -> dict[str, int]:
 
 
 def packed_batches(parent: grain.IterDataset, cfg: LoaderConfig) -> grain.IterDataset:
-    """VideoRefer-7B packed batches over the transform's unpadded samples (`data_pipeline.packing`)."""
+    """VideoRefer-7B packed batches over the transform's unpadded samples (`data_pipeline.packing`):
+    rows with `pack_videos` slots, or pooled batches when `pack_pool_rows` is set."""
     budget = row_budget(cfg)
-
-    def build_row(examples):
-        return batch_lib.pack_examples(examples, seq_len=cfg.seq_len, videos=cfg.pack_videos,
-                                       region_frames=cfg.max_region_frames, objects=cfg.max_objects,
-                                       object_frames=cfg.max_object_frames, mask_size=cfg.grid,
-                                       pad_token_id=cfg.pad_token_id)
-
+    shape = dict(seq_len=cfg.seq_len, videos=cfg.pack_videos, region_frames=cfg.max_region_frames,
+                 objects=cfg.max_objects, object_frames=cfg.max_object_frames, mask_size=cfg.grid,
+                 pad_token_id=cfg.pad_token_id)
     key = "expanded" if "expanded" in budget else "L"
     common = dict(batch_size=cfg.batch_size, window=cfg.pack_window, budget=budget, key=key, caps=CAPS,
                   seed=cfg.seed, drop_remainder=cfg.drop_remainder)
     if not cfg.pack_pool_rows:
-        return packing_lib.PackedBatches(parent, build_row=build_row, finish=stack_examples, **common)
+        return packing_lib.PackedBatches(parent, build_row=functools.partial(packed_batch.pack_examples, **shape),
+                                         finish=stack_examples, **common)
 
     def build_batch(rows, counts):
-        out = batch_lib.pack_batch(rows, pool_rows=cfg.pack_pool_rows, pool_videos=cfg.pack_pool_videos,
-                                   seq_len=cfg.seq_len, videos=cfg.pack_videos,
-                                   region_frames=cfg.max_region_frames, objects=cfg.max_objects,
-                                   object_frames=cfg.max_object_frames, mask_size=cfg.grid,
-                                   pad_token_id=cfg.pad_token_id)
+        out = packed_batch.pack_batch(rows, pool_rows=cfg.pack_pool_rows, pool_videos=cfg.pack_pool_videos, **shape)
         out["num_skipped"] = counts
         return out
 

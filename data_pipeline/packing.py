@@ -11,9 +11,9 @@ tokens, regions for VRVL3); `PackedBatches` runs it over a bounded window of the
     it (it fills a gap or opens a row), so no row of a batch is empty padding (until the stream
     ends: then the last batch is smaller, or dropped with `drop_remainder`);
   * the rows are shuffled with a generator seeded by (seed, window index), cut into batches of B
-    and built by the family's row builder (`batch.pack_examples` / `vl3_batch.pack_examples`).
+    and built by the family's row builder (`packed_batch.pack_examples` / `vl3_batch.pack_examples`).
 
-Pooled batches (VideoRefer-7B, `group_rows` > 1 with a `group_budget`, `batch.pack_batch`): rows
+Pooled batches (VideoRefer-7B, `group_rows` > 1 with a `group_budget`, `packed_batch.pack_batch`): rows
 also fill in groups of `group_rows` consecutive rows that share a video pool of V entries; the
 first fit checks the group's budget too (keeping one video in reserve per row the group has not
 opened, so no group has an empty row), the shuffle moves whole groups, and a batch is B / group_rows

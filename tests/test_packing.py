@@ -20,6 +20,7 @@ from data_helpers import save_tiny_tokenizer, tiny_record, write_records
 from data_pipeline import loader
 from data_pipeline import packing as packing_lib
 from vrefer_jax import batch as batch_lib
+from vrefer_jax import packed_batch
 from vrefer_jax import vl3_batch
 from vrefer_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_TOKEN_INDEX, model_config_from_gin
 from vrefer_jax.models import videorefer
@@ -112,7 +113,7 @@ def _alone(cfg, exs, out_len=96):
 
 
 def _packed(cfg, exs, out_len=256, P=3):
-    row = batch_lib.pack_examples(exs, seq_len=96, videos=P, region_frames=8, objects=8, object_frames=2,
+    row = packed_batch.pack_examples(exs, seq_len=96, videos=P, region_frames=8, objects=8, object_frames=2,
                                   mask_size=cfg.vision.grid, pad_token_id=0)
     b = batch_lib.stack([row])
     names = list(b.pop("sample_ids"))
@@ -191,7 +192,7 @@ def test_videorefer_no_attention_across_segments(vr):
 
 def test_pack_examples_contract_and_checks(vr):
     cfg, _, exs = vr
-    row = batch_lib.pack_examples(exs, seq_len=96, videos=3, region_frames=8, objects=8, object_frames=2,
+    row = packed_batch.pack_examples(exs, seq_len=96, videos=3, region_frames=8, objects=8, object_frames=2,
                                   mask_size=cfg.vision.grid, pad_token_id=0)
     n = [len(e.input_ids) for e in exs]
     np.testing.assert_array_equal(row["segment_ids"][: sum(n)], np.repeat([1, 2, 3, 4], n))
@@ -206,12 +207,12 @@ def test_pack_examples_contract_and_checks(vr):
     assert row["object_valid"].sum() == k
     np.testing.assert_array_equal(row["frames"][2], exs[3].frames)  # slot 2 = the row's third placeholder
     with pytest.raises(ValueError, match="a\\+b\\+c\\+d: videos needs 3 but the row holds 2"):
-        batch_lib.pack_examples(exs, seq_len=96, videos=2, region_frames=8, objects=8, object_frames=2,
+        packed_batch.pack_examples(exs, seq_len=96, videos=2, region_frames=8, objects=8, object_frames=2,
                                 mask_size=cfg.vision.grid, pad_token_id=0)
     # a row whose second sample puts its <region> before its own video is refused, naming the segment
     bad = batch_lib.Example("z", [5, 6, cfg.region_token_id, VIDEO_TOKEN_INDEX, 7], exs[0].frames,
                             exs[0].region_frames[:1], [[0]], [exs[0].object_masks[0][:1]], [IGNORE_INDEX] * 5)
-    b = batch_lib.stack([batch_lib.pack_examples([exs[1], bad], seq_len=40, videos=2, region_frames=2, objects=2,
+    b = batch_lib.stack([packed_batch.pack_examples([exs[1], bad], seq_len=40, videos=2, region_frames=2, objects=2,
                                                  object_frames=2, mask_size=cfg.vision.grid, pad_token_id=0)])
     with pytest.raises(batch_lib.BatchError, match=r"b\+z \(segment 2\): every <region> must come after"):
         batch_lib.validate(cfg, b, 96, list(b["sample_ids"]))
@@ -265,7 +266,7 @@ def test_loader_packs_every_sample_once_within_budgets(records, tok):
                               region_token_id=mcfg.region_token_id, num_video_tokens=cfg.num_video_tokens,
                               region_token_num=4, out_len=360, num_region_frames=6, sample_ids=ids, num_videos=3)
         for r, name in enumerate(ids):
-            parts = name.split(batch_lib.PACK_SEPARATOR)
+            parts = name.split(packed_batch.PACK_SEPARATOR)
             assert int(b["segment_ids"][r].max()) == len(parts)
             seen += parts
             rows += 1

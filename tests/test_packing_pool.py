@@ -19,13 +19,14 @@ from data_pipeline import loader
 from data_pipeline import packing as packing_lib
 from test_packing import _alone, _example, _loss_and_grad, _pcfg, records, tok, vr  # noqa: F401 (fixtures)
 from vrefer_jax import batch as batch_lib
+from vrefer_jax import packed_batch
 from vrefer_jax.models.videorefer import VideoRefer
 
 POOL_KW = dict(seq_len=96, videos=3, region_frames=8, objects=8, object_frames=2, pad_token_id=0)
 
 
 def _pool_batch(cfg, rows, pool_rows, V):
-    b = batch_lib.pack_batch(rows, pool_rows=pool_rows, pool_videos=V, mask_size=cfg.vision.grid, **POOL_KW)
+    b = packed_batch.pack_batch(rows, pool_rows=pool_rows, pool_videos=V, mask_size=cfg.vision.grid, **POOL_KW)
     return b, [str(s) for s in b.pop("sample_ids")]
 
 
@@ -141,7 +142,7 @@ def test_loader_pools_every_sample_once_with_its_own_video(records, tok):
         assert b["frames"].shape[1:] == (3, 4, 8, 8, 3) and len(ids) == 2 * G
         batch_lib.validate(mcfg, {k: v for k, v in b.items() if k != "sample_ids"}, 360, ids)
         for r, name in enumerate(ids):
-            parts = [p for p in name.split(batch_lib.PACK_SEPARATOR) if p]
+            parts = [p for p in name.split(packed_batch.PACK_SEPARATOR) if p]
             for p_i, sid in enumerate(parts):  # every sample here has a video: placeholder p -> entry
                 entry = b["video_index"][r, p_i]
                 np.testing.assert_array_equal(b["frames"][r // 2, entry], frames_of[sid])
