@@ -1,6 +1,8 @@
 """Time the full sharded train step (forward, backward, clipping, AdamW) and report tokens/s and MFU.
 
-    python benchmarks/train_step.py     # small and small_224, fp32 and bf16, + connector/decoder parts
+    python benchmarks/train_step.py     # small and small_224, fp32 and bf16, vs the whole PyTorch step,
+                                        # + connector/decoder parts
+    python benchmarks/train_step.py --configs small --no-parts     # issue 19's side-by-side only
     python benchmarks/train_step.py --gin_file my_1b.gin --dtype bfloat16 --remat full \\
         --batch 8 --text_len 512 --devices 1                  # e.g. a ~1B config on a lent GPU
 
@@ -29,7 +31,7 @@ issue 19's targets: >= 1.5x in fp32, >= 2x in bf16.
 Parts (`--parts`, default on; fp32, batch 1, the config's shapes), each against the PyTorch
 module it reimplements where torch/timm/transformers are installed, JAX and PyTorch rounds
 interleaved in one process (the machine may be shared: compare within a run, read the load):
-  connector  STC connector forward+backward (timm RegStage reference of tests/test_connector.py)
+  connector  STC connector forward+backward (timm RegStage reference of tests/torch_reference.py)
   decoder    Qwen2 decoder + LM head + CE over the step's sequence length, forward+backward
              (transformers.Qwen2ForCausalLM with the same config)
 """
@@ -44,6 +46,7 @@ import os
 # 0.97 s passive). Passive waiting is PyTorch's best setting on a shared machine; export
 # OMP_WAIT_POLICY=ACTIVE to measure the default. Must be set before torch loads libgomp.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pathlib
 import statistics
 import sys
