@@ -26,7 +26,9 @@ torch.optim.AdamW over the stage's trainable groups; bf16 = torch.autocast(cpu, 
 master weights). It reads our parameters through the official-layout key map, so both start from the
 same weights: the first step's loss and gradient norm are printed side by side (fp32: they must agree)
 before the rounds are timed, JAX and PyTorch interleaved in one process. `ratio` = PyTorch ms / JAX ms;
-issue 19's targets: >= 1.5x in fp32, >= 2x in bf16.
+issue 19's targets: >= 1.5x in fp32, >= 2x in bf16. On a shared machine PyTorch's figure depends on its
+thread count (`--torch_threads`): at load 5-9 on 2 cores, its bf16 autocast step took 2.0 s on 2
+threads and 0.54 s on 1; compare against its best setting.
 
 Parts (`--parts`, default on; fp32, batch 1, the config's shapes), each against the PyTorch
 module it reimplements where torch/timm/transformers are installed, JAX and PyTorch rounds
