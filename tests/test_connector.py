@@ -1,4 +1,5 @@
-"""Parity of the connectors with PyTorch references built here from timm 1.0.3 `RegStage`.
+"""Parity of the connectors with the PyTorch references of `tests/torch_reference.py`, built from
+timm 1.0.3 `RegStage`.
 
 The references follow the official `STCConnector` / `STCConnectorV35` / `STPConnector` and the
 `linear` / `mlp2x_gelu` projectors (videorefer/model/projector.py, `temporal_aggregator`).
@@ -22,64 +23,14 @@ from vrefer_jax.checkpoints import videorefer_keys as keys  # noqa: E402
 from vrefer_jax.config import ConnectorConfig  # noqa: E402
 from vrefer_jax.models import connector, regstage  # noqa: E402
 
+import torch_reference as tref  # noqa: E402  (tests/: torch, timm, transformers only)
+
 TOL = 1e-4
 
 
 # ----------------------------------------------------------------------------- torch references
 
-
-def torch_regstage(depth, in_chs, out_chs):
-    return regnet.RegStage(depth=depth, in_chs=in_chs, out_chs=out_chs, stride=1, dilation=1,
-                           act_layer=torch.nn.SiLU, norm_layer=timm_layers.LayerNorm2d)
-
-
-def torch_mlp(depth, in_chs, out_chs):
-    mods = [torch.nn.Linear(in_chs, out_chs)]
-    for _ in range(1, depth):
-        mods += [torch.nn.GELU(), torch.nn.Linear(out_chs, out_chs)]
-    return torch.nn.Sequential(*mods)
-
-
-class TorchSTC(torch.nn.Module):
-    """Same structure as the official STC family: s1 per frame, 3-D sampler, s2, (t h w) readout."""
-
-    def __init__(self, kind, c_vis, c, depth, mlp_depth, downsample):
-        super().__init__()
-        self.s1 = torch_regstage(depth, c_vis, c)
-        if kind == "stp_connector":
-            self.sampler = torch.nn.Sequential(torch.nn.AvgPool3d(downsample), torch.nn.SiLU())
-        else:
-            pad = 1 if kind == "stc_connector" else 0
-            self.sampler = torch.nn.Sequential(
-                torch.nn.Conv3d(c, c, kernel_size=downsample, stride=downsample, padding=pad, bias=True),
-                torch.nn.SiLU())
-        self.s2 = torch_regstage(depth, c, c)
-        self.readout = torch_mlp(mlp_depth, c, c)
-
-    def forward(self, x):  # [b, t, l, d]
-        b, t, l, d = x.shape
-        g = math.isqrt(l)
-        x = x.reshape(b, t, g, g, d).permute(0, 1, 4, 2, 3).reshape(b * t, d, g, g)
-        x = self.s1(x)
-        c = x.shape[1]
-        x = x.reshape(b, t, c, g, g).permute(0, 2, 1, 3, 4)  # b c t h w
-        x = self.sampler(x)
-        _, _, t2, h2, w2 = x.shape
-        x = x.permute(0, 2, 1, 3, 4).reshape(b * t2, c, h2, w2)
-        x = self.s2(x)
-        x = x.reshape(b, t2, c, h2, w2).permute(0, 1, 3, 4, 2).reshape(b, t2 * h2 * w2, c)
-        return self.readout(x)
-
-
-class TorchMean(torch.nn.Module):
-    """`temporal_aggregator` for linear / mlp2x_gelu: projector(frames.mean(1))."""
-
-    def __init__(self, proj):
-        super().__init__()
-        self.proj = proj
-
-    def forward(self, x):
-        return self.proj(x.mean(1))
+torch_regstage, torch_mlp, TorchSTC, TorchMean = tref.regstage, tref.mlp, tref.STC, tref.MeanProjector
 
 
 def randomise_norms(module, seed):

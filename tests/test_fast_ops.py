@@ -115,6 +115,23 @@ def test_regstage_convs_keep_conv_params_and_values():
     _close(_grads(new_fn, old, x), _grads(old_fn, old, x), 1e-5)
 
 
+@pytest.mark.parametrize("shape, k", [((2, 4, 6, 6, 5), (2, 2, 2)), ((1, 5, 7, 3, 4), (2, 3, 1))])
+def test_patch_conv_equals_strided_conv(shape, k):
+    """PatchConv (kernel = stride, VALID; odd sizes drop their trailing rows) equals nn.Conv with the
+    same parameters: same tree and init, values and gradients."""
+    x = _rand(*shape)
+    ref = regstage.conv(7, k, regstage.kernel_axes(3, "conv_in", "conv_out"), bias_axis="conv_out", strides=k)
+    new = regstage.PatchConv(7, k, regstage.kernel_axes(3, "conv_in", "conv_out"), bias_axis="conv_out")
+    p_ref = nn.meta.unbox(ref.init(jax.random.PRNGKey(0), x))["params"]
+    p_new = nn.meta.unbox(new.init(jax.random.PRNGKey(0), x))["params"]
+    jax.tree.map(np.testing.assert_array_equal, p_new, p_ref)  # same names, shapes and init
+    p = {"kernel": _rand(*k, shape[-1], 7), "bias": _rand(7)}
+    out_ref, out_new = ref.apply({"params": p}, x), new.apply({"params": p}, x)
+    assert out_new.shape == out_ref.shape == (shape[0],) + tuple(s // kk for s, kk in zip(shape[1:4], k)) + (7,)
+    _close(_grads(lambda q, a: new.apply({"params": q}, a), p, x),
+           _grads(lambda q, a: ref.apply({"params": q}, a), p, x), 1e-5)
+
+
 def test_depthwise_kernel_gradient_on_a_2x2x2_mesh():
     """Batch over (data, fsdp), channels over tensor: the taps' gradients equal the single-device
     ones. (A bare grouped conv passes this too; the SPMD bug shows inside the whole sharded step,

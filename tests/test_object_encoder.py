@@ -1,5 +1,6 @@
-"""Object (region) encoder and mask ops vs a PyTorch reference written here from the documented
-algorithm (bilinear F.interpolate, MaskPooling, the looped token_merge, Linear-GELU-Linear)."""
+"""Object (region) encoder and mask ops vs the PyTorch reference in `tests/torch_reference.py`,
+written from the documented algorithm (bilinear F.interpolate, MaskPooling, the looped token_merge,
+Linear-GELU-Linear)."""
 
 import flax.linen as nn
 import jax
@@ -16,6 +17,8 @@ from vrefer_jax.models.object_encoder import ObjectEncoder
 torch = pytest.importorskip("torch")
 F_t = torch.nn.functional
 
+import torch_reference as tref  # noqa: E402  (tests/: torch only for these pieces)
+
 pytestmark = pytest.mark.torch
 
 G, C_VIS, E, R = 9, 16, 24, 4
@@ -24,59 +27,7 @@ TOL = 1e-4
 
 # ----------------------------------------------------------------------------- torch reference
 
-
-def ref_token_merge(x, r):
-    """x [1, n, d]; remove r tokens by merging runs of adjacent pairs whose cosine >= the r-th
-    largest cosine (plain loop over the pairs, the way the official code walks them)."""
-    a = F_t.normalize(x[:, :-1], p=2, dim=-1, eps=1e-12)
-    b = F_t.normalize(x[:, 1:], p=2, dim=-1, eps=1e-12)
-    sim = (a * b).sum(-1)  # [1, n-1]
-    kth = torch.topk(sim.flatten(), r).values[-1]
-    out, group = [], []
-    for i in range(sim.shape[1]):
-        group.append(x[:, i])
-        if sim[0, i] < kth:  # pair (i, i+1) not merged: close the group
-            out.append(torch.stack(group, 1).mean(1))
-            group = []
-    group.append(x[:, -1])
-    out.append(torch.stack(group, 1).mean(1))
-    return torch.stack(out, 1)
-
-
-def ref_mask_pool(feat, mask):
-    """feat [M, C, g, g] fp32, mask [1, M, h, w] float -> [M, C]."""
-    if feat.shape[-2:] != mask.shape[-2:]:
-        mask = F_t.interpolate(mask, size=feat.shape[-2:], mode="bilinear", align_corners=False)
-    mask = (mask > 0).float().permute(1, 0, 2, 3)
-    denorm = mask.sum(dim=(-1, -2), keepdim=True) + 1e-8
-    return (feat * mask / denorm).sum(-1).sum(-1)
-
-
-class RefRegionEncoder(torch.nn.Module):
-    def __init__(self, vis_dim, out_dim, region_token_num):
-        super().__init__()
-        self.feat_linear = torch.nn.Sequential(
-            torch.nn.Linear(vis_dim, out_dim), torch.nn.GELU(), torch.nn.Linear(out_dim, out_dim))
-        self.region_token_num = region_token_num
-
-    def forward(self, feats, masks, objects):
-        """feats: per sample [F_b, P, C]; masks: per sample [M_b, h, w] (object-major);
-        objects: per sample, per object, its frame indices. -> ([sum n, E], [n per object])."""
-        tokens, nums = [], []
-        for f, m, objs in zip(feats, masks, objects):
-            idx = [i for o in objs for i in o]
-            g = int(round(f.shape[1] ** 0.5))
-            f = f[idx].reshape(len(idx), g, g, -1).permute(0, 3, 1, 2).float()
-            pooled = ref_mask_pool(f, m[None].float())
-            start = 0
-            for o in objs:
-                v = pooled[start:start + len(o)][None]
-                start += len(o)
-                if v.shape[1] > self.region_token_num:
-                    v = ref_token_merge(v, v.shape[1] - self.region_token_num)
-                nums.append(v.shape[1])
-                tokens.append(v[0])
-        return self.feat_linear(torch.cat(tokens)), nums
+ref_token_merge, ref_mask_pool, RefRegionEncoder = tref.token_merge, tref.mask_pool, tref.RegionEncoder
 
 
 # ----------------------------------------------------------------------------- test data

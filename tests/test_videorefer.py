@@ -227,6 +227,27 @@ def test_remat_switch_same_loss_and_grads(tiny):
                            g0["llm"], g2["llm"])
 
 
+def test_scan_unroll_same_loss_and_grads(tiny):
+    """`scan_unroll` changes only how the layer loops are emitted: same parameter tree, loss and
+    gradients."""
+    cfg, params = tiny
+    batch = mixed_batch(cfg, np.random.default_rng(6))
+
+    def loss_fn(p, c):
+        logits, inp = VideoRefer(c).apply({"params": p}, batch, OUT_LEN)
+        lab = inp["labels"][:, 1:]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), jnp.maximum(lab, 0)[..., None], -1)[..., 0]
+        return jnp.sum(jnp.where(lab >= 0, nll, 0)) / jnp.maximum(jnp.sum(lab >= 0), 1)
+
+    l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, cfg)))(params)
+    for unroll in (100,):
+        c = cfg.replace(scan_unroll=unroll)
+        assert jax.tree.map(lambda x: x.shape, videorefer.abstract_params(c)) == jax.tree.map(lambda x: x.shape, params)
+        l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, c)))(params)
+        np.testing.assert_allclose(l0, l1, rtol=1e-6)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g1)
+
+
 def test_7b_abstract_init_matches_checkpoint_parameter_count():
     """eval_shape of the 7B config allocates nothing; the count matches the released checkpoint."""
     cfg = model_config_from_gin([str(CONFIGS / "videorefer_7b.gin")])

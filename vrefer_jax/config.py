@@ -215,6 +215,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     # Rematerialisation policy for the scanned decoder / vision layers (see layers.remat_policy).
     remat_policy: str = "none"
+    # Layers per iteration of the scanned decoder / vision layers (`lax.scan`'s unroll; the
+    # parameter tree is the same). 1 = a loop; >= the layer count = straight-line code, which spares
+    # the loop's stacked per-layer buffers (zero-filled gradient and residual stacks) at the cost of
+    # compile time: for small models on CPU.
+    scan_unroll: int = 1
     # `jax.nn.dot_product_attention(implementation=...)` of the dense attentions (the vision tower,
     # and the decoder when `TextConfig.attention_impl` is 'dense'): None (XLA picks), "xla" or "cudnn".
     attention_impl: str | None = None

@@ -134,10 +134,13 @@ class Connector(nn.Module):
         y = regstage.RegStage(cfg.depth, c, name="s1", **kw)(x.reshape(b * t, g, g, c_vis))
         y = constrain(y.reshape(b, t, g, g, c),
                       ("activation_batch", "activation_frames", None, None, "activation_embed"))
+        pad = sampler_padding(cfg.projector_type)
         if cfg.projector_type == "stp_connector":
             y = nn.avg_pool(y, ds, strides=ds, padding="VALID")
+        elif pad == 0:  # v35: kernel = stride, VALID: one GEMM over gathered patches
+            y = regstage.PatchConv(c, ds, regstage.kernel_axes(3, "conv_in", "conv_out"), bias_axis="conv_out",
+                                   name="sampler_0", **kw)(y)
         else:
-            pad = sampler_padding(cfg.projector_type)
             y = regstage.conv(c, ds, regstage.kernel_axes(3, "conv_in", "conv_out"),
                               bias_axis="conv_out", strides=ds, padding=((pad, pad),) * 3,
                               name="sampler_0", **kw)(y)

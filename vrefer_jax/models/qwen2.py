@@ -232,6 +232,7 @@ class Qwen2Model(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     attention_impl: str | None = None
+    scan_unroll: int = 1  # layers per scan iteration (`ModelConfig.scan_unroll`)
 
     def setup(self):
         c = self.cfg
@@ -248,6 +249,7 @@ class Qwen2Model(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             out_axes=0,
             length=c.num_hidden_layers,
+            unroll=min(self.scan_unroll, c.num_hidden_layers),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, attention_impl=self.attention_impl, **kw)
         self.norm = layers.RMSNorm(c.rms_norm_eps, **kw)

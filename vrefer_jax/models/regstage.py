@@ -116,6 +116,44 @@ class Conv1x1(nn.Module):
         return y
 
 
+class PatchConv(nn.Module):
+    """A conv whose kernel equals its stride, no padding (the v35 sampler's Conv3d), as one GEMM:
+    x [N, *S, I] -> [N, *(S // k), features], trailing S % k dropped (VALID). Non-overlapping
+    patches are gathered into the channel dim (a cheap copy of the activation) and hit the kernel
+    reshaped to [prod(k) * I, O], so forward and backward are plain GEMMs (`fast_ops.matmul_last`)
+    instead of XLA:CPU's strided / dilated convolutions and a per-step kernel transpose.
+    Parameters as `nn.Conv(features, k, strides=k)` stores them: kernel [*k, I, O] named `axes`,
+    bias [O] named `bias_axis` when given."""
+
+    features: int
+    kernel_size: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    bias_axis: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, d = tuple(self.kernel_size), len(self.kernel_size)
+        n, sizes, c_in = x.shape[0], x.shape[1:1 + d], x.shape[-1]
+        if x.ndim != d + 2:
+            raise ValueError(f"expected [N, {d} spatial dims, C], got {x.shape}")
+        kernel = self.param("kernel", nn.with_logical_partitioning(torch_default_init, self.axes),
+                            k + (c_in, self.features), self.param_dtype)
+        out = tuple(s // kk for s, kk in zip(sizes, k))
+        x = x[(slice(None),) + tuple(slice(0, o * kk) for o, kk in zip(out, k))]
+        # [N, o1, k1, o2, k2, ..., I] -> [N, o1, o2, ..., k1, k2, ..., I]: patch entries in kernel order
+        x = x.reshape((n,) + tuple(v for o, kk in zip(out, k) for v in (o, kk)) + (c_in,))
+        x = jnp.transpose(x, (0,) + tuple(range(1, 2 * d, 2)) + tuple(range(2, 2 * d + 1, 2)) + (2 * d + 1,))
+        x = x.reshape((n,) + out + (-1,))
+        y = fast_ops.matmul_last(x.astype(self.dtype), kernel.reshape(-1, self.features).astype(self.dtype))
+        if self.bias_axis is not None:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.bias_axis,)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 class ConvNormAct(nn.Module):
     """timm `ConvNormAct`: conv (no bias) -> LayerNorm over channels (fp32 stats) -> optional SiLU.
 

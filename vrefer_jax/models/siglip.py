@@ -190,6 +190,7 @@ class SiglipEncoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     attention_impl: str | None = None
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
@@ -198,6 +199,7 @@ class SiglipEncoder(nn.Module):
             variable_axes={"params": 0},
             split_rngs={"params": True},
             length=self.num_layers,
+            unroll=min(self.scan_unroll, self.num_layers),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         h, _ = stack(cfg=self.cfg, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -222,6 +224,7 @@ class SiglipVisionTower(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     attention_impl: str | None = None
+    scan_unroll: int = 1  # layers per scan iteration (`ModelConfig.scan_unroll`)
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
@@ -237,5 +240,6 @@ class SiglipVisionTower(nn.Module):
         h = SiglipEmbeddings(cfg, name="embeddings", **kw)(pixel_values.astype(self.dtype))
         if cfg.num_layers_run > 0:  # a zero-length scan would create empty param stacks
             h = SiglipEncoder(cfg, cfg.num_layers_run, remat_policy=self.remat_policy,
-                              attention_impl=self.attention_impl, name="encoder", **kw)(h)
+                              attention_impl=self.attention_impl, scan_unroll=self.scan_unroll,
+                              name="encoder", **kw)(h)
         return h

@@ -30,14 +30,14 @@ class VideoRefer(nn.Module):
         c = self.cfg
         kw: dict[str, Any] = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
         self.vision_tower = siglip.SiglipVisionTower(
-            c.vision, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
+            c.vision, remat_policy=c.remat_policy, attention_impl=c.attention_impl, scan_unroll=c.scan_unroll, **kw)
         self.mm_projector = connector_lib.Connector(
             c.connector, in_features=c.vision.hidden_size, out_features=c.text.hidden_size, **kw)
         self.region_encoder = object_encoder_lib.ObjectEncoder(
             c.object_encoder, vis_dim=c.vision.hidden_size, out_dim=c.text.hidden_size,
             grid=c.vision.grid, init_std=c.text.initializer_range, **kw)
         self.llm = qwen2.Qwen2Model(
-            c.text, remat_policy=c.remat_policy, attention_impl=c.attention_impl, **kw)
+            c.text, remat_policy=c.remat_policy, attention_impl=c.attention_impl, scan_unroll=c.scan_unroll, **kw)
         self.lm_head = qwen2.LMHead(c.text, **kw)
 
     # ------------------------------------------------------------------ encoders

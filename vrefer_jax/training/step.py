@@ -94,6 +94,15 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
+    def loss_mean(train_params, frozen_params, mb, rng):
+        """One micro-batch holds the whole global batch: its count is the denominator, so the
+        gradient comes out of the backward pass already divided (the 1/count seed costs nothing;
+        dividing afterwards is one more pass over every gradient)."""
+        total, (count, tokens) = loss_sum(train_params, frozen_params, mb, rng)
+        return total / jnp.maximum(count, 1).astype(jnp.float32), (total, count, tokens)
+
+    mean_grad_fn = jax.value_and_grad(loss_mean, has_aux=True)
+
     def micro_batches(batch):
         """[B, ...] -> [A, B/A, ...]; row i*A + a goes to micro-batch a, so each device keeps its rows.
         A pooled packed batch (`batch.VIDEO_INDEX`: frames [G, V, ...]) moves whole pool groups:
@@ -118,7 +127,6 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
     def step(state: TrainState, batch):
         batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
         train_p, frozen_p = _split_trainable(state.params, trainable, lora_parts)
-        zeros = jax.tree.map(jnp.zeros_like, train_p)
         # LoRA dropout: a fresh key per step and micro-batch (the state's key is never advanced).
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
@@ -130,22 +138,27 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
             g_acc = jax.lax.with_sharding_constraint(g_acc, grad_shardings)
             return (g_acc, s_acc + s, c_acc + c, t_acc + t), None
 
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-        if A == 1:
-            (grads, total, count, tokens), _ = body(init, (batch, 0))
-        else:
+        if A == 1:  # gradients of the mean: nothing left to divide
+            (_, (total, count, tokens)), grads = mean_grad_fn(train_p, frozen_p, batch, jax.random.fold_in(step_key, 0))
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+            grad_scale = None
+        else:  # summed over micro-batches; the global count divides them in the update
+            init = (jax.tree.map(jnp.zeros_like, train_p), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+                    jnp.zeros((), jnp.int32))
             (grads, total, count, tokens), _ = jax.lax.scan(body, init, (micro_batches(batch), jnp.arange(A)))
+            grad_scale = jnp.maximum(count, 1).astype(jnp.float32)
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         loss = total / denom
-        # The 1/count scaling is folded into the update (one pass over the gradients fewer).
-        grad_norm = optax.global_norm(grads) / denom
+        # With accumulation the 1/count scaling is folded into the update (one pass fewer).
+        grad_norm = optax.global_norm(grads) / (1.0 if grad_scale is None else grad_scale)
 
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(params, opt_state):
             flat = traverse_util.flatten_dict(params)
             full_grads = traverse_util.unflatten_dict(
-                {**jax.tree.map(jnp.zeros_like, frozen_p), **jax.tree.map(lambda g: g / denom, grads)})
+                {**jax.tree.map(jnp.zeros_like, frozen_p),
+                 **(grads if grad_scale is None else jax.tree.map(lambda g: g / grad_scale, grads))})
             updates, new_opt = tx.update(full_grads, opt_state, params)
             flat_updates = traverse_util.flatten_dict(updates)
             new_train = optax.apply_updates({k: flat[k] for k in train_p}, {k: flat_updates[k] for k in train_p})
