@@ -30,7 +30,9 @@ Packed layouts hold `--row-region-frames` region frames per row (a row budget to
   rows        rows the sample set needs        fill   real / row length (expanded tokens)
   videos      video entries per step (slots or pool) and the share of them holding a video
   enc ms      median time of the tower + connector alone on a step's frames (forward)
-  step ms     median step time (forward, backward, AdamW; state donated)
+  step ms     median step time (forward, backward, AdamW; state donated); the layouts are compiled
+              first, then timed round-robin (step i of every layout, then step i+1), so a shared
+              machine's load hits them alike
   tokens/s    real (non-padding) expanded tokens per second over the timed steps
   samples/s   samples per second
 """
@@ -52,6 +54,9 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from forward import timeit  # noqa: E402
 
 from data_pipeline.packing import PACK_KEY, PackedBatches  # noqa: E402
 from vrefer_jax import batch as batch_lib  # noqa: E402
@@ -157,44 +162,43 @@ def encoder_ms(cfg, state, batch, iters: int) -> float:
             return m.encode_video(feats)
         return nn.apply(f, model)({"params": params})
 
-    fn = jax.jit(enc)
-    args = (state.params, batch["frames"], batch["region_frames"])
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * timeit(jax.jit(enc), state.params, batch["frames"], batch["region_frames"], iters=iters)
 
 
-def time_batches(cfg, batches, *, out_len: int, iters: int, stage: str) -> dict:
-    """Train on the batches (cycling); median step time and real tokens/s over `iters` steps."""
-    batches = [{k: v for k, v in b.items() if k != "sample_ids"} for b in batches]
-    trainable = stage_trainable(stage)
-    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), jax.devices()[:1])
-    rules = logical_axis_rules()
-    tx, schedule = make_optimizer(OptimizerConfig(trainable=trainable), total_steps=1000)
-    shardings = train_state.state_shardings(cfg, tx, mesh, rules)
-    state = train_state.create_state(cfg, tx, shardings, seed=0)
-    enc = encoder_ms(cfg, state, batches[0], max(2, iters // 2))
-    step = make_train_step(cfg, StepConfig(out_len=out_len, logits_chunk=0), tx, schedule, trainable, mesh, rules,
-                           shardings, {k: v.ndim for k, v in batches[0].items()})
-    put = lambda b: {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in b.items()}  # noqa: E731
-    t0 = time.perf_counter()
-    state, m = step(state, put(batches[0]))  # compile + warm-up
-    jax.block_until_ready(state)
-    compile_s = time.perf_counter() - t0
-    times, tokens = [], 0
-    for i in range(iters):
-        b = put(batches[(i + 1) % len(batches)])
+class LayoutRunner:
+    """One layout's train step, compiled and warmed up; `step(i)` trains on batch i (cycling) and
+    returns (seconds, real tokens). Layouts are timed round-robin (`main`), so a change in the load of
+    a shared machine hits every layout alike."""
+
+    def __init__(self, cfg, batches, *, out_len: int, stage: str, enc_iters: int):
+        self.batches = [{k: v for k, v in b.items() if k != "sample_ids"} for b in batches]
+        trainable = stage_trainable(stage)
+        mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), jax.devices()[:1])
+        rules = logical_axis_rules()
+        tx, schedule = make_optimizer(OptimizerConfig(trainable=trainable), total_steps=1000)
+        shardings = train_state.state_shardings(cfg, tx, mesh, rules)
+        self.state = train_state.create_state(cfg, tx, shardings, seed=0)
+        self.enc_ms = encoder_ms(cfg, self.state, self.batches[0], enc_iters)
+        self._step = make_train_step(cfg, StepConfig(out_len=out_len, logits_chunk=0), tx, schedule, trainable, mesh,
+                                     rules, shardings, {k: v.ndim for k, v in self.batches[0].items()})
+        self._put = lambda b: {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in b.items()}  # noqa: E731
         t0 = time.perf_counter()
-        state, m = step(state, b)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t0)
-        tokens += int(m["tokens"])
-    return dict(compile_s=compile_s, step_ms=1e3 * statistics.median(times), tokens_per_s=tokens / sum(times),
-                loss=float(m["loss"]), enc_ms=enc)
+        self.state, _ = self._step(self.state, self._put(self.batches[0]))  # compile + warm-up
+        jax.block_until_ready(self.state)
+        self.compile_s = time.perf_counter() - t0
+        self.times, self.tokens = [], 0
+
+    def step(self, i: int) -> None:
+        b = self._put(self.batches[(i + 1) % len(self.batches)])
+        t0 = time.perf_counter()
+        self.state, m = self._step(self.state, b)
+        jax.block_until_ready((self.state, m))
+        self.times.append(time.perf_counter() - t0)
+        self.tokens += int(m["tokens"])
+
+    def result(self) -> dict:
+        return dict(compile_s=self.compile_s, step_ms=1e3 * statistics.median(self.times),
+                    tokens_per_s=self.tokens / sum(self.times), enc_ms=self.enc_ms)
 
 
 def video_share(batches) -> float:
@@ -257,14 +261,20 @@ def main():
               f"{'step ms':>8} {'tokens/s':>9} {'samples/s':>9}")
     print(header)
     print("-" * len(header))
-    results = {}
+    runners = {}
     for name, build in layouts:
         n_rows, batches, (n_videos,) = build()
+        runners[name] = (n_rows, n_videos, video_share(batches),
+                         LayoutRunner(cfg, batches, out_len=out_len, stage=args.stage, enc_iters=max(2, args.iters // 2)))
+    for i in range(args.iters):  # round-robin: every layout sees the same load
+        for *_, runner in runners.values():
+            runner.step(i)
+    results = {}
+    for name, (n_rows, n_videos, share, runner) in runners.items():
+        r = results[name] = runner.result()
         fill = sum(worst) / (n_rows * out_len)
-        r = time_batches(cfg, batches, out_len=out_len, iters=args.iters, stage=args.stage)
         samples_per_s = r["tokens_per_s"] / (sum(worst) / len(samples))
-        results[name] = r
-        print(f"{name:14} {n_rows:>5} {fill:>6.1%} {n_videos:>4} {video_share(batches):>6.0%} | "
+        print(f"{name:14} {n_rows:>5} {fill:>6.1%} {n_videos:>4} {share:>6.0%} | "
               f"{r['compile_s']:>9.1f} {r['enc_ms']:>7.0f} {r['step_ms']:>8.0f} {r['tokens_per_s']:>9.0f} "
               f"{samples_per_s:>9.2f}", flush=True)
     if "padded" in results:

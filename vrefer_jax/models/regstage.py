@@ -93,6 +93,15 @@ class DepthwiseConv(nn.Module):
         return fast_ops.depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype)[:, :, 0, :])
 
 
+def _add_bias(mod: nn.Module, y: jax.Array) -> jax.Array:
+    """y + the module's bias [features] named `mod.bias_axis` (zeros init), or y when it has none."""
+    if mod.bias_axis is None:
+        return y
+    bias = mod.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (mod.bias_axis,)),
+                     (mod.features,), mod.param_dtype)
+    return y + bias.astype(mod.dtype)
+
+
 class Conv1x1(nn.Module):
     """1x1 conv as one GEMM (`fast_ops.matmul_last`): x [..., I] -> [..., features]. Parameters as
     `nn.Conv(features, (1, 1))` stores them: kernel [1, 1, I, O] with logical `axes` (4 names),
@@ -109,11 +118,7 @@ class Conv1x1(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(torch_default_init, self.axes),
                             (1, 1, x.shape[-1], self.features), self.param_dtype)
         y = fast_ops.matmul_last(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
-        if self.bias_axis is not None:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.bias_axis,)),
-                              (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+        return _add_bias(self, y)
 
 
 class PatchConv(nn.Module):
@@ -147,11 +152,7 @@ class PatchConv(nn.Module):
         x = jnp.transpose(x, (0,) + tuple(range(1, 2 * d, 2)) + tuple(range(2, 2 * d + 1, 2)) + (2 * d + 1,))
         x = x.reshape((n,) + out + (-1,))
         y = fast_ops.matmul_last(x.astype(self.dtype), kernel.reshape(-1, self.features).astype(self.dtype))
-        if self.bias_axis is not None:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.bias_axis,)),
-                              (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+        return _add_bias(self, y)
 
 
 class ConvNormAct(nn.Module):
