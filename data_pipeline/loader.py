@@ -33,7 +33,6 @@ Pipeline per record set (one set, or several for a stage mixture):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -48,7 +47,6 @@ from data_pipeline import packing as packing_lib
 from data_pipeline import records as records_lib
 from data_pipeline import video as video_lib
 from vrefer_jax import batch as batch_lib
-from vrefer_jax import packed_batch
 from vrefer_jax.text.multimodal import build_training_example
 
 log = logging.getLogger(__name__)
@@ -433,45 +431,13 @@ def make_dataset(
     ds = ds.map(SampleTransform(cfg, tokenizer))
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size)
     if cfg.pack:
-        it = packed_batches(ds.to_iter_dataset(read), cfg)
+        it = packing_lib.videorefer_batches(ds.to_iter_dataset(read), cfg, caps=CAPS, finish=stack_examples)
     else:
         it = _BatchCountingSkips(ds.to_iter_dataset(read), cfg.batch_size, cfg.drop_remainder)
     if cfg.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
     return it
-
-
-def row_budget(cfg: LoaderConfig) -> dict[str, int]:
-    """The VideoRefer-7B packing budgets of one row (the keys of the transform's sizes)."""
-    budget = dict(L=cfg.seq_len, videos=cfg.pack_videos, F=cfg.max_region_frames, K=cfg.max_objects)
-    if cfg.max_expanded_len is not None:
-        budget["expanded"] = cfg.max_expanded_len
-    return budget
-
-
-def packed_batches(parent: grain.IterDataset, cfg: LoaderConfig) -> grain.IterDataset:
-    """VideoRefer-7B packed batches over the transform's unpadded samples (`data_pipeline.packing`):
-    rows with `pack_videos` slots, or pooled batches when `pack_pool_rows` is set."""
-    budget = row_budget(cfg)
-    shape = dict(seq_len=cfg.seq_len, videos=cfg.pack_videos, region_frames=cfg.max_region_frames,
-                 objects=cfg.max_objects, object_frames=cfg.max_object_frames, mask_size=cfg.grid,
-                 pad_token_id=cfg.pad_token_id)
-    key = "expanded" if "expanded" in budget else "L"
-    common = dict(batch_size=cfg.batch_size, window=cfg.pack_window, budget=budget, key=key, caps=CAPS,
-                  seed=cfg.seed, drop_remainder=cfg.drop_remainder)
-    if not cfg.pack_pool_rows:
-        return packing_lib.PackedBatches(parent, build_row=functools.partial(packed_batch.pack_examples, **shape),
-                                         finish=stack_examples, **common)
-
-    def build_batch(rows, counts):
-        out = packed_batch.pack_batch(rows, pool_rows=cfg.pack_pool_rows, pool_videos=cfg.pack_pool_videos, **shape)
-        out["num_skipped"] = counts
-        return out
-
-    return packing_lib.PackedBatches(parent, build_row=None, finish=None, build_batch=build_batch,
-                                     group_rows=cfg.pack_pool_rows, group_budget=dict(videos=cfg.pack_pool_videos),
-                                     **common)
 
 
 class LoaderIterator(grain.DatasetIterator):
@@ -513,19 +479,3 @@ def make_loader(sources, cfg: LoaderConfig, tokenizer, weights: Sequence[float] 
         if not flags.FLAGS.is_parsed():  # grain reads an absl flag when it starts workers
             flags.FLAGS.mark_as_parsed()
     return LoaderIterator(iter(make_dataset(sources, cfg, tokenizer, weights)))
-
-
-def to_global(batch: Mapping[str, Any], mesh, data_axes=("data",)) -> dict[str, Any]:
-    """Host-local numpy batch -> global `jax.Array`s sharded over `data_axes` on the batch dim
-    (`jax.make_array_from_process_local_data`); `sample_ids` stays on the host."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    out = {}
-    for k, v in batch.items():
-        if k == "sample_ids":
-            out[k] = v
-            continue
-        spec = PartitionSpec(data_axes, *([None] * (np.ndim(v) - 1)))
-        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(v))
-    return out

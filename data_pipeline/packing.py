@@ -28,11 +28,14 @@ A row's samples keep their arrival order (segment ids 1, 2, ... in that order).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
+
+from vrefer_jax import packed_batch
 
 PACK_KEY = "_pack"  # a kept sample from the transform: {PACK_KEY: sizes dict, "_item": payload}
 SKIP_KEY = "_skip"
@@ -224,3 +227,31 @@ class _PackedBatchesIterator(WindowedIterator):
 
     def _reset(self) -> None:
         self._counts = np.zeros((len(self._caps),), np.int64)
+
+
+def videorefer_batches(parent: grain.IterDataset, cfg, *, caps: Sequence[str], finish: Callable) -> grain.IterDataset:
+    """VideoRefer-7B packed batches over the loader transform's unpadded samples. `cfg`: the
+    loader's `LoaderConfig`; rows with `pack_videos` slots (`packed_batch.pack_examples`, stacked by
+    `finish`), or pooled batches when `pack_pool_rows` is set (`packed_batch.pack_batch`). The row
+    budgets (the keys of the transform's sizes): L text ids, videos, F region frames, K objects, and
+    the expanded length when `max_expanded_len` is set (then also the sort key)."""
+    budget = dict(L=cfg.seq_len, videos=cfg.pack_videos, F=cfg.max_region_frames, K=cfg.max_objects)
+    if cfg.max_expanded_len is not None:
+        budget["expanded"] = cfg.max_expanded_len
+    shape = dict(seq_len=cfg.seq_len, videos=cfg.pack_videos, region_frames=cfg.max_region_frames,
+                 objects=cfg.max_objects, object_frames=cfg.max_object_frames, mask_size=cfg.grid,
+                 pad_token_id=cfg.pad_token_id)
+    common = dict(batch_size=cfg.batch_size, window=cfg.pack_window, budget=budget,
+                  key="expanded" if "expanded" in budget else "L", caps=caps, seed=cfg.seed,
+                  drop_remainder=cfg.drop_remainder)
+    if not cfg.pack_pool_rows:
+        return PackedBatches(parent, build_row=functools.partial(packed_batch.pack_examples, **shape), finish=finish,
+                             **common)
+
+    def build_batch(rows, counts):
+        out = packed_batch.pack_batch(rows, pool_rows=cfg.pack_pool_rows, pool_videos=cfg.pack_pool_videos, **shape)
+        out["num_skipped"] = counts
+        return out
+
+    return PackedBatches(parent, build_row=None, finish=None, build_batch=build_batch, group_rows=cfg.pack_pool_rows,
+                         group_budget=dict(videos=cfg.pack_pool_videos), **common)

@@ -1,6 +1,6 @@
 """One process of `test_data_distributed`: joins a 2-process `jax.distributed` run on CPU, reads its
 shard of a record set with the Grain loader (shard from `jax.process_index/count`), builds a global
-batch with `loader.to_global`, and writes what it saw as JSON.
+batch with `distributed.to_global`, and writes what it saw as JSON.
 
     python tests/distributed_worker.py PROCESS_ID PORT RECORDS TOKENIZER_DIR OUT_JSON
 
@@ -17,6 +17,7 @@ def main(process_id: int, port: int, records_path: str, tok_dir: str, out_path: 
     from jax.sharding import Mesh
 
     from data_pipeline import loader
+    from vrefer_jax import distributed
     from vrefer_jax.text import HFTokenizer
 
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
@@ -30,7 +31,7 @@ def main(process_id: int, port: int, records_path: str, tok_dir: str, out_path: 
         # A global batch over all 4 devices (2 per process) from this process's first local batch.
         local = next(loader.make_loader(records_path, cfg, tok))
         mesh = Mesh(np.array(jax.devices()), ("data",))
-        glob = loader.to_global(local, mesh)
+        glob = distributed.to_global(local, mesh)
         arrays = {}
         for k, v in glob.items():
             if k == "sample_ids":

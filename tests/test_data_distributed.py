@@ -1,5 +1,5 @@
 """data_pipeline.loader across two `jax.distributed` processes on localhost (CPU, 2 fake devices each):
-shards from jax.process_index/count, disjoint and covering; `to_global` on a 4-device mesh."""
+shards from jax.process_index/count, disjoint and covering; `distributed.to_global` on a 4-device mesh."""
 
 import json
 import os

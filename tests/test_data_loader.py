@@ -17,6 +17,7 @@ from data_helpers import box as _box, conv as _conv, rle as _rle, save_tiny_toke
 from data_pipeline import convert, loader, records, video as V
 from data_pipeline import masks as masks_lib
 from vrefer_jax import batch as batch_lib
+from vrefer_jax import distributed
 from vrefer_jax.config import IGNORE_INDEX, model_config_from_gin
 from vrefer_jax.models.mask_ops import resize_masks_np
 from vrefer_jax.text import HFTokenizer, build_training_example
@@ -275,7 +276,7 @@ def test_to_global_on_mesh(converted, tok, mcfg):
     out, _ = converted
     b = next(loader.make_loader(out, _cfg(mcfg, batch_size=4), tok))
     mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
-    g = loader.to_global(b, mesh)
+    g = distributed.to_global(b, mesh)
     assert g["frames"].shape == b["frames"].shape and len(g["frames"].sharding.device_set) == 4
     np.testing.assert_array_equal(np.asarray(g["object_masks"]), b["object_masks"])
     assert list(g["sample_ids"]) == list(b["sample_ids"])

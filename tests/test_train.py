@@ -238,14 +238,14 @@ maybe_initialize_distributed()
 import jax
 jax.config.update("jax_default_matmul_precision", "highest")
 import test_train
-from data_pipeline import loader
+from vrefer_jax import distributed
 ids = []
-orig = loader.to_global
+orig = distributed.to_global
 def spy(batch, mesh, axes):
     ids.extend(batch["sample_ids"].tolist())
     return orig(batch, mesh, axes)
 test_train.trainer.to_global = spy
-loader.to_global = spy
+distributed.to_global = spy
 out = test_train._train(sys.argv[2], sys.argv[1], 3, mesh=(4, 1, 1))
 json.dump({"process": [jax.process_index(), jax.process_count()], "devices": jax.device_count(),
            "losses": [h["loss"] for h in out["history"]], "ids": ids}, open(sys.argv[3], "w"))

@@ -1,11 +1,16 @@
-"""Multi-process start-up: `jax.distributed` from the environment (TPU pods, GPU clusters, tests)."""
+"""Multi-process: `jax.distributed` from the environment (TPU pods, GPU clusters, tests), and
+host-local batches placed as global arrays."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
@@ -33,3 +38,16 @@ def maybe_initialize_distributed() -> bool:
     log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
+
+
+def to_global(batch: Mapping[str, Any], mesh, data_axes=("data",)) -> dict[str, Any]:
+    """Host-local numpy batch -> global `jax.Array`s sharded over `data_axes` on the batch dim
+    (`jax.make_array_from_process_local_data`); `sample_ids` stays on the host."""
+    out = {}
+    for k, v in batch.items():
+        if k == "sample_ids":
+            out[k] = v
+            continue
+        spec = PartitionSpec(data_axes, *([None] * (np.ndim(v) - 1)))
+        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), np.asarray(v))
+    return out

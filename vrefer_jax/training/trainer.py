@@ -4,7 +4,7 @@ preemption-safe.
     train(workdir, resume=True) runs the gin-configured job (ModelConfig, MeshConfig,
     OptimizerConfig, StepConfig, DataConfig, TrainConfig) and returns a summary dict.
 
-Every process runs the same loop on its slice of each global batch (`loader.to_global`). Process 0
+Every process runs the same loop on its slice of each global batch (`distributed.to_global`). Process 0
 writes TensorBoard scalars (`<workdir>/tb`), the progress bar and `metrics.jsonl`. A SIGTERM (TPU
 preemption, `launch/… stop`) finishes the current step, saves a checkpoint and returns; `--resume`
 (the default) continues from the latest intact checkpoint with the same data order, bit-exactly.
@@ -253,7 +253,7 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
     `loader` holds `LoaderConfig` fields for both loaders without gin (tests, notebooks).
     `on_step(step, metrics)` is called for every step as its metrics are read back, which is while
     the next step runs: the host never waits on the device except to read the previous step."""
-    from data_pipeline.loader import to_global
+    from vrefer_jax.distributed import to_global
 
     cfg = model_cfg or _gin_model_config()
     family = families.for_config(cfg)
@@ -443,7 +443,7 @@ def train(workdir: str, *, resume: bool = True, model_cfg: ModelConfig | None = 
 def evaluate_loss(eval_fn, params, data: DataConfig, cfg: ModelConfig, tc: TrainConfig, sc: StepConfig, tok,
                   mesh, loader: Mapping[str, Any] | None = None) -> float:
     """Mean next-token CE over the first `eval_batches` batches of the eval records (fixed order)."""
-    from data_pipeline.loader import to_global
+    from vrefer_jax.distributed import to_global
 
     nproc = jax.process_count()
     it = _loader("eval", cfg, tc.global_batch_size // nproc, 0, [data.eval], tok, epochs=1, out_len=sc.out_len,
