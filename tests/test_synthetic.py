@@ -352,8 +352,8 @@ def test_question_kinds_select_what_is_asked():
 
 def test_named_questions_and_scene_tint():
     """`named_questions` repeats a question naming its objects by colour (no region, no mask),
-    with the same answer; `scene_tint` casts red rightwards and blue downwards over the background;
-    both off keeps the default videos and turns."""
+    with the same answer; `scene_tint` casts red rightwards and blue downwards over the background
+    (and the objects with `tint_objects`); both off keeps the default videos and turns."""
     base = dataclasses.replace(CFG, turns_per_sample=1)
     named = dataclasses.replace(base, named_questions=1.0)
     video = render.make_video(7, "train", 0, named)
@@ -381,3 +381,20 @@ def test_named_questions_and_scene_tint():
     left, right = d[:, :8, 0][bg[:, :8]], d[:, -8:, 0][bg[:, -8:]]
     top, bottom = d[:8, :, 2][bg[:8]], d[-8:, :, 2][bg[-8:]]
     assert left.mean() < -25 and right.mean() > 25 and top.mean() < -25 and bottom.mean() > 25
+    # `tint_objects`: the same cast on the objects' own pixels (background pixels as before, up to the
+    # order of noise and rounding); without it an object keeps its colour exactly
+    video = render.make_video(7, "train", 0, base)
+    lit = render.make_video(7, "train", 0, dataclasses.replace(base, scene_tint=40.0, tint_objects=True))
+    assert np.array_equal(lit.masks, video.masks)
+    obj = video.masks[:, 0].any(0)
+    assert np.array_equal(tinted[obj], flat[obj])
+    lit_d = lit.frames[0].astype(int) - flat
+    S = flat.shape[1]
+    expect_r = np.rint(40.0 * ((np.arange(S) + 0.5) / S * 2 - 1))
+    cols = np.nonzero(obj)[1]
+    rows = np.nonzero(obj)[0]
+    unclipped = (flat[obj][:, 0] + expect_r[cols] >= 0) & (flat[obj][:, 0] + expect_r[cols] <= 255)
+    assert np.abs(lit_d[obj][:, 0] - expect_r[cols])[unclipped].max() <= 1
+    assert np.all(lit_d[obj][:, 1] == 0)
+    assert np.corrcoef(lit_d[obj][:, 2], rows)[0, 1] > 0.9 or np.ptp(rows) == 0
+    assert np.abs(lit_d[..., 0][bg] - d[..., 0][bg]).max() <= 1

@@ -61,6 +61,7 @@ class SyntheticJob:
     eval_mode: str = "single"
     frame_noise: float = 0.0  # see data_pipeline.synthetic.scene.SynthConfig.frame_noise
     scene_tint: float = 0.0  # see data_pipeline.synthetic.scene.SynthConfig.scene_tint
+    tint_objects: bool = False  # see data_pipeline.synthetic.scene.SynthConfig.tint_objects
     eval_batch_size: int = 16
     bench_d_items: int = 40
     description_tokens: int = 48
@@ -247,7 +248,8 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
             cfg=scene.SynthConfig(num_frames=job.video_frames, size=job.video_size, mask_frames=job.mask_frames,
                                       eval_mask_frames=job.eval_mask_frames, turns_per_sample=job.turns_per_sample,
                                       fixed_options=job.fixed_options, prompt_protocol=family.bench_protocol,
-                                      frame_noise=job.frame_noise, scene_tint=job.scene_tint, **optional),
+                                      frame_noise=job.frame_noise, scene_tint=job.scene_tint,
+                                      tint_objects=job.tint_objects, **optional),
             vocab_size=job.vocab_size)
         print(f"      {summary['train_samples']} training samples, {summary['bench_q']} Bench-Q, "
               f"{summary['bench_d']} Bench-D items", flush=True)

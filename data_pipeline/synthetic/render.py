@@ -66,12 +66,8 @@ def render(tracks: Sequence[Track], rng: np.random.Generator, cfg: SynthConfig) 
     """Frames [T, S, S, 3] uint8 and visible masks [N, T, S, S] bool (later objects on top)."""
     S, T = cfg.size, cfg.num_frames
     bg = _background(rng, S)
-    if cfg.scene_tint > 0:
-        ramp = (np.arange(S) + 0.5) / S * 2 - 1  # -1 .. 1 across the frame
-        bg = bg.astype(np.float32)
-        bg[..., 0] += cfg.scene_tint * ramp[None, :]
-        bg[..., 2] += cfg.scene_tint * ramp[:, None]
-        bg = np.clip(np.rint(bg), 0, 255).astype(np.uint8)
+    if cfg.scene_tint > 0 and not cfg.tint_objects:
+        bg = _cast(bg, cfg.scene_tint)
     frames = np.repeat(bg[None], T, axis=0)
     if cfg.frame_noise > 0:  # drawn only when asked: the default videos stay byte-identical
         noisy = frames.astype(np.float32) + rng.normal(0, cfg.frame_noise, frames.shape[:3])[..., None]
@@ -81,7 +77,19 @@ def render(tracks: Sequence[Track], rng: np.random.Generator, cfg: SynthConfig) 
     for k in range(len(tracks)):
         visible[k] &= ~full[k + 1:].any(axis=0)
         frames[full[k]] = COLOURS[tracks[k].colour]
+    if cfg.scene_tint > 0 and cfg.tint_objects:
+        frames = _cast(frames, cfg.scene_tint)
     return frames, visible
+
+
+def _cast(img: np.ndarray, tint: float) -> np.ndarray:
+    """uint8 [..., S, S, 3] with red shifted by up to +-tint rightwards and blue downwards."""
+    S = img.shape[-2]
+    ramp = (np.arange(S) + 0.5) / S * 2 - 1  # -1 .. 1 across the frame
+    out = img.astype(np.float32)
+    out[..., 0] += tint * ramp[None, :]
+    out[..., 2] += tint * ramp[:, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def make_video(seed: int, split: str, index: int, cfg: SynthConfig) -> Video:
