@@ -398,3 +398,25 @@ def test_named_questions_and_scene_tint():
     assert np.all(lit_d[obj][:, 1] == 0)
     assert np.corrcoef(lit_d[obj][:, 2], rows)[0, 1] > 0.9 or np.ptp(rows) == 0
     assert np.abs(lit_d[..., 0][bg] - d[..., 0][bg]).max() <= 1
+
+
+def test_vl3_bench_d_prompt_before_the_video():
+    """With the VRVL3 protocol a conversation opening with the Bench-D prompt has it before
+    `<video>`, as VRVL3's Bench-D script asks (`bench_formats.parse_bench_d`); every other first
+    turn, and every VideoRefer-7B one, starts with `<video>`."""
+    from data_pipeline.bench_formats import BENCH_D_PROMPT, VL3_BENCH_D_PROMPT
+
+    seen = {"videorefer": 0, "vl3": 0}
+    for protocol in seen:
+        cfg = dataclasses.replace(CFG, turns_per_sample=1, prompt_protocol=protocol)
+        for i in range(3):
+            for s in samples.train_samples(render.make_video(7, "train", i, cfg), "v", np.random.default_rng(i), cfg):
+                first = s["conversations"][0]["value"]
+                assert first.count("<video>") == 1
+                if protocol == "vl3" and first.startswith(VL3_BENCH_D_PROMPT):
+                    assert first == VL3_BENCH_D_PROMPT + "\n<video>"
+                    seen[protocol] += 1
+                else:
+                    assert first.startswith("<video>\n"), first
+                    seen[protocol] += first == "<video>\n" + BENCH_D_PROMPT
+    assert seen == {"videorefer": 3, "vl3": 3}

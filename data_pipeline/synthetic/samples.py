@@ -84,7 +84,7 @@ def named(question: str, video: Video, objects: Sequence[int]) -> str:
 def train_samples(video: Video, rel: str, rng: np.random.Generator, cfg: SynthConfig) -> list[dict]:
     """Training samples (official format) from `_turns`: one turn per sample, or with
     `turns_per_sample` > 1 multi-round conversations (as in VideoRefer-700K's QA sets) of that many
-    turns in shuffled order: `<video>` in the first human turn, the annotation list holding each
+    turns in shuffled order: `<video>` in the first human turn (`_with_video`), the annotation list holding each
     turn's objects in `<region>` order (an object asked about twice is listed twice)."""
     turns = _turns(video, rng, cfg)
     if cfg.turns_per_sample > 1:
@@ -95,13 +95,21 @@ def train_samples(video: Video, rel: str, rng: np.random.Generator, cfg: SynthCo
         group = turns[start:start + n]
         conv, ann = [], []
         for j, t in enumerate(group):
-            conv += [{"from": "human", "value": ("<video>\n" if j == 0 else "") + t["prompt"]},
+            conv += [{"from": "human", "value": _with_video(t["prompt"], cfg) if j == 0 else t["prompt"]},
                      {"from": "gpt", "value": t["reply"]}]
             ann += annotation(video, t["objects"], t["frames"])
         sid = f"{video.vid}_{_turn_id(group[0])}" if n == 1 else f"{video.vid}_c{g}"
         out.append({"id": sid, "video": rel, "conversations": conv, "annotation": ann,
                     "type": group[0]["type"] if n == 1 else "conversation"})
     return out
+
+
+def _with_video(prompt: str, cfg: SynthConfig) -> str:
+    """The first human turn: `<video>` before the text, except VRVL3's Bench-D prompt, which its
+    script puts before the frames (`bench_formats.parse_bench_d`): trained as it is evaluated."""
+    if cfg.prompt_protocol == "vl3" and prompt == VL3_BENCH_D_PROMPT:
+        return prompt + "\n<video>"
+    return "<video>\n" + prompt
 
 
 def _turn_id(turn: dict) -> str:
