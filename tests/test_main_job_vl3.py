@@ -5,7 +5,7 @@ ablation) -> official-layout export -> vrefer-infer.
 `test_main_job_vl3_short` (CI, about a minute) runs a shortened job: few videos and steps, Basic
 (colour) questions only; it checks the pipeline end to end (every question answered and scored,
 the table printed, the export answered) and that the loss drops. `test_main_job_vl3_full` (the
-default job, about 10 min on 2 cores, marked slow) asserts every question type at least 0.2 above
+default job, about 16 min on 2 cores, marked slow) asserts every question type at least 0.3 above
 chance and above the ablation (README, "The main job on VideoRefer-VideoLLaMA3", has the figures on
 three seeds)."""
 
@@ -62,4 +62,4 @@ def test_main_job_vl3_short(tmp_path):
 def test_main_job_vl3_full(tmp_path):
     res = _run(str(tmp_path / "job"), [])
     for qtype in res["trained"]["bench_q"]["official"]["per_type"]:
-        _assert_beats_chance(res, qtype, margin=0.2)
+        _assert_beats_chance(res, qtype, margin=0.3)

@@ -156,3 +156,25 @@ def test_frozen_parts_bit_identical_through_the_train_step():
             assert np.array_equal(a, b), name
     for name in ("llm", "lm_head"):
         assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])))
+
+
+def test_clip_is_torch_clip_grad_norm():
+    """`optimizer.clip_by_global_norm` scales as PyTorch's `clip_grad_norm_` (the official HF
+    Trainer's): below the max nothing changes (bit-identical), above it every gradient is times
+    max / (norm + 1e-6); optax's state type, so the state tree is optax's."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    tx = optimizer.clip_by_global_norm(1.0)
+    assert tx.init({}) == optax.clip_by_global_norm(1.0).init({})
+    for scale in (0.01, 0.2, 0.3, 5.0, 400.0):
+        grads = {"a": rng.normal(size=(7, 5)).astype(np.float32) * scale,
+                 "b": rng.normal(size=(11,)).astype(np.float32) * scale}
+        ours, _ = tx.update(jax.tree.map(jnp.asarray, grads), tx.init(grads))
+        ts = [torch.nn.Parameter(torch.zeros(g.shape)) for g in grads.values()]
+        for t, g in zip(ts, grads.values()):
+            t.grad = torch.tensor(g)
+        torch.nn.utils.clip_grad_norm_(ts, 1.0)
+        for t, k in zip(ts, grads):
+            np.testing.assert_allclose(np.asarray(ours[k]), t.grad.numpy(), rtol=2e-7, atol=0)
+        if scale < 0.1:  # well under the max: untouched
+            assert all(np.array_equal(np.asarray(ours[k]), grads[k]) for k in grads)

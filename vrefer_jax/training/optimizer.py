@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 import flax.linen as nn
 import gin
 import jax
+import jax.numpy as jnp
 import optax
 
 from vrefer_jax import families
@@ -212,13 +213,29 @@ def part_labels(part_lrs: Mapping[str, float]):
     return labels
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """PyTorch's `clip_grad_norm_` (what the official HF Trainer runs): every gradient times
+    min(1, max_norm / (norm + 1e-6)). One scalar factor, where optax's version selects between the
+    gradient and a rescaled copy: XLA then writes that copy and reads both in the moment updates (two
+    of AdamW's ~fifteen passes over each tensor on CPU). State: `optax.EmptyState`, as optax's (the
+    optimizer state tree, and so checkpoints, are unchanged)."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.global_norm(updates)
+        factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+        return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(transform, schedule of the logged rate). Clipping uses the norm of the trainable gradients
     only (frozen gradients are zero). With `trainable` + `learning_rate` (and weight decay 0) the
     transform and its state are those of earlier versions, so their checkpoints restore."""
     if not cfg.per_part:
         schedule = learning_rate_schedule(cfg, total_steps)
-        chain = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
+        chain = [clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
         mask = decay_mask if cfg.weight_decay else None
         chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                  mask=mask))
@@ -234,5 +251,5 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
         for kind, wd in (("decay", cfg.weight_decay), ("no_decay", 0.0)):
             transforms[f"{part}/{kind}"] = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd)
     multi = optax.multi_transform(transforms, part_labels(lrs))
-    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), multi) if cfg.max_grad_norm else multi
+    tx = optax.chain(clip_by_global_norm(cfg.max_grad_norm), multi) if cfg.max_grad_norm else multi
     return tx, learning_rate_schedule(cfg, total_steps, peak=cfg.peak_learning_rate)
