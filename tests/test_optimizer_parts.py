@@ -178,3 +178,23 @@ def test_clip_is_torch_clip_grad_norm():
             np.testing.assert_allclose(np.asarray(ours[k]), t.grad.numpy(), rtol=2e-7, atol=0)
         if scale < 0.1:  # well under the max: untouched
             assert all(np.array_equal(np.asarray(ours[k]), grads[k]) for k in grads)
+
+
+def test_clip_takes_the_callers_norm():
+    """`grad_norm=` (the train step's, computed for its non-finite guard) replaces the clip's own
+    norm, through the per-part and the legacy transforms alike."""
+    params = {"llm": {"a": jnp.ones((4, 3))}, "mm_projector": {"k": jnp.ones((3, 2))}}
+    grads = jax.tree.map(lambda x: 5.0 * x, params)
+    norm = optax.global_norm(grads)
+    for cfg in (OptimizerConfig(learning_rate=1e-2, trainable=("llm", "mm_projector")),
+                OptimizerConfig(llm_lr=1e-2, mm_projector_lr=1e-3)):
+        tx, _ = optimizer.make_optimizer(cfg, 10)
+        state = tx.init(params)
+        mu = lambda s: [np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(s)[0]  # noqa: E731
+                        if ".mu" in jax.tree_util.keystr(path) and getattr(x, "ndim", 0) == 2]
+        own, given, tenfold = (mu(tx.update(grads, state, params, **kw)[1])
+                               for kw in ({}, {"grad_norm": norm}, {"grad_norm": 10 * norm}))
+        assert len(own) == 2
+        for a, b, c in zip(own, given, tenfold):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+            np.testing.assert_allclose(a, 10 * c, rtol=1e-5)  # first moments scale with the clip factor

@@ -217,16 +217,18 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """PyTorch's `clip_grad_norm_` (what the official HF Trainer runs): every gradient times
     min(1, max_norm / (norm + 1e-6)). One scalar factor, where optax's version selects between the
     gradient and a rescaled copy: XLA then writes that copy and reads both in the moment updates (two
-    of AdamW's ~fifteen passes over each tensor on CPU). State: `optax.EmptyState`, as optax's (the
-    optimizer state tree, and so checkpoints, are unchanged)."""
+    of AdamW's ~fifteen passes over each tensor on CPU). `update(..., grad_norm=n)` takes a norm the
+    caller already has (the train step computes it for its non-finite guard, outside the `lax.cond`
+    that holds the update, where XLA cannot share it): one read of every gradient fewer. State:
+    `optax.EmptyState`, as optax's (the optimizer state tree, and so checkpoints, are unchanged)."""
 
-    def update(updates, state, params=None):
-        del params
-        norm = optax.global_norm(updates)
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.global_norm(updates) if grad_norm is None else grad_norm
         factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
         return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -159,7 +159,8 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
             full_grads = traverse_util.unflatten_dict(
                 {**jax.tree.map(jnp.zeros_like, frozen_p),
                  **(grads if grad_scale is None else jax.tree.map(lambda g: g / grad_scale, grads))})
-            updates, new_opt = tx.update(full_grads, opt_state, params)
+            # the clip reuses grad_norm (over the same gradients: frozen ones are zeros)
+            updates, new_opt = tx.update(full_grads, opt_state, params, grad_norm=grad_norm)
             flat_updates = traverse_util.flatten_dict(updates)
             new_train = optax.apply_updates({k: flat[k] for k in train_p}, {k: flat_updates[k] for k in train_p})
             # Frozen leaves are carried over untouched (bit-identical), not `p + 0`.
