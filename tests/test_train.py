@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from test_videorefer import OUT_LEN, mixed_batch, tiny_cfg
@@ -284,3 +285,24 @@ def test_mesh_config_parse():
     for bad in ("heads=2", "data=x", "1,2"):
         with pytest.raises(ValueError, match="mesh"):
             MeshConfig.parse(bad)
+
+
+def test_step_takes_a_plain_optax_transform():
+    """A caller's own transform without extra-argument support (here plain SGD) still runs in the
+    step: the gradient norm the step hands to our clip is dropped for it, and parameters move."""
+    cfg = tiny_cfg()
+    batch = _batch8()
+    rules = logical_axis_rules()
+    sgd = optax.sgd(1e-2)
+    tx = optax.GradientTransformation(sgd.init, lambda u, s, p=None: sgd.update(u, s, p))
+    sched = optax.constant_schedule(1e-2)
+    trainable = ("mm_projector", "region_encoder", "llm", "lm_head")
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    sh = train_state.state_shardings(cfg, tx, mesh, rules)
+    state = train_state.create_state(cfg, tx, sh, seed=0)
+    before = np.asarray(state.params["llm"]["layers"]["mlp"]["gate_proj"]["kernel"])
+    fn = step_lib.make_train_step(cfg, step_lib.StepConfig(out_len=OUT_LEN, logits_chunk=0), tx, sched,
+                                  trainable, mesh, rules, sh, {k: v.ndim for k, v in batch.items()})
+    state, m = fn(state, batch)
+    assert bool(m["finite"]) and int(state.step) == 1
+    assert not np.array_equal(before, np.asarray(state.params["llm"]["layers"]["mlp"]["gate_proj"]["kernel"]))

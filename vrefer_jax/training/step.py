@@ -93,6 +93,9 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
         return total, (count, tokens)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    # `grad_norm=` reaches our clip (`optimizer.clip_by_global_norm`); a caller's plain optax
+    # transform ignores it instead of failing (same state tree either way).
+    update_tx = optax.with_extra_args_support(tx)
 
     def loss_mean(train_params, frozen_params, mb, rng):
         """One micro-batch holds the whole global batch: its count is the denominator, so the
@@ -160,7 +163,7 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
                 {**jax.tree.map(jnp.zeros_like, frozen_p),
                  **(grads if grad_scale is None else jax.tree.map(lambda g: g / grad_scale, grads))})
             # the clip reuses grad_norm (over the same gradients: frozen ones are zeros)
-            updates, new_opt = tx.update(full_grads, opt_state, params, grad_norm=grad_norm)
+            updates, new_opt = update_tx.update(full_grads, opt_state, params, grad_norm=grad_norm)
             flat_updates = traverse_util.flatten_dict(updates)
             new_train = optax.apply_updates({k: flat[k] for k in train_p}, {k: flat_updates[k] for k in train_p})
             # Frozen leaves are carried over untouched (bit-identical), not `p + 0`.
