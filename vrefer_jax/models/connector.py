@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from vrefer_jax.batch import projector_kind, sampled_shape, sampler_padding  # token arithmetic of the contract
 from vrefer_jax.config import ConnectorConfig
-from vrefer_jax.models import layers, regstage
+from vrefer_jax.models import layers, precision, regstage
 from vrefer_jax.sharding import constrain
 
 Dtype = Any
@@ -54,6 +54,10 @@ def _mlp_axes(j: int) -> tuple[str, str]:
     return ("conv_in", "conv_out") if j % 2 == 0 else ("conv_out", "conv_in")
 
 
+
+def _gelu_erf(x: jax.Array) -> jax.Array:
+    return nn.gelu(x, approximate=False)
+
 def mlp(x: jax.Array, depth: int, features: int, prefix: str, dtype: Dtype, param_dtype: Dtype) -> jax.Array:
     """nn.Sequential(Linear, GELU, Linear, ...) with `depth` Linears named `{prefix}_{0,2,4,...}`.
 
@@ -63,7 +67,7 @@ def mlp(x: jax.Array, depth: int, features: int, prefix: str, dtype: Dtype, para
     """
     for j in range(depth):
         if j:
-            x = nn.gelu(x, approximate=False)
+            x = precision.f32_math(_gelu_erf, x)
         axes = _mlp_axes(j)
         x = layers.dense(features, axes, dtype=dtype, param_dtype=param_dtype,
                          kernel_init=regstage.torch_default_init, name=f"{prefix}_{2 * j}")(x)
@@ -144,7 +148,7 @@ class Connector(nn.Module):
             y = regstage.conv(c, ds, regstage.kernel_axes(3, "conv_in", "conv_out"),
                               bias_axis="conv_out", strides=ds, padding=((pad, pad),) * 3,
                               name="sampler_0", **kw)(y)
-        y = nn.silu(y)
+        y = precision.f32_math(nn.silu, y)
         assert y.shape[1:4] == (t2, h2, w2), (y.shape, (t2, h2, w2))
         y = regstage.RegStage(cfg.depth, c, name="s2", **kw)(y.reshape(b * t2, h2, w2, c))
         y = constrain(y.reshape(b, t2 * h2 * w2, c), OUT_AXES)  # (t, h, w) token order

@@ -11,6 +11,7 @@ slots per object; the real number of tokens per object is returned as `counts`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from vrefer_jax.config import ObjectEncoderConfig
-from vrefer_jax.models import layers, mask_ops
+from vrefer_jax.models import layers, mask_ops, precision
 from vrefer_jax.models.layers import dense
 from vrefer_jax.sharding import constrain
 
@@ -94,7 +95,7 @@ class ObjectEncoder(nn.Module):
                       ("activation_batch", "activation_objects", None, "activation_vit_embed"))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.normal(self.init_std))
         x = dense(self.out_dim, ("vit_embed", "mlp"), name="feat_linear_0", **kw)(x)
-        x = nn.gelu(x, approximate=False)
+        x = precision.f32_math(functools.partial(nn.gelu, approximate=False), x)
         x = constrain(x, ("activation_batch", "activation_objects", None, "activation_mlp"))
         x = dense(self.out_dim, ("mlp", "embed"), name="feat_linear_2", **kw)(x)
         keep = jnp.arange(R) < counts[..., None]  # [B, K, R]: the biases make padded rows nonzero

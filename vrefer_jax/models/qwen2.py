@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from vrefer_jax.config import TextConfig
 from vrefer_jax.models import attention as attention_lib
-from vrefer_jax.models import layers
+from vrefer_jax.models import layers, precision
 from vrefer_jax.models.layers import Dtype, dense
 from vrefer_jax.sharding import constrain
 
@@ -199,7 +199,7 @@ class Qwen2MLP(nn.Module):
         m = self.cfg.intermediate_size
         gate = dense(m, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(m, ("embed", "mlp"), name="up_proj", **kw)(x)
-        h = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        h = constrain(precision.f32_math(lambda g, u: nn.silu(g) * u, gate, up), ("activation_batch", "activation_length", "activation_mlp"))
         return dense(self.cfg.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h)
 
 

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vrefer_jax.models import fast_ops, layers
+from vrefer_jax.models import fast_ops, layers, precision
 from vrefer_jax.sharding import constrain
 
 Dtype = Any
@@ -182,7 +182,7 @@ class ConvNormAct(nn.Module):
             x = Conv1x1(self.features, kernel_axes(2, "conv_in", "conv_out"),
                         dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
         x = layers.layer_norm(LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
-        return nn.silu(x) if self.apply_act else x
+        return precision.f32_math(nn.silu, x) if self.apply_act else x
 
 
 class SqueezeExcite(nn.Module):
@@ -198,10 +198,10 @@ class SqueezeExcite(nn.Module):
         s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
         s = Conv1x1(self.rd_channels, kernel_axes(2, "conv_in", "se_reduce"),
                  bias_axis="se_reduce", name="fc1", **kw)(s)
-        s = nn.silu(s)
+        s = precision.f32_math(nn.silu, s)
         s = Conv1x1(x.shape[-1], kernel_axes(2, "se_reduce", "conv_out"),
                  bias_axis="conv_out", name="fc2", **kw)(s)
-        return x * jax.nn.sigmoid(s)
+        return precision.f32_math(lambda a, b: a * jax.nn.sigmoid(b), x, s)
 
 
 class Bottleneck(nn.Module):
@@ -220,7 +220,7 @@ class Bottleneck(nn.Module):
         y = SqueezeExcite(se_channels(c_in), name="se", **kw)(y)
         y = ConvNormAct(c, 1, apply_act=False, name="conv3", **kw)(y)
         shortcut = ConvNormAct(c, 1, apply_act=False, name="downsample", **kw)(x) if c_in != c else x
-        return nn.silu(y + shortcut)
+        return precision.f32_math(lambda a, b: nn.silu(a + b), y, shortcut)
 
 
 class RegStage(nn.Module):

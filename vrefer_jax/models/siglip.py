@@ -20,13 +20,15 @@ Parameter tree (mirrors HF `vision_model.*`; logical axis names in brackets):
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vrefer_jax.config import VisionConfig
-from vrefer_jax.models import layers
+from vrefer_jax.models import layers, precision
 from vrefer_jax.sharding import constrain
 
 Dtype = layers.Dtype
@@ -154,7 +156,7 @@ class SiglipMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = layers.dense(self.cfg.intermediate_size, ("vit_embed", "vit_mlp"), name="fc1", **kw)(x)
-        h = jax.nn.gelu(h, approximate=True)
+        h = precision.f32_math(functools.partial(jax.nn.gelu, approximate=True), h)
         return layers.dense(self.cfg.hidden_size, ("vit_mlp", "vit_embed"), name="fc2", **kw)(h)
 
 

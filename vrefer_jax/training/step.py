@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vrefer_jax import batch as batch_lib
 from vrefer_jax import families
+from vrefer_jax.models import precision
 from vrefer_jax.training.loss import cross_entropy_sum
 from vrefer_jax.training.optimizer import adapter_parts, leaf_trainable
 from vrefer_jax.training.train_state import TrainState
@@ -82,7 +83,9 @@ def make_train_step(cfg, step_cfg: StepConfig, tx: optax.GradientTransformation,
     dropout = _lora_dropout(cfg)
 
     def loss_sum(train_params, frozen_params, mb, rng):
-        params = traverse_util.unflatten_dict({**frozen_params, **train_params})
+        # matmul weights in the compute dtype once per step (the layers' own casts become no-ops)
+        params = precision.cast_weights(traverse_util.unflatten_dict({**frozen_params, **train_params}),
+                                        cfg.compute_dtype)
         rngs = {"dropout": rng} if dropout else {}
         hidden, inputs = model.apply({"params": params}, mb, out_len=step_cfg.out_len, return_hidden=True,
                                      rngs=rngs)
