@@ -33,8 +33,11 @@ Packed layouts hold `--row-region-frames` region frames per row (a row budget to
   step ms     median step time (forward, backward, AdamW; state donated); the layouts are compiled
               first, then timed round-robin (step i of every layout, then step i+1), so a shared
               machine's load hits them alike
-  tokens/s    real (non-padding) expanded tokens per second over the timed steps
-  samples/s   samples per second
+  tokens/s    real (non-padding) expanded tokens of the layout's whole epoch / (its steps x step ms):
+              a step's time does not depend on its content (static shapes), while the few timed
+              batches are not a fair sample of the content (the device's count on them is checked
+              against the host's)
+  samples/s   samples per second, the same way
 """
 
 from __future__ import annotations
@@ -172,6 +175,8 @@ class LayoutRunner:
 
     def __init__(self, cfg, batches, *, out_len: int, stage: str, enc_iters: int):
         self.batches = [{k: v for k, v in b.items() if k != "sample_ids"} for b in batches]
+        self.sample_ids = [[s for row in b["sample_ids"] for s in str(row).split(packed_batch.PACK_SEPARATOR) if s]
+                           for b in batches]
         trainable = stage_trainable(stage)
         mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), jax.devices()[:1])
         rules = logical_axis_rules()
@@ -186,19 +191,27 @@ class LayoutRunner:
         self.state, _ = self._step(self.state, self._put(self.batches[0]))  # compile + warm-up
         jax.block_until_ready(self.state)
         self.compile_s = time.perf_counter() - t0
-        self.times, self.tokens = [], 0
+        self.times, self.timed = [], []
 
     def step(self, i: int) -> None:
-        b = self._put(self.batches[(i + 1) % len(self.batches)])
+        j = (i + 1) % len(self.batches)
+        b = self._put(self.batches[j])
         t0 = time.perf_counter()
         self.state, m = self._step(self.state, b)
         jax.block_until_ready((self.state, m))
         self.times.append(time.perf_counter() - t0)
-        self.tokens += int(m["tokens"])
+        self.timed.append((j, int(m["tokens"])))
 
-    def result(self) -> dict:
-        return dict(compile_s=self.compile_s, step_ms=1e3 * statistics.median(self.times),
-                    tokens_per_s=self.tokens / sum(self.times), enc_ms=self.enc_ms)
+    def result(self, tokens_of: dict[str, int]) -> dict:
+        """tokens_of: a sample's expanded length. Per-step figures over the whole epoch."""
+        per_batch = [sum(tokens_of[s] for s in ids) for ids in self.sample_ids]
+        for j, seen in self.timed:
+            if seen != per_batch[j]:
+                raise AssertionError(f"batch {j}: the step counted {seen} tokens, the host {per_batch[j]}")
+        step_s = statistics.median(self.times)
+        return dict(compile_s=self.compile_s, step_ms=1e3 * step_s, enc_ms=self.enc_ms,
+                    tokens_per_s=statistics.mean(per_batch) / step_s,
+                    samples_per_s=statistics.mean(len(ids) for ids in self.sample_ids) / step_s)
 
 
 def video_share(batches) -> float:
@@ -270,10 +283,11 @@ def main():
         for *_, runner in runners.values():
             runner.step(i)
     results = {}
+    tokens_of = {ex.sample_id: w for ex, w in zip(samples, worst)}
     for name, (n_rows, n_videos, share, runner) in runners.items():
-        r = results[name] = runner.result()
+        r = results[name] = runner.result(tokens_of)
         fill = sum(worst) / (n_rows * out_len)
-        samples_per_s = r["tokens_per_s"] / (sum(worst) / len(samples))
+        samples_per_s = r["samples_per_s"]
         print(f"{name:14} {n_rows:>5} {fill:>6.1%} {n_videos:>4} {share:>6.0%} | "
               f"{r['compile_s']:>9.1f} {r['enc_ms']:>7.0f} {r['step_ms']:>8.0f} {r['tokens_per_s']:>9.0f} "
               f"{samples_per_s:>9.2f}", flush=True)
