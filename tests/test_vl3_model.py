@@ -265,3 +265,29 @@ def test_block_attention_predictor_equals_dense(world, predictor):
     batch, _ = blocked.make_batch([blocked.prepare(s, world["root"]) for s in ss])
     assert batch["patches"].shape[1] % 128 == 0
     assert blocked.answer(ss, world["root"], batch_size=3) == predictor.answer(ss, world["root"], batch_size=3)
+
+
+def test_bf16_weight_cast_leaves_loss_and_gradients_unchanged(world):
+    """The train step's one-time bf16 cast of the matmul weights (`precision.cast_weights`) equals
+    VRVL3's layers casting the fp32 weights themselves, tied LM head included."""
+    from vrefer_jax.models import precision
+    from vrefer_jax.training.loss import cross_entropy_sum
+
+    fam = families.get(FAMILY)
+    cfg = world["cfg"].replace(dtype="bfloat16")
+    rows = [pre.preprocess(s, world["root"], cfg, world["tok"], training=True) for s in world["samples"][:2]]
+    batch = {k: jnp.asarray(v) for k, v in _batch(world, rows).items()}
+    model = fam.module(cfg)
+
+    def loss(p, cast):
+        p = precision.cast_weights(p, cfg.compute_dtype) if cast else p
+        hidden, inp = model.apply({"params": p}, batch, return_hidden=True)
+        s, c = cross_entropy_sum(hidden, fam.output_embedding(p), inp["labels"], compute_dtype=cfg.compute_dtype,
+                                 segment_ids=inp["segment_ids"])
+        return s / c
+
+    params = jax.tree.map(jnp.asarray, world["params"])
+    (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, c) for c in (False, True))
+    assert float(l0) == float(l1) and np.isfinite(float(l0))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree_util.tree_leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9, err_msg=jax.tree_util.keystr(path))

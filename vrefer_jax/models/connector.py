@@ -54,9 +54,9 @@ def _mlp_axes(j: int) -> tuple[str, str]:
     return ("conv_in", "conv_out") if j % 2 == 0 else ("conv_out", "conv_in")
 
 
-
 def _gelu_erf(x: jax.Array) -> jax.Array:
     return nn.gelu(x, approximate=False)
+
 
 def mlp(x: jax.Array, depth: int, features: int, prefix: str, dtype: Dtype, param_dtype: Dtype) -> jax.Array:
     """nn.Sequential(Linear, GELU, Linear, ...) with `depth` Linears named `{prefix}_{0,2,4,...}`.
