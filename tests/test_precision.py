@@ -72,7 +72,7 @@ def test_step_cast_leaves_bf16_loss_and_gradients_unchanged():
         s, c = cross_entropy_sum(hidden, p["lm_head"]["kernel"], inp["labels"], compute_dtype=cfg.compute_dtype)
         return s / c
 
-    (l0, g0), (l1, g1) = (jax.value_and_grad(loss)(params, cast) for cast in (False, True))
+    (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, c) for c in (False, True))
     assert float(l0) == float(l1)
     for (k, a), b in zip(traverse_util.flatten_dict(g0).items(), traverse_util.flatten_dict(g1).values()):
         assert a.dtype == b.dtype == jnp.float32, k
