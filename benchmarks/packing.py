@@ -287,10 +287,9 @@ def main():
     for name, (n_rows, n_videos, share, runner) in runners.items():
         r = results[name] = runner.result(tokens_of)
         fill = sum(worst) / (n_rows * out_len)
-        samples_per_s = r["samples_per_s"]
         print(f"{name:14} {n_rows:>5} {fill:>6.1%} {n_videos:>4} {share:>6.0%} | "
               f"{r['compile_s']:>9.1f} {r['enc_ms']:>7.0f} {r['step_ms']:>8.0f} {r['tokens_per_s']:>9.0f} "
-              f"{samples_per_s:>9.2f}", flush=True)
+              f"{r['samples_per_s']:>9.2f}", flush=True)
     if "padded" in results:
         base = results["padded"]["tokens_per_s"]
         print("tokens/s vs padded: " + ", ".join(f"{k} {v['tokens_per_s'] / base:.2f}x"

@@ -199,7 +199,8 @@ class Qwen2MLP(nn.Module):
         m = self.cfg.intermediate_size
         gate = dense(m, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(m, ("embed", "mlp"), name="up_proj", **kw)(x)
-        h = constrain(precision.f32_math(lambda g, u: nn.silu(g) * u, gate, up), ("activation_batch", "activation_length", "activation_mlp"))
+        h = precision.f32_math(lambda g, u: nn.silu(g) * u, gate, up)  # one rounding, as PyTorch's kernels
+        h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
         return dense(self.cfg.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
