@@ -63,6 +63,7 @@ from forward import timeit  # noqa: E402
 
 from data_pipeline.packing import PACK_KEY, PackedBatches  # noqa: E402
 from vrefer_jax import batch as batch_lib  # noqa: E402
+from vrefer_jax import host_memory  # noqa: E402
 from vrefer_jax import packed_batch  # noqa: E402
 from vrefer_jax.config import IGNORE_INDEX, VIDEO_TOKEN_INDEX, model_config_from_gin  # noqa: E402
 from vrefer_jax.models.videorefer import VideoRefer  # noqa: E402
@@ -245,8 +246,12 @@ def main():
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--attention", default="dense", help="TextConfig.attention_impl")
     ap.add_argument("--stage", default="stage3")
+    ap.add_argument("--host-memory", default="auto", choices=host_memory.MODES,
+                    help="vrefer_jax.host_memory: 'auto' keeps XLA:CPU's step memory mapped between steps "
+                         "(as vrefer-train does on CPU); 'default' measures JAX's own setting")
     ap.add_argument("--layouts", default="padded,slots,pool", help="which layouts to run")
     args = ap.parse_args()
+    reuse = host_memory.configure(args.host_memory)  # before the first computation
 
     cfg = model_config_from_gin([str(CONFIGS / f"{args.model}.gin")])
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, attention_impl=args.attention, attention_block=256))
@@ -259,7 +264,8 @@ def main():
     counts = {m[0]: sum(ex.sample_id.startswith(m[0]) for ex in samples) for m in MIX}
     print(f"model {args.model} ({jax.devices()[0].device_kind}), fp32, attention {args.attention}; "
           f"{args.samples} samples {counts}; expanded length mean {np.mean(worst):.0f}, max {max(worst)}; "
-          f"row {out_len} tokens, B {B}, {cfg.num_frames} frames per video; load {_loadavg()}")
+          f"row {out_len} tokens, B {B}, {cfg.num_frames} frames per video; load {_loadavg()}; "
+          f"host memory {'reused' if reuse else 'as is'}")
     want = args.layouts.split(",")
     layouts = []
     if "padded" in want:

@@ -59,6 +59,7 @@ def parse(args: argparse.Namespace, kind: str, default_files: tuple[str, ...] = 
     GinSetupError for a missing file, an unset `%gin.REQUIRED` and an experiment of another kind
     (naming the command that runs it)."""
     import vrefer_jax.config  # noqa: F401  (registers the configurables the files bind)
+    import vrefer_jax.host_memory  # noqa: F401
     import vrefer_jax.sharding  # noqa: F401
 
     paths = [*args.gin_search_path, os.getcwd(), REPO_ROOT]

@@ -32,7 +32,7 @@ import gin
 import numpy as np
 
 from vrefer_jax.json_files import write_json
-from vrefer_jax import gin_setup
+from vrefer_jax import gin_setup, host_memory
 
 log = logging.getLogger(__name__)
 DEFAULT_EXPERIMENT = "configs/experiments/synthetic_tiny.gin"
@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     except gin_setup.GinSetupError as e:
         print(f"vrefer-demo: {e}", file=sys.stderr)
         return 2
+    host_memory.configure()
     run(workdir, resume=a.resume)
     return 0
 

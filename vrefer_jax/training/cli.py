@@ -22,7 +22,7 @@ import argparse
 import logging
 import sys
 
-from vrefer_jax import gin_setup
+from vrefer_jax import gin_setup, host_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         workdir = gin_setup.parse(a, "train")
+        host_memory.configure()
         out = trainer.train(workdir, resume=a.resume)
     except (gin_setup.GinSetupError, trainer.ConfigError, CheckpointError) as e:
         print(f"vrefer-train: {e}", file=sys.stderr)
