@@ -23,6 +23,7 @@ PROBE = textwrap.dedent("""
     import json, resource, sys
     from vrefer_jax import host_memory
     applied = host_memory.configure(sys.argv[1])
+    assert host_memory.applied() == applied
     import jax, jax.numpy as jnp
 
     @jax.jit

@@ -4,18 +4,18 @@ An XLA:CPU executable allocates its whole temp arena on every run (about 800 MB 
 `small_224` train step) with `posix_memalign`, and frees it at the end. With async dispatch the run
 happens on an XLA worker thread, whose glibc arena serves anything over 64 MB by a fresh `mmap` and
 gives it back with `munmap`: every page of the arena faults in again, zero-filled, on every step.
-Measured here (2-core CPU, `small_224`, batch 1): 207k minor faults and 0.3 s of kernel time a
-step; the bf16 step 761 ms, fp32 945 ms. With the step run inline on the calling thread (glibc's
-main arena) and that arena told never to `mmap` and not to trim below 2 GiB, the arena is reused
-as it is: 0 faults, bf16 640 ms, fp32 856 ms (`benchmarks/train_step.py` prints both settings).
+Measured here (2-core CPU, `small_224`, batch 1, `benchmarks/train_step.py`): 207k minor faults
+and 0.3 s of kernel time a step; the bf16 step 755 ms, fp32 925 ms. With the step run inline on the
+calling thread (glibc's main arena) and glibc told never to `mmap` and not to trim below 2 GiB, the
+arena is reused as it is: 0 faults, bf16 632 ms, fp32 852 ms.
 
 Both halves are needed (inline runs alone: 761 ms; glibc settings alone: the worker thread still
 maps afresh) and both are process-wide, so `configure` runs once, at an entry point, before JAX
-creates its CPU client: `jax_cpu_enable_async_dispatch` is read only then. Inline runs cost
-nothing here that we use: the CPU client applies them only to single-device computations, and the
-trainer's loop already reads metrics back one step behind. On TPU / GPU hosts nothing is changed
-(`mode='auto'`): their steps do not allocate through glibc, and a heap that never unmaps could only
-grow there.
+creates its CPU client: `jax_cpu_enable_async_dispatch` is read only then. The CPU client runs only
+single-device computations inline; what inline runs give up is the overlap of the trainer's host
+loop with the step (the loaders prefetch in their own threads: the main job took 303 s with the
+setting, 297 s without). On TPU / GPU hosts nothing is changed (`mode='auto'`): their steps do not
+allocate through glibc, and a heap that never unmaps could only grow there.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import gin
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "reuse", "default")
+_applied = False
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h> mallopt parameters
 _M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest free top kept mapped (2 GiB)
@@ -83,4 +84,11 @@ def configure(mode: str = "auto") -> bool:
     if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         raise RuntimeError("glibc mallopt refused M_MMAP_MAX / M_TRIM_THRESHOLD")
     log.info("host memory: XLA:CPU steps run inline and reuse glibc's main arena (no mmap, trim at 2 GiB)")
+    global _applied
+    _applied = True
     return True
+
+
+def applied() -> bool:
+    """Whether `configure` put the setting in force in this process."""
+    return _applied

@@ -309,7 +309,7 @@ def run(workdir: str, resume: bool = True, job: SyntheticJob | None = None) -> d
 
     result = {"table": table, "trained": trained, "ablated": ablated, "chance": chance, "loss_curve": losses,
               "skipped_samples": skipped[-1] if skipped else 0,
-              "answer": answer, "seconds": time.perf_counter() - t0}
+              "answer": answer, "seconds": time.perf_counter() - t0, "host_memory_reused": host_memory.applied()}
     write_json(os.path.join(workdir, "result.json"), dict(result), default=str)
     print("\n" + table)
     print(f"\nvrefer-infer: {answer['question']!r} -> {answer['answer']!r} (ground truth {answer['truth']!r})")
