@@ -24,7 +24,6 @@ import ctypes
 import importlib.metadata
 import importlib.util
 import logging
-import os
 import platform
 
 import gin
@@ -44,7 +43,7 @@ def cpu_only() -> bool:
     would fix the dispatch mode)."""
     import jax
 
-    platforms = (jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")).strip()
+    platforms = (jax.config.jax_platforms or "").strip()  # JAX_PLATFORMS, read by jax at import
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
     return not (importlib.metadata.entry_points(group="jax_plugins") or importlib.util.find_spec("libtpu"))
