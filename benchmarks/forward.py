@@ -20,11 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from vrefer_jax import batch as batch_lib
+from vrefer_jax import host_memory
 from vrefer_jax.config import VIDEO_TOKEN_INDEX, model_config_from_gin
 from vrefer_jax.models import videorefer
 from vrefer_jax.models.videorefer import VideoRefer
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+def add_host_memory_flag(ap: argparse.ArgumentParser) -> None:
+    """`--host-memory`; pass its value to `host_memory.configure` before the first computation."""
+    ap.add_argument("--host-memory", default="auto", choices=host_memory.MODES,
+                    help="vrefer_jax.host_memory: 'auto' keeps XLA:CPU's step memory mapped between steps "
+                         "(as vrefer-train does on CPU); 'default' measures JAX's own setting")
 
 
 def timeit(fn, *args, warmup: int = 1, iters: int = 5) -> float:

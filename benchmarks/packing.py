@@ -59,7 +59,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from forward import timeit  # noqa: E402
+from forward import add_host_memory_flag, timeit  # noqa: E402
 
 from data_pipeline.packing import PACK_KEY, PackedBatches  # noqa: E402
 from vrefer_jax import batch as batch_lib  # noqa: E402
@@ -246,9 +246,7 @@ def main():
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--attention", default="dense", help="TextConfig.attention_impl")
     ap.add_argument("--stage", default="stage3")
-    ap.add_argument("--host-memory", default="auto", choices=host_memory.MODES,
-                    help="vrefer_jax.host_memory: 'auto' keeps XLA:CPU's step memory mapped between steps "
-                         "(as vrefer-train does on CPU); 'default' measures JAX's own setting")
+    add_host_memory_flag(ap)
     ap.add_argument("--layouts", default="padded,slots,pool", help="which layouts to run")
     args = ap.parse_args()
     reuse = host_memory.configure(args.host_memory)  # before the first computation

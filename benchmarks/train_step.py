@@ -63,7 +63,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from forward import bench_batch, matmul_peak  # noqa: E402
+from forward import add_host_memory_flag, bench_batch, matmul_peak  # noqa: E402
 
 from vrefer_jax import batch as batch_lib  # noqa: E402
 from vrefer_jax import host_memory  # noqa: E402
@@ -317,9 +317,7 @@ def main():
                     help="also time the whole official PyTorch step, interleaved (default: on when torch, "
                          "transformers and timm are installed)")
     ap.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    ap.add_argument("--host-memory", default="auto", choices=host_memory.MODES,
-                    help="vrefer_jax.host_memory: 'auto' keeps XLA:CPU's step memory mapped between steps "
-                         "(as vrefer-train does on CPU); 'default' measures JAX's own setting")
+    add_host_memory_flag(ap)
     ap.add_argument("--parts", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the connector and the decoder alone (vs PyTorch where installed)")
     args = ap.parse_args()

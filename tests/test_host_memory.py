@@ -95,13 +95,16 @@ def test_too_late_is_an_error_only_when_asked_for():
 
 
 def test_mode_is_checked_and_bound_by_gin():
-    import gin
-
     with pytest.raises(ValueError, match="not one of"):
         host_memory.configure("fast")
-    gin.clear_config()
-    try:
+    code = textwrap.dedent("""
+        import gin
+        from vrefer_jax import host_memory
         gin.parse_config("host_memory.mode = 'default'")
-        assert host_memory.configure() is False  # 'default' touches nothing, even in this process
-    finally:
-        gin.clear_config()
+        print(host_memory.configure(), host_memory.applied())
+        gin.clear_config()  # unbound: 'auto', on this CPU-only interpreter
+        print(host_memory.configure(), host_memory.applied())
+    """)
+    out = _run(code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False", "True", "True"], out.stdout
